@@ -1,0 +1,139 @@
+"""`App`: the registry of agents, streams, tables and pages, in the style of Faust.
+
+    from streamapp import app
+    from models.click import ClickEvent
+
+    @app.agent(app.stream(ClickEvent))
+    async def clicks(stream):
+        async for window in stream.take(app.settings.window_count, within=app.settings.window_seconds):
+            await app.table("events.clicks").append(window)
+
+The worker (`python -m streamapp worker`) imports every module in `agents/`, runs each agent in
+its own task and restarts one that raises, from its last committed position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import logging
+import pkgutil
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from streamapp.settings import Settings
+from streamapp.sink import IcebergTable
+from streamapp.stream import Stream
+
+log = logging.getLogger(__name__)
+
+AgentFn = Callable[[Stream], Awaitable[None]]
+F = TypeVar("F", bound=AgentFn)
+MAX_RESTART_DELAY = 30.0
+
+
+@dataclasses.dataclass
+class Agent:
+    name: str
+    fn: AgentFn
+    stream: Stream
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Run the agent until the worker stops, restarting it with backoff when it raises.
+
+        A raising agent has not acknowledged its window, so the restart receives it again: a
+        failing sink is retried, never skipped.
+        """
+        delay = 1.0
+        while not stopping.is_set():
+            try:
+                await self.stream.register()
+                await self.fn(self.stream)
+                delay = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent %s failed; restarting in %.0fs from its last committed position", self.name, delay)
+                try:
+                    await asyncio.wait_for(stopping.wait(), timeout=delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, MAX_RESTART_DELAY)
+
+
+def import_all(package: str) -> list[str]:
+    """Import every module of `package` (e.g. "models", "agents"); returns their names."""
+    pkg = importlib.import_module(package)
+    names = [f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+class App:
+    """The application: what runs where. One instance, `streamapp.app`, serves a project."""
+
+    def __init__(self, name: str = "streamapp", *, models: str = "models", agents: str = "agents") -> None:
+        self.name = name
+        self.models_package = models
+        self.agents_package = agents
+        self.agents: dict[str, Agent] = {}
+        self.pages: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = []
+        self._tables: dict[str, IcebergTable] = {}
+        self._settings: Settings | None = None
+        self.catalog: Any = None  # the Iceberg catalog, opened by the worker
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force: `configure()`d ones, else the environment's (read once)."""
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
+
+    def configure(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def stream(self, model: type) -> Stream:
+        """The stream of one event type (or of `Rejected`), for an agent to consume."""
+        return Stream(model)
+
+    def agent(self, stream: Stream, *, name: str | None = None) -> Callable[[F], F]:
+        """Register an async function that consumes `stream`. Its name is its consumer identity:
+        the committed position is kept per (stream, name), so renaming an agent starts it over."""
+
+        def register(fn: F) -> F:
+            agent_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            if agent_name in self.agents:
+                raise ValueError(f"agent {agent_name!r} is registered twice")
+            self.agents[agent_name] = Agent(agent_name, fn, stream)
+            return fn
+
+        return register
+
+    def table(self, name: str) -> IcebergTable:
+        """The Iceberg table `name` ("namespace.table"), to `append(window)` to."""
+        if name not in self._tables:
+            self._tables[name] = IcebergTable(self, name)
+        return self._tables[name]
+
+    def page(self, path: str, method: str = "GET") -> Callable:
+        """Register an aiohttp handler on the web server, as Faust's `app.page` does."""
+
+        def register(handler: Callable) -> Callable:
+            self.pages.append((method, path, handler))
+            return handler
+
+        return register
+
+    def discover_models(self) -> dict[str, type]:
+        from streamapp.model import event_types
+
+        import_all(self.models_package)
+        return event_types()
+
+    def discover_agents(self) -> dict[str, Agent]:
+        import_all(self.agents_package)
+        return self.agents

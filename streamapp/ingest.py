@@ -1,0 +1,207 @@
+"""Turn a request body into accepted events, rejections and per-event errors. Pure: no I/O.
+
+The web view decodes transport (gzip, size limits) and hands the bytes here; this module knows the
+body formats (one JSON object, a JSON array, NDJSON) and the event models. Valid events are
+normalised (server-assigned `event_id` when absent, `timestamp` made an aware UTC datetime) and
+encoded once, ready for the Redis stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Union
+
+import msgspec
+
+from streamapp.model import ENVELOPE_FIELDS, Event
+from streamapp.rejected import Rejected
+
+
+class BodyError(Exception):
+    """The request as a whole is unusable; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclasses.dataclass(slots=True)
+class Accepted:
+    index: int
+    event_type: str
+    event_id: str
+    payload: bytes  # the normalised event as JSON
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """One request's events after validation, in request order within each list."""
+
+    accepted: list[Accepted]
+    rejected: list[Rejected]  # parseable but invalid: stored in events.rejected
+    errors: list[dict[str, Any]]  # one per event that was not accepted: index, event_id, field, message
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (RFC 9562 version 7): sortable, so server-assigned ids cluster by time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+
+
+def _describe(error: msgspec.ValidationError) -> tuple[str | None, str]:
+    """Split msgspec's message into (field path, message) for the client."""
+    text = str(error)
+    if m := _AT.match(text):
+        path = m["path"].lstrip(".")
+        return (path or None), m["msg"]
+    if m := _MISSING.match(text):
+        return m["field"], "required field is missing"
+    return None, text
+
+
+CONTENT_JSON = "json"
+CONTENT_NDJSON = "ndjson"
+_JSON_TYPES = {"application/json", "text/plain", ""}
+_NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+
+
+def body_kind(content_type: str) -> str:
+    """Which parser a Content-Type selects; 415 for anything else or a non-UTF-8 charset."""
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.I)
+    if charset and charset[1].lower() not in ("utf-8", "utf8"):
+        raise BodyError(415, f"charset {charset[1]!r} is not supported; send UTF-8")
+    if media in _JSON_TYPES:
+        return CONTENT_JSON
+    if media in _NDJSON_TYPES:
+        return CONTENT_NDJSON
+    raise BodyError(415, f"Content-Type {media!r} is not supported; send application/json, "
+                         "text/plain (JSON) or application/x-ndjson")
+
+
+class Ingest:
+    """Validates bodies against the declared event types."""
+
+    def __init__(self, models: dict[str, type[Event]], *, max_events: int, max_event_bytes: int) -> None:
+        if not models:
+            raise ValueError("no event types are declared")
+        self.models = models
+        self.max_events = max_events
+        self.max_event_bytes = max_event_bytes
+        union = Union[tuple(models.values())]  # noqa: UP007 - a runtime union of the declared types
+        self._one = msgspec.json.Decoder(union)
+        self._many = msgspec.json.Decoder(list[union])
+        self._any = msgspec.json.Decoder()
+        self._encode = msgspec.json.Encoder().encode
+        self._types = ", ".join(sorted(models))
+        self._allowed = {name: ENVELOPE_FIELDS | set(m.__struct_fields__) for name, m in models.items()}
+
+    def parse(self, body: bytes, kind: str, received_at: datetime) -> Batch:
+        """Validate every event in `body`. Raises BodyError for a body that is not JSON/NDJSON."""
+        if not body.strip():
+            raise BodyError(400, "the body is empty; send one event, an array of events or NDJSON")
+        if kind == CONTENT_NDJSON:
+            return self._parse_ndjson(body, received_at)
+        first = body.lstrip()[:1]
+        batch = Batch([], [], [])
+        # Fast path: a fully valid body decodes straight into the models.
+        try:
+            events = self._many.decode(body) if first == b"[" else [self._one.decode(body)]
+        except msgspec.ValidationError:
+            pass  # at least one bad event: examine each one to say which and why
+        except msgspec.DecodeError as e:
+            raise BodyError(400, f"the body is not valid JSON: {e}") from None
+        else:
+            self._check_count(len(events))
+            for i, event in enumerate(events):
+                self._accept(batch, i, event, None, received_at)
+            return batch
+        doc = self._any.decode(body)
+        items = doc if isinstance(doc, list) else [doc]
+        self._check_count(len(items))
+        for i, obj in enumerate(items):
+            self._examine(batch, i, obj, received_at)
+        return batch
+
+    def _parse_ndjson(self, body: bytes, received_at: datetime) -> Batch:
+        lines = [line for line in body.split(b"\n") if line.strip()]
+        self._check_count(len(lines))
+        batch = Batch([], [], [])
+        for i, line in enumerate(lines):
+            try:
+                event = self._one.decode(line)
+            except msgspec.ValidationError:
+                self._examine(batch, i, self._any.decode(line), received_at)
+            except msgspec.DecodeError as e:
+                # Not JSON, so nothing can be stored of it; the error still names the line.
+                batch.errors.append({"index": i, "event_id": None, "field": None, "message": f"line is not valid JSON: {e}"})
+            else:
+                self._accept(batch, i, event, None, received_at)
+        return batch
+
+    def _check_count(self, n: int) -> None:
+        if n > self.max_events:
+            raise BodyError(413, f"{n} events in one request; the limit is {self.max_events}")
+        if n == 0:
+            raise BodyError(400, "the body contains no events")
+
+    def _examine(self, batch: Batch, index: int, obj: Any, received_at: datetime) -> None:
+        """The slow path for one event: find the first thing wrong with it, or accept it."""
+        if not isinstance(obj, dict):
+            self._reject(batch, index, obj, None, f"an event must be a JSON object, got {type(obj).__name__}")
+            return
+        kind = obj.get("type")
+        if kind is None:
+            self._reject(batch, index, obj, "type", f"required field is missing; expected one of: {self._types}")
+            return
+        if kind not in self.models:
+            self._reject(batch, index, obj, "type", f"unknown event type {kind!r}; expected one of: {self._types}")
+            return
+        unknown = sorted(set(obj) - self._allowed[kind])
+        if unknown:
+            names = ", ".join(unknown)
+            self._reject(batch, index, obj, unknown[0], f"unknown field(s) for {kind!r}: {names}")
+            return
+        try:
+            event = msgspec.convert(obj, self.models[kind], strict=True)
+        except msgspec.ValidationError as e:
+            field, message = _describe(e)
+            self._reject(batch, index, obj, field, message)
+            return
+        self._accept(batch, index, event, obj, received_at)
+
+    def _accept(self, batch: Batch, index: int, event: Event, obj: Any, received_at: datetime) -> None:
+        ts = event.timestamp
+        if ts is None:
+            event.timestamp = received_at
+        elif isinstance(ts, int):
+            event.timestamp = datetime.fromtimestamp(ts / 1000, timezone.utc)
+        else:
+            event.timestamp = ts.astimezone(timezone.utc)
+        if event.event_id is None:
+            event.event_id = uuid7()
+        payload = self._encode(event)
+        if len(payload) > self.max_event_bytes:
+            message = f"event is {len(payload)} bytes; the limit is {self.max_event_bytes}"
+            self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), None, message)
+            return
+        batch.accepted.append(Accepted(index, event.type_name(), event.event_id, payload))
+
+    def _reject(self, batch: Batch, index: int, obj: Any, field: str | None, message: str) -> None:
+        event_id = obj.get("event_id") if isinstance(obj, dict) else None
+        event_id = event_id if isinstance(event_id, str) else None
+        batch.errors.append({"index": index, "event_id": event_id, "field": field, "message": message})
+        batch.rejected.append(Rejected.from_raw(obj, self._encode(obj).decode(), message, field))

@@ -1,0 +1,171 @@
+"""The event model base: one msgspec declaration per event type is the single source of truth.
+
+A model module in `models/` declares a subclass of `Event` with a `tag` (its `type` on the wire).
+From that one declaration streamapp derives:
+
+- validation of incoming JSON (strict types, unknown fields rejected, bounds from `Meta`),
+- the Iceberg schema of its table (`iceberg_schema`), and
+- the Arrow schema its windows are written with (`arrow_schema`).
+
+msgspec was chosen over pydantic because it validates a click in ~0.3 us against ~1.2 us, and its
+type introspection (`msgspec.inspect`) is enough to derive both schemas.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+import msgspec.inspect as mi
+import pyarrow as pa
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.transforms import DayTransform
+from pyiceberg.types import (
+    BooleanType,
+    DoubleType,
+    IcebergType,
+    IntegerType,
+    LongType,
+    NestedField,
+    StringType,
+    TimestamptzType,
+)
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+Int32 = Annotated[int, msgspec.Meta(ge=INT32_MIN, le=INT32_MAX)]
+"""A JSON integer in int32 range; stored as an Iceberg `int`."""
+
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+EpochMillis = Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]  # up to year 9999
+AwareDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
+
+
+class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    """The envelope every event type shares. Subclass it with `tag="..."` to declare a type.
+
+    `timestamp` is when the event happened (RFC 3339 with an offset, or epoch milliseconds);
+    absent means the time the server received it. `event_id` is the idempotency key: the same
+    id sent again inside the dedupe window is stored once. `properties` is free-form JSON.
+    """
+
+    table: ClassVar[str]  # the Iceberg table its raw sink writes, e.g. "events.clicks"
+    partition_column: ClassVar[str] = "event_time"
+
+    event_id: EventId | None = None
+    timestamp: AwareDatetime | EpochMillis | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    page_url: str | None = None
+    target: str | None = None
+    properties: dict[str, Any] | None = None
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__struct_config__.tag  # type: ignore[return-value]
+
+    @classmethod
+    def iceberg_schema(cls) -> Schema:
+        return iceberg_schema(cls)
+
+    @classmethod
+    def to_arrow(cls, events: list[Event], received_us: list[int]) -> pa.Table:
+        """Build the window's Arrow table column by column (not row by row: it is the hot path)."""
+        schema = arrow_schema(cls)
+        encode = msgspec.json.encode
+        columns: dict[str, Any] = {
+            "event_id": [e.event_id for e in events],
+            "event_time": [e.timestamp for e in events],
+            "received_at": pa.array(received_us, type=schema.field("received_at").type),
+            "user_id": [e.user_id for e in events],
+            "session_id": [e.session_id for e in events],
+            "page_url": [e.page_url for e in events],
+            "target": [e.target for e in events],
+            "properties": [None if e.properties is None else encode(e.properties).decode() for e in events],
+        }
+        for name in schema.names[len(columns):]:
+            columns[name] = [getattr(e, name) for e in events]
+        return pa.Table.from_pydict(columns, schema=schema)
+
+
+ENVELOPE_FIELDS = frozenset(("type",) + Event.__struct_fields__)
+
+# Columns every event table starts with, in this order; model-specific columns follow.
+_COMMON_COLUMNS: tuple[tuple[str, IcebergType, bool], ...] = (
+    ("event_id", StringType(), True),
+    ("event_time", TimestamptzType(), True),
+    ("received_at", TimestamptzType(), True),
+    ("user_id", StringType(), False),
+    ("session_id", StringType(), False),
+    ("page_url", StringType(), False),
+    ("target", StringType(), False),
+    ("properties", StringType(), False),
+)
+
+
+def _iceberg_type(t: mi.Type) -> tuple[IcebergType, bool]:
+    """Map a msgspec field type to (Iceberg type, nullable)."""
+    nullable = False
+    if isinstance(t, mi.UnionType):
+        rest = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        nullable = len(rest) != len(t.types)
+        if len(rest) != 1:
+            raise TypeError(f"unions other than Optional[X] have no column type: {t}")
+        t = rest[0]
+    if isinstance(t, mi.BoolType):
+        return BooleanType(), nullable
+    if isinstance(t, mi.IntType):
+        int32 = t.ge is not None and t.le is not None and t.ge >= INT32_MIN and t.le <= INT32_MAX
+        return (IntegerType() if int32 else LongType()), nullable
+    if isinstance(t, mi.FloatType):
+        return DoubleType(), nullable
+    if isinstance(t, mi.StrType):
+        return StringType(), nullable
+    raise TypeError(f"no Iceberg column type for {t}; use bool, int, float or str")
+
+
+@functools.cache
+def iceberg_schema(model: type[Event]) -> Schema:
+    """The Iceberg schema of `model`'s table: the common columns, then the model's own fields."""
+    columns = list(_COMMON_COLUMNS)
+    info = mi.type_info(model)
+    assert isinstance(info, mi.StructType)
+    for f in info.fields:
+        if f.name in ENVELOPE_FIELDS:
+            continue
+        kind, nullable = _iceberg_type(f.type)
+        columns.append((f.name, kind, not nullable))
+    return Schema(
+        *(NestedField(i, name, kind, required=req) for i, (name, kind, req) in enumerate(columns, start=1))
+    )
+
+
+@functools.cache
+def arrow_schema(model: type[Event]) -> pa.Schema:
+    return iceberg_schema(model).as_arrow()
+
+
+def day_partition(schema: Schema, column: str) -> PartitionSpec:
+    """Partition by day(column): readers prune by date, files stay a day's worth at most."""
+    source = schema.find_field(column)
+    return PartitionSpec(
+        PartitionField(source_id=source.field_id, field_id=1000, transform=DayTransform(), name=f"{column}_day")
+    )
+
+
+def event_types() -> dict[str, type[Event]]:
+    """Every declared event type by its wire `type`, from the `Event` subclasses imported so far."""
+    found: dict[str, type[Event]] = {}
+    todo = list(Event.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        tag = cls.__struct_config__.tag
+        if isinstance(tag, str):
+            if tag in found and found[tag] is not cls:
+                raise TypeError(f"event type {tag!r} is declared twice: {found[tag]} and {cls}")
+            found[tag] = cls
+    return found

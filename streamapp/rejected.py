@@ -1,0 +1,74 @@
+"""Rejected events: parseable JSON the collector refused, kept with the reason in `events.rejected`.
+
+A bad event is never silently dropped: the client gets an error naming it, and its raw JSON lands
+here so the team that sent it can see what their tracker produced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+import pyarrow as pa
+from pyiceberg.schema import Schema
+from pyiceberg.types import NestedField, StringType, TimestamptzType
+
+TABLE = "events.rejected"
+
+
+class Rejected(msgspec.Struct, kw_only=True):
+    """What is known of a rejected event, as stored in the Redis stream and the table."""
+
+    table: ClassVar[str] = TABLE
+    partition_column: ClassVar[str] = "received_at"
+
+    reason: str
+    field: str | None = None
+    raw: str
+    event_id: str | None = None
+    event_type: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    page_url: str | None = None
+
+    @classmethod
+    def type_name(cls) -> str:
+        return "rejected"
+
+    @classmethod
+    def iceberg_schema(cls) -> Schema:
+        return SCHEMA
+
+    @classmethod
+    def to_arrow(cls, records: list[Rejected], received_us: list[int]) -> pa.Table:
+        schema = SCHEMA.as_arrow()
+        columns: dict[str, Any] = {"received_at": pa.array(received_us, type=schema.field("received_at").type)}
+        for name in schema.names[1:]:
+            columns[name] = [getattr(r, name) for r in records]
+        return pa.Table.from_pydict(columns, schema=schema)
+
+    @classmethod
+    def from_raw(cls, obj: Any, raw: str, reason: str, field: str | None) -> Rejected:
+        """Keep the envelope fields that are strings; anything else is only in `raw`."""
+        known: dict[str, str] = {}
+        if isinstance(obj, dict):
+            for src, dst in (("event_id", "event_id"), ("type", "event_type"), ("user_id", "user_id"),
+                             ("session_id", "session_id"), ("page_url", "page_url")):
+                value = obj.get(src)
+                if isinstance(value, str):
+                    known[dst] = value[:1024]
+        return cls(reason=reason, field=field, raw=raw, **known)
+
+
+SCHEMA = Schema(
+    NestedField(1, "received_at", TimestamptzType(), required=True),
+    NestedField(2, "reason", StringType(), required=True),
+    NestedField(3, "field", StringType(), required=False),
+    NestedField(4, "raw", StringType(), required=True),
+    NestedField(5, "event_id", StringType(), required=False),
+    NestedField(6, "event_type", StringType(), required=False),
+    NestedField(7, "user_id", StringType(), required=False),
+    NestedField(8, "session_id", StringType(), required=False),
+    NestedField(9, "page_url", StringType(), required=False),
+)
+

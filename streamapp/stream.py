@@ -1,0 +1,158 @@
+"""The source: a Redis stream of one event type, read in order and cut into windows.
+
+Positions, not consumer groups: each agent reads the whole stream in entry-id order from the last
+position it committed, so the sink can make a window idempotent by comparing entry ids with the
+position stored in the Iceberg table (see `streamapp.sink`). Redis keeps only a hint of that
+position (`keys.ACKS`), written after the commit; it decides where reading resumes and how far the
+stream may be trimmed, never what is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import pyarrow as pa
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from streamapp import keys
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+READ_BLOCK_MS = 1000  # longest wait inside one XREAD: bounds how late a stop or a deadline is seen
+
+
+def entry_id(value: str) -> tuple[int, int]:
+    """A Redis stream id "ms-seq" as a tuple that compares in stream order."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Window(Sequence[M]):
+    """Consecutive entries of one stream: the events, their stream ids and receive times.
+
+    An agent hands a window to `app.table(...).append(window)`, which writes its rows and the
+    stream position it ends at in one Iceberg commit.
+    """
+
+    def __init__(self, model: Any, stream_key: str, consumer: str, ids: list[str], events: list[M],
+                 received_us: list[int]) -> None:
+        self.model = model
+        self.stream_key = stream_key
+        self.consumer = consumer
+        self.ids = ids
+        self.events = events
+        self.received_us = received_us
+
+    @property
+    def last_id(self) -> str:
+        return self.ids[-1]
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.events[i]
+
+    def __iter__(self) -> Iterator[M]:
+        return iter(self.events)
+
+    def to_arrow(self, keep: Sequence[int] | None = None) -> pa.Table:
+        """The window's rows as the model's table schema; `keep` picks entries by index."""
+        if keep is None:
+            return self.model.to_arrow(self.events, self.received_us)
+        return self.model.to_arrow([self.events[i] for i in keep], [self.received_us[i] for i in keep])
+
+    def __repr__(self) -> str:
+        return f"<Window {self.stream_key} {len(self)} events {self.ids[0]}..{self.last_id}>"
+
+
+class Stream(Generic[M]):
+    """The events of one model, as `app.stream(Model)` returns it to an agent."""
+
+    def __init__(self, model: type[M]) -> None:
+        self.model = model
+        self.key = keys.stream(model.type_name())  # type: ignore[attr-defined]
+        self._decode = msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]
+        self._redis: Redis | None = None
+        self._consumer = ""
+        self._stopping: asyncio.Event | None = None
+        self._acked = "0-0"
+
+    def bind(self, redis: Redis, consumer: str, stopping: asyncio.Event) -> None:
+        """Called by the worker before the agent runs: where to read and who reads."""
+        self._redis, self._consumer, self._stopping = redis, consumer, stopping
+
+    async def register(self) -> None:
+        """Record this consumer so the stream is never trimmed past what it has not committed."""
+        assert self._redis is not None
+        field = keys.ack_field(self.key, self._consumer)
+        await self._redis.hsetnx(keys.ACKS, field, "0-0")
+        hint = await self._redis.hget(keys.ACKS, field)
+        if hint and entry_id(hint.decode()) > entry_id(self._acked):
+            self._acked = hint.decode()
+
+    async def take(self, n: int, within: float) -> AsyncIterator[Window[M]]:
+        """Windows of up to `n` events, each closed at most `within` seconds after its first event.
+
+        A window is acknowledged when the agent asks for the next one. If the agent raises
+        instead, the window is not acknowledged, and the agent's restart receives it again.
+        On shutdown the open window is handed out early, so nothing read is held back.
+        """
+        if self._redis is None or self._stopping is None:
+            raise RuntimeError("the stream is not bound: run agents with `python -m streamapp worker`")
+        if n < 1 or within <= 0:
+            raise ValueError("take() needs n >= 1 and within > 0")
+        loop = asyncio.get_running_loop()
+        cursor = self._acked
+        while True:
+            ids: list[str] = []
+            payloads: list[bytes] = []
+            received: list[int] = []
+            deadline: float | None = None
+            while len(ids) < n and not self._stopping.is_set():
+                block = READ_BLOCK_MS
+                if deadline is not None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
+                for raw_id, fields in await self._read(cursor, n - len(ids), block):
+                    ids.append(raw_id.decode())
+                    payloads.append(fields[b"e"])
+                    received.append(int(fields[b"r"]))
+                if ids:
+                    cursor = ids[-1]
+                    if deadline is None:
+                        deadline = loop.time() + within
+            if ids:
+                events = self._decode(b"[" + b",".join(payloads) + b"]")
+                yield Window(self.model, self.key, self._consumer, ids, events, received)
+                await self._ack(ids[-1])
+            if self._stopping.is_set():
+                return
+
+    async def _read(self, cursor: str, count: int, block_ms: int) -> list:
+        assert self._redis is not None
+        try:
+            reply = await self._redis.xread({self.key: cursor}, count=count, block=block_ms)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            log.warning("reading %s failed (%s); retrying in 1 s", self.key, e)
+            await asyncio.sleep(1)
+            return []
+        return reply[0][1] if reply else []
+
+    async def _ack(self, last_id: str) -> None:
+        """Move the Redis hint forward. Losing it is harmless: the Iceberg position decides."""
+        self._acked = last_id
+        assert self._redis is not None
+        try:
+            await self._redis.hset(keys.ACKS, keys.ack_field(self.key, self._consumer), last_id)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:  # a hint; the next ack writes it again
+            log.warning("could not record position %s of %s: %s", last_id, self.key, e)

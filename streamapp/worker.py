@@ -1,0 +1,94 @@
+"""The worker process: create tables, run every agent, trim what all consumers committed, stop
+gracefully on SIGTERM (open windows are flushed and committed, then the process exits)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from streamapp import keys
+from streamapp.app import App
+from streamapp.catalog import ensure_table, open_catalog
+from streamapp.redis_client import reader_client
+from streamapp.rejected import Rejected
+from streamapp.stream import entry_id
+
+log = logging.getLogger(__name__)
+
+TRIM_EVERY_SECONDS = 5.0
+
+
+def create_tables(app: App) -> list[str]:
+    """Create (or evolve) the table of every declared model and of rejected events."""
+    catalog = app.catalog or open_catalog(app.settings)
+    models = [*app.discover_models().values(), Rejected]
+    for model in models:
+        ensure_table(catalog, model)
+    return [model.table for model in models]
+
+
+async def trim_streams(redis: Redis) -> dict[str, str]:
+    """Trim each stream below the lowest position any of its consumers committed.
+
+    Never MAXLEN: that drops entries no one has read. A stream whose consumer never committed
+    keeps everything, which is the safe side of a forgotten agent.
+    """
+    lowest: dict[str, str] = {}
+    for field, value in (await redis.hgetall(keys.ACKS)).items():
+        stream, _, _consumer = field.decode().rpartition("|")
+        pos = value.decode()
+        if stream not in lowest or entry_id(pos) < entry_id(lowest[stream]):
+            lowest[stream] = pos
+    for stream, pos in lowest.items():
+        if pos != "0-0":
+            await redis.xtrim(stream, minid=pos)
+    return lowest
+
+
+async def _trimmer(redis: Redis, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
+        try:
+            await trim_streams(redis)
+        except (RedisError, OSError) as e:
+            log.warning("trimming streams failed: %s", e)
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=TRIM_EVERY_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def run_worker(app: App) -> None:
+    settings = app.settings
+    agents = app.discover_agents()
+    if not agents:
+        raise SystemExit(f"no agents found in package {app.agents_package!r}")
+    app.catalog = open_catalog(settings)
+    tables = await asyncio.to_thread(create_tables, app)
+    log.info("worker: tables %s ready; agents %s", ", ".join(tables), ", ".join(agents))
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    redis = reader_client(settings)
+    tasks = []
+    for agent in agents.values():
+        agent.stream.bind(redis, agent.name, stopping)
+        tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
+    tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
+    try:
+        await stopping.wait()
+        log.info("worker: stopping; flushing open windows (up to %.0fs)", settings.shutdown_seconds)
+        _, late = await asyncio.wait(tasks, timeout=settings.shutdown_seconds)
+        for task in late:
+            log.warning("worker: %s did not stop in time; cancelling (its window will be redelivered)", task.get_name())
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await redis.aclose()
+    log.info("worker: stopped")

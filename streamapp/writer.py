@@ -1,0 +1,121 @@
+"""Group commit into Redis: every request arriving while a write is in flight rides the next one.
+
+One Lua script per flush deduplicates by `event_id` (SET NX with the dedupe TTL) and XADDs the
+new events, atomically, so a duplicate is never half-written. Awaiting one XADD per request caps
+ingest at a round trip per request; a flush costs one round trip for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from redis.asyncio import Redis
+
+from streamapp import keys
+
+log = logging.getLogger(__name__)
+
+# ARGV: ttl, then (stream index into KEYS, event_id or "" for no dedupe, payload, received_at_us)*.
+# Returns 1 per entry written, 0 per duplicate.
+_INGEST_LUA = """
+local ttl = tonumber(ARGV[1])
+local seen = ARGV[2]
+local out = {}
+for i = 3, #ARGV, 4 do
+  local id = ARGV[i + 1]
+  if id == '' or redis.call('SET', seen .. id, '1', 'NX', 'EX', ttl) then
+    redis.call('XADD', KEYS[tonumber(ARGV[i])], '*', 'e', ARGV[i + 2], 'r', ARGV[i + 3])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+MAX_FLUSH_ENTRIES = 5000  # bounds how long one script holds Redis
+
+
+@dataclasses.dataclass(slots=True)
+class Entry:
+    stream: str  # Redis stream key
+    event_id: str  # "" to skip dedupe (rejected events)
+    payload: bytes
+    received_us: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    entries: list[Entry]
+    future: asyncio.Future[list[int]]
+
+
+class StreamWriter:
+    """Appends entries to Redis streams with group commit. `write` returns once they are in Redis."""
+
+    def __init__(self, redis: Redis, dedupe_seconds: int) -> None:
+        self._redis = redis
+        self._script = redis.register_script(_INGEST_LUA)
+        self._ttl = str(dedupe_seconds)
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.last_flush_seconds = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="stream-writer")
+
+    async def close(self) -> None:
+        """Flush what is queued, then stop. Called after the web server stopped taking requests."""
+        while self._queue:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def write(self, entries: list[Entry]) -> list[int]:
+        """1 for each entry written, 0 for each duplicate. Raises the Redis error if the flush failed."""
+        if not entries:
+            return []
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(entries, future))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch, size = [], 0
+                while self._queue and (not batch or size + len(self._queue[0].entries) <= MAX_FLUSH_ENTRIES):
+                    pending = self._queue.pop(0)
+                    batch.append(pending)
+                    size += len(pending.entries)
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        stream_index: dict[str, str] = {}
+        args: list[str | bytes] = [self._ttl, keys.SEEN]
+        for pending in batch:
+            for e in pending.entries:
+                idx = stream_index.setdefault(e.stream, str(len(stream_index) + 1))
+                args += (idx, e.event_id, e.payload, str(e.received_us))
+        started = time.perf_counter()
+        try:
+            results = await self._script(keys=list(stream_index), args=args)
+        except Exception as error:  # every waiter learns the write failed; none is left hanging
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        self.last_flush_seconds = time.perf_counter() - started
+        offset = 0
+        for pending in batch:
+            n = len(pending.entries)
+            if not pending.future.done():
+                pending.future.set_result([int(r) for r in results[offset:offset + n]])
+            offset += n

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from streamapp.settings import Settings
 
 
 def writer_client(settings: Settings) -> Redis:
-    """For ingest: fail fast (the client gets 503 and retries) and never resend a write by itself,
-    since a resent script whose first reply was lost would store server-assigned ids twice."""
-    return Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=5,
-                          retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    """For ingest: a few quick retries (a pooled connection may be stale after a Redis restart;
+    flushes are idempotent, see `writer`), then fail fast so the client gets 503 and retries."""
+    return Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=5,
+                          retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3))
 
 
 def reader_client(settings: Settings) -> Redis:

@@ -19,7 +19,7 @@ import redis.exceptions
 from aiohttp import web
 
 from streamapp import keys
-from streamapp.ingest import Batch, BodyError, Ingest, body_kind
+from streamapp.ingest import Batch, BodyError, Ingest, body_kind, uuid7
 from streamapp.writer import Entry, StreamWriter
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
     received_us = int(received_at.timestamp() * 1_000_000)
     entries = [Entry(keys.stream(a.event_type), a.event_id, a.payload, received_us) for a in batch.accepted]
     rejected_stream = keys.stream("rejected")
-    entries += [Entry(rejected_stream, "", _encode(r), received_us) for r in batch.rejected]
+    entries += [Entry(rejected_stream, "rejected:" + uuid7(), _encode(r), received_us) for r in batch.rejected]
     return entries
 
 

@@ -45,7 +45,7 @@ async def trim_streams(redis: Redis) -> dict[str, str]:
             lowest[stream] = pos
     for stream, pos in lowest.items():
         if pos != "0-0":
-            await redis.xtrim(stream, minid=pos)
+            await redis.xtrim(stream, minid=pos, approximate=False)
     return lowest
 
 

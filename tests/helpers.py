@@ -1,0 +1,41 @@
+"""Shared steps of the pipeline tests: send events through the real web view, wait for rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+from tests.conftest import table_rows, wait_until
+
+
+async def send(http, base: str, events: list[dict], chunk: int = 100) -> None:
+    """POST events in arrays of `chunk`; every one must be accepted (202, no errors)."""
+    for i in range(0, len(events), chunk):
+        part = events[i:i + chunk]
+        async with http.post(base + "/api/events", data=json.dumps(part),
+                             headers={"Content-Type": "application/json"}) as r:
+            body = await r.json()
+            assert r.status == 202 and body["accepted"] + body["duplicates"] == len(part), body
+
+
+def clicks(prefix: str, n: int) -> list[dict]:
+    return [{"type": "click", "x": i, "y": i * 2, "event_id": f"{prefix}{i}", "user_id": "u1"} for i in range(n)]
+
+
+async def wait_rows(settings, table: str, n: int, timeout: float = 30) -> list[dict]:
+    """Wait until `table` has at least n rows; returns them."""
+    def enough():
+        rows = table_rows(settings, table)
+        return rows if len(rows) >= n else None
+
+    return await asyncio.to_thread(wait_until, enough, timeout, 0.2, f"{n} rows in {table}")
+
+
+def assert_exactly_once(rows: list[dict], expected_ids: set[str]) -> None:
+    counts = Counter(r["event_id"] for r in rows)
+    doubled = {k: v for k, v in counts.items() if v > 1}
+    missing = expected_ids - set(counts)
+    extra = set(counts) - expected_ids
+    assert not doubled and not missing and not extra, (
+        f"doubled={sorted(doubled)[:10]} missing={sorted(missing)[:10]} extra={sorted(extra)[:10]}")

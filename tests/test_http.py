@@ -1,0 +1,205 @@
+"""The HTTP contract of POST /api/events against a real valkey-server: every input form, every
+status code, and where each event ends up (its stream, the rejected stream, or nowhere with 4xx)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+import msgspec
+import pytest
+
+from tests.conftest import stream_entries
+
+CLICK = {"type": "click", "x": 10, "y": 20}
+KEY = {"type": "keydown", "key": "a", "code": "KeyA", "shift": True}
+
+
+async def post(http, base, body, content_type="application/json", **headers):
+    if not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    async with http.post(base + "/api/events", data=body, headers=headers) as r:
+        text = await r.read()
+        return r.status, (json.loads(text) if text else None), r.headers
+
+
+def stored(redis_server, type_name):
+    return [msgspec.json.decode(fields[b"e"]) for _, fields in stream_entries(redis_server, type_name)]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "text/plain;charset=UTF-8", None])
+async def test_single_event_in_each_json_content_type(web, http, redis_server, content_type):
+    status, body, _ = await post(http, web, {**CLICK, "event_id": "c1"}, content_type)
+    assert (status, body) == (202, {"accepted": 1, "duplicates": 0, "rejected": 0, "errors": []})
+    [event] = stored(redis_server, "click")
+    assert event["event_id"] == "c1" and event["x"] == 10 and event["button"] == 0
+
+
+async def test_array_and_ndjson(web, http, redis_server):
+    status, body, _ = await post(http, web, [CLICK, KEY, CLICK])
+    assert (status, body["accepted"]) == (202, 3)
+    nd = "\n".join(json.dumps(e) for e in [KEY, CLICK]) + "\n\n"
+    status, body, _ = await post(http, web, nd, "application/x-ndjson")
+    assert (status, body["accepted"]) == (202, 2)
+    assert len(stored(redis_server, "click")) == 3
+    assert len(stored(redis_server, "keydown")) == 2
+
+
+async def test_gzip_body(web, http, redis_server):
+    status, body, _ = await post(http, web, gzip.compress(json.dumps([CLICK] * 5).encode()), **{"Content-Encoding": "gzip"})
+    assert (status, body["accepted"]) == (202, 5)
+
+
+async def test_server_assigns_ids_and_normalises_timestamps(web, http, redis_server):
+    events = [CLICK, {**CLICK, "timestamp": 1_700_000_000_123}, {**CLICK, "timestamp": "2026-01-02T03:04:05.5+02:00"}]
+    status, _, _ = await post(http, web, events)
+    assert status == 202
+    a, b, c = stored(redis_server, "click")
+    assert len(a["event_id"]) == 36 and a["event_id"][14] == "7"  # UUIDv7
+    assert a["event_id"] != b["event_id"]
+    assert b["timestamp"] == "2023-11-14T22:13:20.123000Z"
+    assert c["timestamp"] == "2026-01-02T01:04:05.500000Z"
+
+
+async def test_mixed_batch_reports_each_bad_event_and_stores_it_as_rejected(web, http, redis_server):
+    events = [
+        CLICK,
+        {"type": "click", "x": "10", "y": 1, "event_id": "bad-x"},
+        {"type": "click", "x": 1, "y": 2, "colour": "red", "size": 3},
+        {"type": "scroll", "dy": 3},
+        {"x": 1, "y": 2},
+        7,
+        {"type": "keydown", "key": "a", "alt": 1},
+        {"type": "click", "x": 2**31, "y": 0},
+        {"type": "click", "x": 1, "y": 1, "button": 5},
+        {"type": "click", "x": 1, "y": 1, "timestamp": "2026-01-01T00:00:00"},
+        {"type": "click", "x": 1, "y": 1, "event_id": ""},
+        {"type": "click", "x": 1, "y": 1, "properties": [1]},
+        KEY,
+    ]
+    status, body, _ = await post(http, web, events)
+    assert status == 202
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 0, 11)
+    errors = {e["index"]: e for e in body["errors"]}
+    assert errors[1] == {"index": 1, "event_id": "bad-x", "field": "x", "message": "Expected `int`, got `str`"}
+    assert errors[2]["field"] == "colour" and "colour, size" in errors[2]["message"]
+    assert errors[3]["field"] == "type" and "'scroll'" in errors[3]["message"]
+    assert errors[4]["field"] == "type" and "missing" in errors[4]["message"]
+    assert errors[5]["field"] is None and "JSON object" in errors[5]["message"]
+    assert errors[6]["field"] == "alt"
+    assert errors[7]["field"] == "x" and "2147483647" in errors[7]["message"]
+    assert errors[8]["field"] == "button" and "<= 4" in errors[8]["message"]
+    assert errors[9]["field"] == "timestamp" and "timezone" in errors[9]["message"]
+    assert errors[10]["field"] == "event_id"
+    assert errors[11]["field"] == "properties"
+    rejected = stored(redis_server, "rejected")
+    assert len(rejected) == 11
+    assert rejected[0]["raw"] == json.dumps(events[1], separators=(",", ":"))
+    assert rejected[0]["event_id"] == "bad-x" and rejected[0]["event_type"] == "click"
+    assert rejected[0]["reason"] == "Expected `int`, got `str`" and rejected[0]["field"] == "x"
+    assert len(stored(redis_server, "click")) == 1 and len(stored(redis_server, "keydown")) == 1
+
+
+async def test_all_rejected_is_422_with_the_same_body(web, http, redis_server):
+    status, body, _ = await post(http, web, [{"type": "click"}, {"type": "keydown"}])
+    assert status == 422
+    assert body["accepted"] == 0 and body["rejected"] == 2
+    assert [e["field"] for e in body["errors"]] == ["x", "key"]
+    assert len(stored(redis_server, "rejected")) == 2
+
+
+async def test_ndjson_line_that_is_not_json_is_an_error_of_its_own(web, http, redis_server):
+    status, body, _ = await post(http, web, json.dumps(CLICK) + "\n{not json\n", "application/x-ndjson")
+    assert status == 202 and body["accepted"] == 1 and body["rejected"] == 1
+    assert body["errors"][0]["index"] == 1 and "not valid JSON" in body["errors"][0]["message"]
+
+
+async def test_duplicates_within_and_across_requests_keep_the_first_payload(web, http, redis_server):
+    first = {**CLICK, "event_id": "dup-1", "x": 1}
+    status, body, _ = await post(http, web, [first, {**first, "x": 2}])
+    assert (status, body["accepted"], body["duplicates"]) == (202, 1, 1)
+    status, body, _ = await post(http, web, {**first, "x": 3})
+    assert (status, body["accepted"], body["duplicates"]) == (202, 0, 1)
+    [event] = stored(redis_server, "click")
+    assert event["x"] == 1
+    # The dedupe window is a TTL on the id's marker, set from STREAMAPP_DEDUPE_SECONDS.
+    ttl = redis_server.client().ttl("streamapp:{streamapp}:seen:dup-1")
+    assert 3590 < ttl <= 3600
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "needle"), [
+    (b"{not json", {}, 400, "not valid JSON"),
+    (b"", {}, 400, "empty"),
+    (b"[]", {}, 400, "no events"),
+    (b"NaN", {}, 400, "not valid JSON"),
+    (b'{"type":"click","x":1,"y":2}\xff', {}, 400, "not valid JSON"),
+    (b"{}", {"Content-Type": "application/xml"}, 415, "Content-Type"),
+    (b"{}", {"Content-Type": "application/json; charset=latin-1"}, 415, "charset"),
+    (b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+    (b"{}", {"Content-Encoding": "deflate"}, 415, "Content-Encoding"),
+    (b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "gzip"),
+    (gzip.compress(b'{"type":"click","x":1,"y":2}')[:-12], {"Content-Encoding": "gzip"}, 400, "truncated"),
+    (b" " * (1024 * 1024 + 1), {}, 413, "limit"),
+    (json.dumps([CLICK] * 501).encode(), {}, 413, "501 events"),
+])
+async def test_whole_body_errors(web, http, redis_server, body, headers, status, needle):
+    headers = {"Content-Type": "application/json", **headers}
+    async with http.post(web + "/api/events", data=body, headers=headers) as r:
+        assert r.status == status
+        assert needle in (await r.json())["error"]
+    assert redis_server.client().keys("streamapp:*events*") == []
+
+
+async def test_gzip_bomb_is_cut_off_at_the_limit(web, http, redis_server):
+    bomb = gzip.compress(b"[" + b" " * (50 * 1024 * 1024) + b"]", 9)  # 50 MiB inflated, ~50 KiB sent
+    assert len(bomb) < 100_000
+    status, body, _ = await post(http, web, bomb, **{"Content-Encoding": "gzip"})
+    assert status == 413 and "inflates" in body["error"]
+
+
+async def test_oversized_event_in_a_batch_is_rejected_alone(web, http, redis_server):
+    big = {**CLICK, "event_id": "big", "properties": {"blob": "x" * 40_000}}
+    status, body, _ = await post(http, web, [CLICK, big])
+    assert status == 202 and body["accepted"] == 1 and body["rejected"] == 1
+    assert body["errors"][0]["event_id"] == "big" and "limit is 32768" in body["errors"][0]["message"]
+    [rejected] = stored(redis_server, "rejected")
+    assert rejected["event_id"] == "big"
+
+
+async def test_health_and_readiness(web, http):
+    async with http.get(web + "/healthz") as r:
+        assert r.status == 200
+    async with http.get(web + "/readyz") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ready"
+
+
+async def test_redis_down_gives_503_then_recovers_without_restarting_web(web, http, redis_server):
+    status, _, _ = await post(http, web, {**CLICK, "event_id": "before"})
+    assert status == 202
+    redis_server.stop()
+    status, body, headers = await post(http, web, {**CLICK, "event_id": "during"})
+    assert status == 503 and headers["Retry-After"] == "1" and "unavailable" in body["error"]
+    async with http.get(web + "/readyz") as r:
+        assert r.status == 503
+    await asyncio.to_thread(redis_server.start)
+    status, body, _ = await post(http, web, {**CLICK, "event_id": "during"})  # the client's retry
+    assert (status, body["accepted"]) == (202, 1)
+    async with http.get(web + "/readyz") as r:
+        assert r.status == 200
+    # The append-only file kept what was accepted before the restart.
+    assert [e["event_id"] for e in stored(redis_server, "click")] == ["before", "during"]
+
+
+async def test_concurrent_requests_share_flushes_and_all_land(web, http, redis_server):
+    async def one(i):
+        return await post(http, web, {**CLICK, "event_id": f"c{i}"})
+
+    results = await asyncio.gather(*(one(i) for i in range(300)))
+    assert all(status == 202 and body["accepted"] == 1 for status, body, _ in results)
+    assert sorted(e["event_id"] for e in stored(redis_server, "click")) == sorted(f"c{i}" for i in range(300))
+    # Group commit: requests that arrived during a flush rode the next one.
+    flushes = redis_server.client().info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert flushes < 300

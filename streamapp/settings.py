@@ -24,7 +24,7 @@ class Settings:
     port: int = 8000
     redis_port: int = 6379
     redis_url: str = ""  # empty: the embedded server on redis_port
-    warehouse: Path = Path("warehouse").resolve()
+    warehouse: Path = Path("warehouse")  # resolved against the working directory
     catalog_uri: str = ""  # empty: sqlite file inside the warehouse
     window_count: int = 10_000
     window_seconds: float = 10.0

@@ -71,6 +71,12 @@ def _describe(error: msgspec.ValidationError) -> tuple[str | None, str]:
     return None, text
 
 
+def _not_json(error: Exception) -> BodyError:
+    if isinstance(error, RecursionError):
+        return BodyError(400, "the body is not valid JSON: it is nested too deeply")
+    return BodyError(400, f"the body is not valid JSON: {error}")
+
+
 CONTENT_JSON = "json"
 CONTENT_NDJSON = "ndjson"
 _JSON_TYPES = {"application/json", "text/plain", ""}
@@ -122,14 +128,17 @@ class Ingest:
             events = self._many.decode(body) if first == b"[" else [self._one.decode(body)]
         except msgspec.ValidationError:
             pass  # at least one bad event: examine each one to say which and why
-        except msgspec.DecodeError as e:
-            raise BodyError(400, f"the body is not valid JSON: {e}") from None
+        except (msgspec.DecodeError, RecursionError) as e:
+            raise _not_json(e) from None
         else:
             self._check_count(len(events))
             for i, event in enumerate(events):
                 self._accept(batch, i, event, None, received_at)
             return batch
-        doc = self._any.decode(body)
+        try:
+            doc = self._any.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+            raise _not_json(e) from None
         items = doc if isinstance(doc, list) else [doc]
         self._check_count(len(items))
         for i, obj in enumerate(items):
@@ -142,14 +151,16 @@ class Ingest:
         batch = Batch([], [], [])
         for i, line in enumerate(lines):
             try:
-                event = self._one.decode(line)
-            except msgspec.ValidationError:
-                self._examine(batch, i, self._any.decode(line), received_at)
-            except msgspec.DecodeError as e:
-                # Not JSON, so nothing can be stored of it; the error still names the line.
-                batch.errors.append({"index": i, "event_id": None, "field": None, "message": f"line is not valid JSON: {e}"})
-            else:
-                self._accept(batch, i, event, None, received_at)
+                try:
+                    event = self._one.decode(line)
+                except msgspec.ValidationError:
+                    self._examine(batch, i, self._any.decode(line), received_at)
+                else:
+                    self._accept(batch, i, event, None, received_at)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+                # Not JSON we can read, so nothing can be stored of it; the error still names the line.
+                message = _not_json(e).message.replace("the body", "the line")
+                batch.errors.append({"index": i, "event_id": None, "field": None, "message": message})
         return batch
 
     def _check_count(self, n: int) -> None:

@@ -74,7 +74,7 @@ class StreamWriter:
 
     async def close(self) -> None:
         """Flush what is queued, then stop. Called after the web server stopped taking requests."""
-        while self._queue:
+        while self._queue and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()

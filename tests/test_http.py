@@ -114,7 +114,7 @@ async def test_all_rejected_is_422_with_the_same_body(web, http, redis_server):
 async def test_ndjson_line_that_is_not_json_is_an_error_of_its_own(web, http, redis_server):
     status, body, _ = await post(http, web, json.dumps(CLICK) + "\n{not json\n", "application/x-ndjson")
     assert status == 202 and body["accepted"] == 1 and body["rejected"] == 1
-    assert body["errors"][0]["index"] == 1 and "not valid JSON" in body["errors"][0]["message"]
+    assert body["errors"][0]["index"] == 1 and body["errors"][0]["message"].startswith("the line is not valid JSON")
 
 
 async def test_duplicates_within_and_across_requests_keep_the_first_payload(web, http, redis_server):
@@ -135,6 +135,9 @@ async def test_duplicates_within_and_across_requests_keep_the_first_payload(web,
     (b"", {}, 400, "empty"),
     (b"[]", {}, 400, "no events"),
     (b"NaN", {}, 400, "not valid JSON"),
+    (b'{"type":"click","x":1,"y":1,"properties":{"a":1e999}}', {}, 400, "out of range"),
+    (b'{"type":"click","x":1,"y":1,"properties":' + b'{"a":' * 20000 + b"1" + b"}" * 20001, {}, 400, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, {}, 400, "nested too deeply"),
     (b'{"type":"click","x":1,"y":2}\xff', {}, 400, "not valid JSON"),
     (b"{}", {"Content-Type": "application/xml"}, 415, "Content-Type"),
     (b"{}", {"Content-Type": "application/json; charset=latin-1"}, 415, "charset"),

@@ -1,0 +1,84 @@
+"""Body parsing and validation without I/O: formats, limits, normalisation, error descriptions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+
+import msgspec
+import pytest
+
+from streamapp.app import App
+from streamapp.ingest import CONTENT_JSON, CONTENT_NDJSON, BodyError, Ingest, body_kind, uuid7
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def ingest() -> Ingest:
+    return Ingest(App().discover_models(), max_events=500, max_event_bytes=32 * 1024)
+
+
+def test_uuid7_is_a_valid_time_ordered_uuid():
+    ids = []
+    for _ in range(3):
+        ids.append(uuid7())
+        time.sleep(0.002)
+    for value in ids:
+        u = uuid.UUID(value)
+        assert u.version == 7 and u.variant == uuid.RFC_4122
+        assert abs((u.int >> 80) - time.time_ns() // 1_000_000) < 5_000
+    assert ids == sorted(ids)
+    assert len({uuid7() for _ in range(10_000)}) == 10_000
+
+
+@pytest.mark.parametrize(("header", "kind"), [
+    ("", CONTENT_JSON), ("application/json", CONTENT_JSON), ("Application/JSON; charset=utf-8", CONTENT_JSON),
+    ("text/plain;charset=UTF-8", CONTENT_JSON), ("application/x-ndjson", CONTENT_NDJSON),
+    ("application/jsonl", CONTENT_NDJSON),
+])
+def test_content_types(header, kind):
+    assert body_kind(header) == kind
+
+
+@pytest.mark.parametrize("header", ["text/html", "multipart/form-data; boundary=x", "application/json; charset=utf-16"])
+def test_other_content_types_are_415(header):
+    with pytest.raises(BodyError) as e:
+        body_kind(header)
+    assert e.value.status == 415
+
+
+def test_fast_and_slow_paths_normalise_alike(ingest):
+    good = {"type": "click", "x": 1, "y": 2, "event_id": "a", "timestamp": 1_700_000_000_000}
+    fast = ingest.parse(json.dumps([good]).encode(), CONTENT_JSON, NOW)
+    slow = ingest.parse(json.dumps([good, {"type": "nope"}]).encode(), CONTENT_JSON, NOW)
+    assert fast.accepted[0].payload == slow.accepted[0].payload
+    stored = msgspec.json.decode(fast.accepted[0].payload)
+    assert stored["timestamp"] == "2023-11-14T22:13:20Z" and stored["type"] == "click"
+
+
+def test_missing_timestamp_is_the_receive_time(ingest):
+    [a] = ingest.parse(b'{"type":"keydown","key":"x"}', CONTENT_JSON, NOW).accepted
+    assert msgspec.json.decode(a.payload)["timestamp"] == "2026-11-27T12:00:00Z"
+
+
+def test_ndjson_counts_lines_against_the_limit(ingest):
+    body = b"\n".join([b'{"type":"click","x":1,"y":1}'] * 501)
+    with pytest.raises(BodyError) as e:
+        ingest.parse(body, CONTENT_NDJSON, NOW)
+    assert e.value.status == 413
+
+
+def test_top_level_scalar_is_one_rejected_event(ingest):
+    batch = ingest.parse(b'"hello"', CONTENT_JSON, NOW)
+    assert batch.accepted == [] and batch.errors[0]["message"].startswith("an event must be a JSON object")
+    assert batch.rejected[0].raw == '"hello"'
+
+
+def test_event_id_with_control_characters_is_rejected(ingest):
+    batch = ingest.parse(b'{"type":"click","x":1,"y":1,"event_id":"a\\u0000b"}', CONTENT_JSON, NOW)
+    assert batch.errors[0]["field"] == "event_id"
+    batch = ingest.parse(json.dumps({"type": "click", "x": 1, "y": 1, "event_id": "x" * 129}).encode(), CONTENT_JSON, NOW)
+    assert batch.errors[0]["field"] == "event_id" and "128" in batch.errors[0]["message"]

@@ -57,8 +57,8 @@ def _show(settings: Settings, table: str, limit: int) -> None:
     rows = t.scan().to_arrow()
     print(f"{table}: {rows.num_rows} rows")
     if rows.num_rows:
-        rows = rows.sort_by([(rows.column_names[0], "ascending")]) if "event_time" not in rows.column_names \
-            else rows.sort_by([("event_time", "ascending")])
+        order = "event_time" if "event_time" in rows.column_names else "received_at"
+        rows = rows.sort_by([(order, "ascending")])
         for row in rows.slice(max(0, rows.num_rows - limit)).to_pylist():
             print({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None})
 

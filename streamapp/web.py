@@ -74,7 +74,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 out += inflate.decompress(data, limit + 1 - len(out))
                 if len(out) > limit:
                     raise BodyError(413, f"the body inflates to over the limit of {limit} bytes")
-                data = inflate.unconsumed_tail
+                if inflate.eof and inflate.unused_data:  # another gzip member follows (cat a.gz b.gz)
+                    data, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+                else:
+                    data = inflate.unconsumed_tail
         except zlib.error as e:
             raise BodyError(400, f"the body is not valid gzip: {e}") from None
     if inflate is not None:
@@ -96,8 +99,7 @@ async def post_events(request: web.Request) -> web.Response:
     entries = _entries(batch, received_at)
     try:
         results = await request.app[WRITER].write(entries)
-    except REDIS_UNAVAILABLE as e:
-        log.warning("redis write failed, answering 503: %s", e)
+    except REDIS_UNAVAILABLE:  # the writer logged it, once per failed flush
         return _error(503, "the event store is unavailable; retry later",
                       {"Retry-After": str(settings.retry_after_seconds)})
     accepted = sum(results[:len(batch.accepted)])

@@ -112,6 +112,7 @@ class StreamWriter:
         try:
             results = await self._script(keys=list(stream_index), args=args)
         except Exception as error:  # every waiter learns the write failed; none is left hanging
+            log.warning("writing %d events of %d requests to Redis failed: %s", (len(args) - 2) // 4, len(batch), error)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)

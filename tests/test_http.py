@@ -156,6 +156,12 @@ async def test_whole_body_errors(web, http, redis_server, body, headers, status,
     assert redis_server.client().keys("streamapp:*events*") == []
 
 
+async def test_multi_member_gzip_is_read_whole(web, http, redis_server):
+    nd = [gzip.compress((json.dumps({**CLICK, "event_id": f"m{i}"}) + "\n").encode()) for i in range(3)]
+    status, body, _ = await post(http, web, b"".join(nd), "application/x-ndjson", **{"Content-Encoding": "gzip"})
+    assert (status, body["accepted"]) == (202, 3)
+
+
 async def test_gzip_bomb_is_cut_off_at_the_limit(web, http, redis_server):
     bomb = gzip.compress(b"[" + b" " * (50 * 1024 * 1024) + b"]", 9)  # 50 MiB inflated, ~50 KiB sent
     assert len(bomb) < 100_000
@@ -206,3 +212,32 @@ async def test_concurrent_requests_share_flushes_and_all_land(web, http, redis_s
     # Group commit: requests that arrived during a flush rode the next one.
     flushes = redis_server.client().info("commandstats")["cmdstat_evalsha"]["calls"]
     assert flushes < 300
+
+
+async def test_app_page_serves_a_project_route(settings, redis_server, http):
+    from aiohttp import web as aioweb
+
+    from streamapp.app import App
+    from streamapp.web import serve
+
+    app = App()
+
+    @app.page("/hello")
+    async def hello(request):
+        return aioweb.json_response({"hello": "world"})
+
+    stopping = asyncio.Event()
+    task = asyncio.create_task(serve(app, settings, stopping))
+    try:
+        for _ in range(100):
+            try:
+                async with http.get(f"http://127.0.0.1:{settings.port}/hello") as r:
+                    assert (r.status, await r.json()) == (200, {"hello": "world"})
+                    break
+            except OSError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the page never answered")
+    finally:
+        stopping.set()
+        await task

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import logging
 import pkgutil
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -49,19 +50,26 @@ class Agent:
         """
         delay = 1.0
         while not stopping.is_set():
+            started = time.monotonic()
             try:
                 await self.stream.register()
                 await self.fn(self.stream)
-                delay = 1.0
+                if stopping.is_set():
+                    return
+                error: Exception | None = None
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("agent %s failed; restarting in %.0fs from its last committed position", self.name, delay)
-                try:
-                    await asyncio.wait_for(stopping.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
-                delay = min(delay * 2, MAX_RESTART_DELAY)
+            except Exception as e:
+                error = e
+            if time.monotonic() - started > 2 * MAX_RESTART_DELAY:
+                delay = 1.0  # a failure after a long healthy run starts the backoff over
+            log.warning("agent %s %s; restarting in %.0fs from its last committed position", self.name,
+                        "failed" if error else "returned", delay, exc_info=error)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, MAX_RESTART_DELAY)
 
 
 def import_all(package: str) -> list[str]:

@@ -178,8 +178,9 @@ class Ingest:
         if kind is None:
             self._reject(batch, index, obj, "type", f"required field is missing; expected one of: {self._types}")
             return
-        if kind not in self.models:
-            self._reject(batch, index, obj, "type", f"unknown event type {kind!r}; expected one of: {self._types}")
+        if not isinstance(kind, str) or kind not in self.models:
+            shown = repr(kind) if isinstance(kind, (str, int, float, bool)) else f"of JSON type {type(kind).__name__}"
+            self._reject(batch, index, obj, "type", f"unknown event type {shown}; expected one of: {self._types}")
             return
         unknown = sorted(set(obj) - self._allowed[kind])
         if unknown:

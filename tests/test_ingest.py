@@ -82,3 +82,40 @@ def test_event_id_with_control_characters_is_rejected(ingest):
     assert batch.errors[0]["field"] == "event_id"
     batch = ingest.parse(json.dumps({"type": "click", "x": 1, "y": 1, "event_id": "x" * 129}).encode(), CONTENT_JSON, NOW)
     assert batch.errors[0]["field"] == "event_id" and "128" in batch.errors[0]["message"]
+
+
+@pytest.mark.parametrize("kind", [["click"], {"a": 1}, 5, True, ""])
+def test_type_of_any_json_kind_is_a_clear_rejection(ingest, kind):
+    batch = ingest.parse(json.dumps({"type": kind, "x": 1, "y": 1}).encode(), CONTENT_JSON, NOW)
+    assert batch.accepted == [] and batch.errors[0]["field"] == "type"
+    assert batch.errors[0]["message"].startswith("unknown event type") and "click, keydown" in batch.errors[0]["message"]
+
+
+from hypothesis import HealthCheck, given, settings as hsettings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_field = st.sampled_from(["type", "x", "y", "button", "key", "code", "alt", "event_id", "timestamp", "properties",
+                          "user_id", "extra"])
+_eventish = st.dictionaries(_field, st.sampled_from(["click", "keydown"]) | _json, max_size=8)
+
+
+@hsettings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(_eventish | _json, min_size=1, max_size=6))
+def test_any_json_batch_is_answered_event_by_event(ingest, items):
+    """Whatever the JSON, every item is either accepted or has one error; nothing else escapes."""
+    batch = ingest.parse(json.dumps(items).encode(), CONTENT_JSON, NOW)
+    assert len(batch.accepted) + len(batch.errors) == len(items)
+    assert sorted([a.index for a in batch.accepted] + [e["index"] for e in batch.errors]) == list(range(len(items)))
+    assert len(batch.rejected) == len(batch.errors)
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(min_size=1, max_size=200), kind=st.sampled_from([CONTENT_JSON, CONTENT_NDJSON]))
+def test_any_bytes_get_a_batch_or_a_body_error(ingest, body, kind):
+    try:
+        ingest.parse(body, kind, NOW)
+    except BodyError as e:
+        assert e.status in (400, 413)

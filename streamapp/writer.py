@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 
 from redis.asyncio import Redis
 
@@ -67,7 +66,6 @@ class StreamWriter:
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.last_flush_seconds = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="stream-writer")
@@ -108,7 +106,6 @@ class StreamWriter:
             for e in pending.entries:
                 idx = stream_index.setdefault(e.stream, str(len(stream_index) + 1))
                 args += (idx, e.dedupe_key, e.payload, str(e.received_us))
-        started = time.perf_counter()
         try:
             results = await self._script(keys=list(stream_index), args=args)
         except Exception as error:  # every waiter learns the write failed; none is left hanging
@@ -117,7 +114,6 @@ class StreamWriter:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
-        self.last_flush_seconds = time.perf_counter() - started
         offset = 0
         for pending in batch:
             n = len(pending.entries)

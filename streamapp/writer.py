@@ -15,22 +15,25 @@ import asyncio
 import dataclasses
 import logging
 
+import msgspec
 from redis.asyncio import Redis
 
 from streamapp import keys
 
 log = logging.getLogger(__name__)
 
-# ARGV: ttl, seen-key prefix, then (stream index into KEYS, dedupe key, payload, received_at_us)*.
+# ARGV: ttl, seen-key prefix, and one MessagePack array of (stream index into KEYS, dedupe key,
+# payload, received_at_us)*: one argument instead of four per entry, since packing arguments one by
+# one in redis-py was 30% of the web process's time on 100-event arrays.
 # Returns 1 per entry written, 0 per duplicate.
 _INGEST_LUA = """
 local ttl = tonumber(ARGV[1])
 local seen = ARGV[2]
+local entries = cmsgpack.unpack(ARGV[3])
 local out = {}
-for i = 3, #ARGV, 4 do
-  local id = ARGV[i + 1]
-  if redis.call('SET', seen .. id, '1', 'NX', 'EX', ttl) then
-    redis.call('XADD', KEYS[tonumber(ARGV[i])], '*', 'e', ARGV[i + 2], 'r', ARGV[i + 3])
+for i = 1, #entries, 4 do
+  if redis.call('SET', seen .. entries[i + 1], '1', 'NX', 'EX', ttl) then
+    redis.call('XADD', KEYS[entries[i]], '*', 'e', entries[i + 2], 'r', entries[i + 3])
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -38,6 +41,8 @@ for i = 3, #ARGV, 4 do
 end
 return out
 """
+
+_pack = msgspec.msgpack.Encoder().encode
 
 MAX_FLUSH_ENTRIES = 5000  # bounds how long one script holds Redis
 
@@ -100,16 +105,19 @@ class StreamWriter:
                 await self._flush(batch)
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        stream_index: dict[str, str] = {}
-        args: list[str | bytes] = [self._ttl, keys.SEEN]
+        stream_index: dict[str, int] = {}
+        flat: list[int | str | bytes] = []
         for pending in batch:
             for e in pending.entries:
-                idx = stream_index.setdefault(e.stream, str(len(stream_index) + 1))
-                args += (idx, e.dedupe_key, e.payload, str(e.received_us))
+                idx = stream_index.setdefault(e.stream, len(stream_index) + 1)
+                # str, not bytes: the Lua cmsgpack of Redis and Valkey reads no bin type; the time
+                # as str never passes through a Lua float.
+                flat += (idx, e.dedupe_key, e.payload.decode(), str(e.received_us))
+        args = [self._ttl, keys.SEEN, _pack(flat)]
         try:
             results = await self._script(keys=list(stream_index), args=args)
         except Exception as error:  # every waiter learns the write failed; none is left hanging
-            log.warning("writing %d events of %d requests to Redis failed: %s", (len(args) - 2) // 4, len(batch), error)
+            log.warning("writing %d events of %d requests to Redis failed: %s", len(flat) // 4, len(batch), error)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)

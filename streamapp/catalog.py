@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import NoSuchTableError
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
 from pyiceberg.table import Table, TableProperties
+from sqlalchemy.exc import DBAPIError
 
 from streamapp.model import day_partition
 from streamapp.settings import Settings
@@ -26,16 +28,47 @@ TABLE_PROPERTIES = {
 }
 
 
-def open_catalog(settings: Settings) -> Catalog:
+def open_catalog(settings: Settings, attempts: int = 5) -> Catalog:
+    """The SQL catalog. Opening a new one creates its tables, which processes starting together
+    race to do: the losers see "already exists" errors and open it again."""
     settings.warehouse.mkdir(parents=True, exist_ok=True)
-    return SqlCatalog(CATALOG_NAME, uri=settings.catalog_uri, warehouse=f"file://{settings.warehouse}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return SqlCatalog(CATALOG_NAME, uri=settings.catalog_uri, warehouse=f"file://{settings.warehouse}")
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
 
 
-def ensure_table(catalog: Catalog, model: type) -> Table:
-    """Create `model.table` if missing; add columns the model gained since. Safe to run concurrently."""
+def _ensure_namespace(catalog: Catalog, namespace: str) -> None:
+    """Create the namespace unless it exists. Two workers starting together race here, and the SQL
+    catalog reports the loser as a unique-constraint error, not NamespaceAlreadyExistsError."""
+    try:
+        catalog.create_namespace_if_not_exists(namespace)
+    except Exception:
+        if not catalog.namespace_exists(namespace):
+            raise
+
+
+def ensure_table(catalog: Catalog, model: type, attempts: int = 5) -> Table:
+    """Create `model.table` if missing; add columns the model gained since. Safe to run concurrently:
+    a step that lost a race to another process is retried against what that process committed."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _ensure_table(catalog, model)
+        except CommitFailedException:
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _ensure_table(catalog: Catalog, model: type) -> Table:
     name = model.table
     schema = model.iceberg_schema()
-    catalog.create_namespace_if_not_exists(name.rsplit(".", 1)[0])
+    _ensure_namespace(catalog, name.rsplit(".", 1)[0])
     try:
         table = catalog.load_table(name)
     except NoSuchTableError:

@@ -163,3 +163,34 @@ def test_create_tables_is_idempotent(settings, spawn):
         assert "table events.clicks ready" in proc.output()
     assert {t for _, t in __import__("streamapp.catalog", fromlist=["x"]).open_catalog(settings).list_tables("events")} \
         == {"clicks", "keydowns", "rejected"}
+
+
+def test_workers_starting_together_create_the_tables_once(settings):
+    """Found by the two-worker test: the SQL catalog reports a lost namespace race as a unique
+    constraint error. Eight starts at the same instant must all succeed."""
+    import threading
+
+    from streamapp.app import App
+    from streamapp.worker import create_tables
+
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        app = App()
+        app.configure(settings)
+        barrier.wait()
+        try:
+            create_tables(app)
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    from streamapp.catalog import open_catalog
+
+    assert sorted(t for _, t in open_catalog(settings).list_tables("events")) == ["clicks", "keydowns", "rejected"]

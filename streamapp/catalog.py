@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
@@ -15,6 +17,8 @@ from streamapp.model import day_partition
 from streamapp.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CATALOG_NAME = "streamapp"
 
@@ -28,18 +32,25 @@ TABLE_PROPERTIES = {
 }
 
 
-def open_catalog(settings: Settings, attempts: int = 5) -> Catalog:
+def _retry_lost_race(step: Callable[[], T], lost: type[Exception] | tuple[type[Exception], ...], attempts: int = 5) -> T:
+    """Run `step`; when it loses a race to another process (`lost`), run it again against what
+    that process created, a few times with a short backoff."""
+    for attempt in range(1, attempts):
+        try:
+            return step()
+        except lost:
+            time.sleep(0.05 * attempt)
+    return step()
+
+
+def open_catalog(settings: Settings) -> Catalog:
     """The SQL catalog. Opening a new one creates its tables, which processes starting together
     race to do: the losers see "already exists" errors and open it again."""
     settings.warehouse.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, attempts + 1):
-        try:
-            return SqlCatalog(CATALOG_NAME, uri=settings.catalog_uri, warehouse=f"file://{settings.warehouse}")
-        except DBAPIError:
-            if attempt == attempts:
-                raise
-            time.sleep(0.05 * attempt)
-    raise AssertionError("unreachable")
+    return _retry_lost_race(
+        lambda: SqlCatalog(CATALOG_NAME, uri=settings.catalog_uri, warehouse=f"file://{settings.warehouse}"),
+        DBAPIError,
+    )
 
 
 def _ensure_namespace(catalog: Catalog, namespace: str) -> None:
@@ -52,17 +63,10 @@ def _ensure_namespace(catalog: Catalog, namespace: str) -> None:
             raise
 
 
-def ensure_table(catalog: Catalog, model: type, attempts: int = 5) -> Table:
+def ensure_table(catalog: Catalog, model: type) -> Table:
     """Create `model.table` if missing; add columns the model gained since. Safe to run concurrently:
     a step that lost a race to another process is retried against what that process committed."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return _ensure_table(catalog, model)
-        except CommitFailedException:
-            if attempt == attempts:
-                raise
-            time.sleep(0.05 * attempt)
-    raise AssertionError("unreachable")
+    return _retry_lost_race(lambda: _ensure_table(catalog, model), CommitFailedException)
 
 
 def _ensure_table(catalog: Catalog, model: type) -> Table:

@@ -46,8 +46,8 @@ def _create_tables(settings: Settings) -> None:
     from streamapp.worker import create_tables
 
     app.configure(settings)
-    for name in create_tables(app):
-        print(f"table {name} ready")
+    for table in create_tables(app):
+        print(f"table {'.'.join(table.name())} ready")
 
 
 def _show(settings: Settings, table: str, limit: int) -> None:

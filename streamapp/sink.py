@@ -35,6 +35,18 @@ def position_property(stream_key: str, consumer: str) -> str:
     return f"{POSITION_PREFIX}{stream_key}|{consumer}"
 
 
+def committed_positions(tables: list[Table]) -> dict[str, str]:
+    """The highest position committed per stream key, over every consumer of these tables."""
+    highest: dict[str, str] = {}
+    for table in tables:
+        for prop, value in table.properties.items():
+            if prop.startswith(POSITION_PREFIX):
+                stream = prop[len(POSITION_PREFIX):].rpartition("|")[0]
+                if stream not in highest or entry_id(value) > entry_id(highest[stream]):
+                    highest[stream] = value
+    return highest
+
+
 class IcebergTable:
     """`app.table("events.clicks")`: where an agent sinks its windows."""
 

@@ -34,6 +34,36 @@ def entry_id(value: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+# Run at agent start when the Iceberg table holds a position on this stream (ARGV[1]) that is at or
+# past the stream's last id: this Redis has lost the entries up to there (a wiped or replaced server)
+# and its clock is behind, so new entries got ids the sink would take as already committed. Move
+# the last id past the position and re-append the entries it holds, atomically. Returns how many
+# entries moved, or -1 when the stream is already past the position (the common case).
+_LIFT_LUA = """
+local key = KEYS[1]
+local floor_ms, floor_seq = tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', key) == 1 then
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local dash = string.find(info[i + 1], '-', 1, true)
+      local ms = tonumber(string.sub(info[i + 1], 1, dash - 1))
+      local seq = tonumber(string.sub(info[i + 1], dash + 1))
+      if ms > floor_ms or (ms == floor_ms and seq > floor_seq) then
+        return -1
+      end
+    end
+  end
+end
+local entries = redis.call('XRANGE', key, '-', '+')
+redis.call('XADD', key, 'MAXLEN', '0', ARGV[1], '_', '')
+for _, entry in ipairs(entries) do
+  redis.call('XADD', key, '*', unpack(entry[2]))
+end
+return #entries
+"""
+
+
 class Window(Sequence[M]):
     """Consecutive entries of one stream: the events, their stream ids and receive times.
 
@@ -84,14 +114,29 @@ class Stream(Generic[M]):
         self._consumer = ""
         self._stopping: asyncio.Event | None = None
         self._acked = "0-0"
+        self._committed: str | None = None
+        self._needs_register = False  # set when Redis went away: it may come back empty
 
-    def bind(self, redis: Redis, consumer: str, stopping: asyncio.Event) -> None:
-        """Called by the worker before the agent runs: where to read and who reads."""
+    def bind(self, redis: Redis, consumer: str, stopping: asyncio.Event, committed: str | None = None) -> None:
+        """Called by the worker before the agent runs: where to read, who reads, and the highest
+        position any Iceberg table has committed for this stream (None: none has)."""
         self._redis, self._consumer, self._stopping = redis, consumer, stopping
+        self._committed = committed
 
     async def register(self) -> None:
-        """Record this consumer so the stream is never trimmed past what it has not committed."""
+        """Record this consumer so the stream is never trimmed past what it has not committed,
+        and make sure new entries get ids past every committed position (see `_LIFT_LUA`)."""
         assert self._redis is not None
+        self._needs_register = False
+        if self._committed is None or entry_id(self._acked) > entry_id(self._committed):
+            self._committed = None if self._acked == "0-0" else self._acked
+        if self._committed:
+            ms, seq = entry_id(self._committed)
+            moved = await self._redis.eval(_LIFT_LUA, 1, self.key, f"{ms}-{seq + 1}", ms, seq)
+            if moved >= 0:
+                log.error("%s: Redis's last id was behind the position committed to Iceberg (%s): this "
+                          "Redis lost its data and its clock is behind. Moved %d entries past it.",
+                          self.key, self._committed, moved)
         field = keys.ack_field(self.key, self._consumer)
         await self._redis.hsetnx(keys.ACKS, field, "0-0")
         hint = await self._redis.hget(keys.ACKS, field)
@@ -123,6 +168,8 @@ class Stream(Generic[M]):
                     if remaining <= 0:
                         break
                     block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
+                if self._needs_register:
+                    await self.register()
                 for raw_id, fields in await self._read(cursor, n - len(ids), block):
                     ids.append(raw_id.decode())
                     payloads.append(fields[b"e"])
@@ -144,6 +191,7 @@ class Stream(Generic[M]):
             reply = await self._redis.xread({self.key: cursor}, count=count, block=block_ms)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             log.warning("reading %s failed (%s); retrying in 1 s", self.key, e)
+            self._needs_register = True
             await asyncio.sleep(1)
             return []
         return reply[0][1] if reply else []

@@ -8,6 +8,7 @@ import logging
 import signal
 
 from redis.asyncio import Redis
+from pyiceberg.table import Table
 from redis.exceptions import RedisError
 
 from streamapp import keys
@@ -15,6 +16,7 @@ from streamapp.app import App
 from streamapp.catalog import ensure_table, open_catalog
 from streamapp.redis_client import reader_client
 from streamapp.rejected import Rejected
+from streamapp.sink import committed_positions
 from streamapp.stream import entry_id
 
 log = logging.getLogger(__name__)
@@ -22,13 +24,10 @@ log = logging.getLogger(__name__)
 TRIM_EVERY_SECONDS = 5.0
 
 
-def create_tables(app: App) -> list[str]:
+def create_tables(app: App) -> list[Table]:
     """Create (or evolve) the table of every declared model and of rejected events."""
     catalog = app.catalog or open_catalog(app.settings)
-    models = [*app.discover_models().values(), Rejected]
-    for model in models:
-        ensure_table(catalog, model)
-    return [model.table for model in models]
+    return [ensure_table(catalog, model) for model in [*app.discover_models().values(), Rejected]]
 
 
 async def trim_streams(redis: Redis) -> dict[str, str]:
@@ -68,7 +67,9 @@ async def run_worker(app: App) -> None:
         raise SystemExit(f"no agents found in package {app.agents_package!r}")
     app.catalog = open_catalog(settings)
     tables = await asyncio.to_thread(create_tables, app)
-    log.info("worker: tables %s ready; agents %s", ", ".join(tables), ", ".join(agents))
+    committed = committed_positions(tables)
+    log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables),
+             ", ".join(agents))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,7 +79,7 @@ async def run_worker(app: App) -> None:
     redis = reader_client(settings)
     tasks = []
     for agent in agents.values():
-        agent.stream.bind(redis, agent.name, stopping)
+        agent.stream.bind(redis, agent.name, stopping, committed.get(agent.stream.key))
         tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
     tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
     try:

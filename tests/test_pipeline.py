@@ -194,3 +194,38 @@ def test_workers_starting_together_create_the_tables_once(settings):
     from streamapp.catalog import open_catalog
 
     assert sorted(t for _, t in open_catalog(settings).list_tables("events")) == ["clicks", "keydowns", "rejected"]
+
+
+async def test_a_replaced_redis_with_a_clock_behind_loses_nothing(web, http, settings, spawn, redis_server):
+    """Redis is wiped (or replaced) and its clock is behind the last committed position: new
+    entries get ids the sink would take as already committed. The worker moves them past it."""
+    worker = spawn("worker", settings)
+    await send(http, web, clicks("old", 5))
+    await wait_rows(settings, "events.clicks", 5)
+    worker.stop()
+    r = redis_server.client()
+    r.flushall()
+    for i in range(3):  # what a server whose clock is an hour behind writes
+        ev = ClickEvent(x=i, y=i, event_id=f"late{i}", timestamp=datetime.now(timezone.utc))
+        r.xadd(keys.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
+    worker = spawn("worker", settings)
+    rows = await wait_rows(settings, "events.clicks", 8)
+    assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)})
+    assert "Moved 3 entries past it" in worker.output()
+
+    # The same while the worker runs: Redis restarts empty, its clock still behind. The worker is
+    # paused meanwhile so that the entries are there when it notices the restart.
+    worker.signal(signal.SIGSTOP)
+    redis_server.stop()
+    import shutil
+
+    shutil.rmtree(redis_server.data_dir)
+    await asyncio.to_thread(redis_server.start)
+    r = redis_server.client()
+    for i in range(2):
+        ev = ClickEvent(x=i, y=i, event_id=f"later{i}", timestamp=datetime.now(timezone.utc))
+        r.xadd(keys.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
+    worker.signal(signal.SIGCONT)
+    rows = await wait_rows(settings, "events.clicks", 10)
+    assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)} | {f"later{i}" for i in range(2)})
+    assert "Moved 2 entries past it" in worker.output()

@@ -71,10 +71,10 @@ def _describe(error: msgspec.ValidationError) -> tuple[str | None, str]:
     return None, text
 
 
-def _not_json(error: Exception) -> BodyError:
+def _not_json(error: Exception, what: str = "the body") -> BodyError:
     if isinstance(error, RecursionError):
-        return BodyError(400, "the body is not valid JSON: it is nested too deeply")
-    return BodyError(400, f"the body is not valid JSON: {error}")
+        return BodyError(400, f"{what} is not valid JSON: it is nested too deeply")
+    return BodyError(400, f"{what} is not valid JSON: {error}")
 
 
 CONTENT_JSON = "json"
@@ -159,7 +159,7 @@ class Ingest:
                     self._accept(batch, i, event, None, received_at)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 # Not JSON we can read, so nothing can be stored of it; the error still names the line.
-                message = _not_json(e).message.replace("the body", "the line")
+                message = _not_json(e, "the line").message
                 batch.errors.append({"index": i, "event_id": None, "field": None, "message": message})
         return batch
 

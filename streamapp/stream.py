@@ -128,8 +128,8 @@ class Stream(Generic[M]):
         and make sure new entries get ids past every committed position (see `_LIFT_LUA`)."""
         assert self._redis is not None
         self._needs_register = False
-        if self._committed is None or entry_id(self._acked) > entry_id(self._committed):
-            self._committed = None if self._acked == "0-0" else self._acked
+        if self._acked != "0-0" and (self._committed is None or entry_id(self._acked) > entry_id(self._committed)):
+            self._committed = self._acked  # what this agent committed since the worker started
         if self._committed:
             ms, seq = entry_id(self._committed)
             moved = await self._redis.eval(_LIFT_LUA, 1, self.key, f"{ms}-{seq + 1}", ms, seq)

@@ -7,8 +7,8 @@ import asyncio
 import logging
 import signal
 
-from redis.asyncio import Redis
 from pyiceberg.table import Table
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamapp import keys

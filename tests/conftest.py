@@ -97,9 +97,14 @@ def settings(tmp_path, redis_server) -> Settings:
     )
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without any streamapp setting, for a child that gets its own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT"))}
+
+
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a subprocess needs to run with `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT"))}
+    env = clean_env()
     env.update({
         "PORT": str(settings.port),
         "REDIS_URL": settings.redis_url,

@@ -9,6 +9,9 @@ from datetime import datetime, timezone
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from streamapp.app import App
 from streamapp.ingest import CONTENT_JSON, CONTENT_NDJSON, BodyError, Ingest, body_kind, uuid7
@@ -89,10 +92,6 @@ def test_type_of_any_json_kind_is_a_clear_rejection(ingest, kind):
     batch = ingest.parse(json.dumps({"type": kind, "x": 1, "y": 1}).encode(), CONTENT_JSON, NOW)
     assert batch.accepted == [] and batch.errors[0]["field"] == "type"
     assert batch.errors[0]["message"].startswith("unknown event type") and "click, keydown" in batch.errors[0]["message"]
-
-
-from hypothesis import HealthCheck, given, settings as hsettings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

@@ -14,6 +14,8 @@ import msgspec
 from models.click import ClickEvent
 from streamapp import keys
 from streamapp.app import Agent
+from streamapp.catalog import open_catalog
+from streamapp.redis_client import reader_client
 from streamapp.stream import Stream
 from streamapp.worker import trim_streams
 from tests.conftest import table_rows, wait_until
@@ -48,8 +50,6 @@ async def test_events_reach_iceberg_with_every_column(web, http, settings, spawn
 
 
 async def test_tables_are_partitioned_by_day(web, http, settings, spawn):
-    from streamapp.catalog import open_catalog
-
     spawn("worker", settings)
     events = [{"type": "click", "x": 1, "y": 1, "timestamp": f"2026-11-{d:02d}T12:00:00Z"} for d in (1, 2, 2, 3)]
     async with http.post(web + "/api/events", data=json.dumps(events)) as r:
@@ -63,8 +63,6 @@ async def test_tables_are_partitioned_by_day(web, http, settings, spawn):
 
 
 async def test_windows_close_by_count_and_by_time(settings, redis_server):
-    from streamapp.redis_client import reader_client
-
     r = redis_server.client()
     for i in range(7):
         ev = ClickEvent(x=i, y=i, event_id=f"w{i}", timestamp=datetime.now(timezone.utc))
@@ -88,8 +86,6 @@ async def test_windows_close_by_count_and_by_time(settings, redis_server):
 
 async def test_a_failing_agent_gets_the_same_window_again(settings, redis_server):
     """faust-streaming acks a window whose agent raised, losing it; here it is delivered again."""
-    from streamapp.redis_client import reader_client
-
     r = redis_server.client()
     for i in range(4):
         ev = ClickEvent(x=i, y=i, event_id=f"f{i}", timestamp=datetime.now(timezone.utc))
@@ -145,8 +141,6 @@ async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, 
     await send(http, web, clicks("x", 30))
     await wait_rows(settings, "events.clicks", 30)
     await asyncio.sleep(0.5)
-    from streamapp.redis_client import reader_client
-
     client = reader_client(settings)
     await trim_streams(client)
     assert r.xlen(keys.stream("click")) == 30  # the laggard still needs them all
@@ -161,8 +155,7 @@ def test_create_tables_is_idempotent(settings, spawn):
         proc = spawn("create-tables", settings)
         assert proc.wait(60) == 0
         assert "table events.clicks ready" in proc.output()
-    assert {t for _, t in __import__("streamapp.catalog", fromlist=["x"]).open_catalog(settings).list_tables("events")} \
-        == {"clicks", "keydowns", "rejected"}
+    assert {t for _, t in open_catalog(settings).list_tables("events")} == {"clicks", "keydowns", "rejected"}
 
 
 def test_workers_starting_together_create_the_tables_once(settings):
@@ -191,8 +184,6 @@ def test_workers_starting_together_create_the_tables_once(settings):
     for t in threads:
         t.join()
     assert errors == []
-    from streamapp.catalog import open_catalog
-
     assert sorted(t for _, t in open_catalog(settings).list_tables("events")) == ["clicks", "keydowns", "rejected"]
 
 

@@ -13,7 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from streamapp.settings import Settings
-from tests.conftest import ROOT, free_port, table_rows, wait_until
+from tests.conftest import ROOT, clean_env, free_port, table_rows, wait_until
 from tests.helpers import assert_exactly_once
 
 
@@ -37,7 +37,7 @@ def _healthy(port: int) -> bool:
 
 class Honcho:
     def __init__(self, cwd, log):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT"))}
+        env = clean_env()
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "-d", str(cwd),
                                       "start"], cwd=cwd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,

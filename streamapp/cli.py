@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
-import sys
 
+from streamapp import logs
 from streamapp.settings import Settings, SettingsError
-
-
-def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pyiceberg").setLevel(logging.WARNING)
 
 
 def _web(settings: Settings) -> None:
@@ -78,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as e:
         parser.exit(2, f"streamapp: {e}\n")
-    _logging(settings)
+    logs.setup(settings.log_level, settings.log_format)
     if args.command == "redis":
         from streamapp.redis_server import exec_server
 

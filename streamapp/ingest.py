@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Union
 
 import msgspec
@@ -38,13 +38,39 @@ class Accepted:
     payload: bytes  # the normalised event as JSON
 
 
+class EventError(msgspec.Struct):
+    """Why one event of a request was not accepted (its position in the request and the field)."""
+
+    index: int
+    event_id: str | None
+    field: str | None
+    message: str
+
+
+class IngestReply(msgspec.Struct):
+    """The answer to `POST /api/events`: 202 when any event was accepted, else 422."""
+
+    accepted: int  # events newly stored
+    duplicates: int  # events whose event_id was already stored inside the dedupe window
+    rejected: int  # events refused: each is in `errors` and in events.rejected
+    errors: list[EventError]
+
+
+class ErrorReply(msgspec.Struct):
+    """The answer when a request is refused as a whole; `error` says why."""
+
+    error: str
+
+
 @dataclasses.dataclass(slots=True)
 class Batch:
     """One request's events after validation, in request order within each list."""
 
-    accepted: list[Accepted]
-    rejected: list[Rejected]  # parseable but invalid: stored in events.rejected
-    errors: list[dict[str, Any]]  # one per event that was not accepted: index, event_id, field, message
+    received_at: datetime
+    source: str | None  # from the write key; stamped on every event of the request
+    accepted: list[Accepted] = dataclasses.field(default_factory=list)
+    rejected: list[Rejected] = dataclasses.field(default_factory=list)  # parseable but invalid: stored in events.rejected
+    errors: list[EventError] = dataclasses.field(default_factory=list)  # one per event not accepted
 
 
 def uuid7() -> str:
@@ -98,15 +124,30 @@ def body_kind(content_type: str) -> str:
                          "text/plain (JSON) or application/x-ndjson")
 
 
-class Ingest:
-    """Validates bodies against the declared event types."""
+EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
+EARLIEST_MS = int(EARLIEST.timestamp() * 1000)
+# An escaped NUL in encoded JSON: `\u0000` after an even number of backslashes.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
-    def __init__(self, models: dict[str, type[Event]], *, max_events: int, max_event_bytes: int) -> None:
+
+class Ingest:
+    """Validates bodies against the declared event types.
+
+    Clock skew policy: `timestamp` is the sender's clock, so it is checked against the server's.
+    Events more than `max_future_seconds` ahead, or before 2000-01-01 (typically epoch seconds sent
+    where milliseconds are expected), are rejected with the reason, into events.rejected; anything
+    in between is kept as sent, since backfills of old events are legitimate. `received_at` is
+    always the server's clock, so skew can be measured and corrected downstream.
+    """
+
+    def __init__(self, models: dict[str, type[Event]], *, max_events: int, max_event_bytes: int,
+                 max_future_seconds: int = 86_400) -> None:
         if not models:
             raise ValueError("no event types are declared")
         self.models = models
         self.max_events = max_events
         self.max_event_bytes = max_event_bytes
+        self.max_future = timedelta(seconds=max_future_seconds)
         union = Union[tuple(models.values())]  # noqa: UP007 - a runtime union of the declared types
         self._one = msgspec.json.Decoder(union)
         self._many = msgspec.json.Decoder(list[union])
@@ -115,14 +156,14 @@ class Ingest:
         self._types = ", ".join(sorted(models))
         self._allowed = {name: ENVELOPE_FIELDS | set(m.__struct_fields__) for name, m in models.items()}
 
-    def parse(self, body: bytes, kind: str, received_at: datetime) -> Batch:
+    def parse(self, body: bytes, kind: str, received_at: datetime, source: str | None = None) -> Batch:
         """Validate every event in `body`. Raises BodyError for a body that is not JSON/NDJSON."""
         if not body.strip():
             raise BodyError(400, "the body is empty; send one event, an array of events or NDJSON")
+        batch = Batch(received_at, source)
         if kind == CONTENT_NDJSON:
-            return self._parse_ndjson(body, received_at)
+            return self._parse_ndjson(body, batch)
         first = body.lstrip()[:1]
-        batch = Batch([], [], [])
         # Fast path: a fully valid body decodes straight into the models.
         try:
             events = self._many.decode(body) if first == b"[" else [self._one.decode(body)]
@@ -133,7 +174,7 @@ class Ingest:
         else:
             self._check_count(len(events))
             for i, event in enumerate(events):
-                self._accept(batch, i, event, None, received_at)
+                self._accept(batch, i, event, None)
             return batch
         try:
             doc = self._any.decode(body)
@@ -142,25 +183,24 @@ class Ingest:
         items = doc if isinstance(doc, list) else [doc]
         self._check_count(len(items))
         for i, obj in enumerate(items):
-            self._examine(batch, i, obj, received_at)
+            self._examine(batch, i, obj)
         return batch
 
-    def _parse_ndjson(self, body: bytes, received_at: datetime) -> Batch:
+    def _parse_ndjson(self, body: bytes, batch: Batch) -> Batch:
         lines = [line for line in body.split(b"\n") if line.strip()]
         self._check_count(len(lines))
-        batch = Batch([], [], [])
         for i, line in enumerate(lines):
             try:
                 try:
                     event = self._one.decode(line)
                 except msgspec.ValidationError:
-                    self._examine(batch, i, self._any.decode(line), received_at)
+                    self._examine(batch, i, self._any.decode(line))
                 else:
-                    self._accept(batch, i, event, None, received_at)
+                    self._accept(batch, i, event, None)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 # Not JSON we can read, so nothing can be stored of it; the error still names the line.
                 message = _not_json(e, "the line").message
-                batch.errors.append({"index": i, "event_id": None, "field": None, "message": message})
+                batch.errors.append(EventError(i, None, None, message))
         return batch
 
     def _check_count(self, n: int) -> None:
@@ -169,7 +209,7 @@ class Ingest:
         if n == 0:
             raise BodyError(400, "the body contains no events")
 
-    def _examine(self, batch: Batch, index: int, obj: Any, received_at: datetime) -> None:
+    def _examine(self, batch: Batch, index: int, obj: Any) -> None:
         """The slow path for one event: find the first thing wrong with it, or accept it."""
         if not isinstance(obj, dict):
             self._reject(batch, index, obj, None, f"an event must be a JSON object, got {type(obj).__name__}")
@@ -193,27 +233,53 @@ class Ingest:
             field, message = _describe(e)
             self._reject(batch, index, obj, field, message)
             return
-        self._accept(batch, index, event, obj, received_at)
+        self._accept(batch, index, event, obj)
 
-    def _accept(self, batch: Batch, index: int, event: Event, obj: Any, received_at: datetime) -> None:
+    def _accept(self, batch: Batch, index: int, event: Event, obj: Any) -> None:
+        if event.source is not None:
+            self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), "source",
+                         "is set by the server from the write key; do not send it")
+            return
         ts = event.timestamp
         if ts is None:
-            event.timestamp = received_at
+            event.timestamp = batch.received_at
         elif isinstance(ts, int):
+            if ts < EARLIEST_MS:
+                self._reject_time(batch, index, event, obj, f"{ts} ms is before 2000-01-01; epoch timestamps are "
+                                  "milliseconds (was it sent in seconds?)")
+                return
             event.timestamp = datetime.fromtimestamp(ts / 1000, timezone.utc)
         else:
+            if ts < EARLIEST:
+                self._reject_time(batch, index, event, obj, "is before 2000-01-01")
+                return
             event.timestamp = ts.astimezone(timezone.utc)
+        if event.timestamp - batch.received_at > self.max_future:  # type: ignore[operator]
+            ahead = (event.timestamp - batch.received_at).total_seconds()  # type: ignore[operator]
+            self._reject_time(batch, index, event, obj, f"is {ahead:.0f} s ahead of the server's clock; the limit "
+                              f"is {self.max_future.total_seconds():.0f} s (STREAMAPP_MAX_FUTURE_SECONDS)")
+            return
         if event.event_id is None:
             event.event_id = uuid7()
+        event.source = batch.source
         payload = self._encode(event)
         if len(payload) > self.max_event_bytes:
             message = f"event is {len(payload)} bytes; the limit is {self.max_event_bytes}"
             self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), None, message)
             return
+        if b"\\u0000" in payload and _NUL.search(payload):
+            event.source = None
+            field = next((f for f in event.__struct_fields__ if _NUL.search(self._encode(getattr(event, f)))), None)
+            self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), field,
+                         "contains a NUL character (\\u0000), which many readers of the table cannot handle")
+            return
         batch.accepted.append(Accepted(index, event.type_name(), event.event_id, payload))
+
+    def _reject_time(self, batch: Batch, index: int, event: Event, obj: Any, message: str) -> None:
+        self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), "timestamp", message)
 
     def _reject(self, batch: Batch, index: int, obj: Any, field: str | None, message: str) -> None:
         event_id = obj.get("event_id") if isinstance(obj, dict) else None
         event_id = event_id if isinstance(event_id, str) else None
-        batch.errors.append({"index": index, "event_id": event_id, "field": field, "message": message})
-        batch.rejected.append(Rejected.from_raw(obj, self._encode(obj).decode(), message, field))
+        batch.errors.append(EventError(index, event_id, field, message))
+        batch.rejected.append(Rejected.from_raw(obj, self._encode(obj).decode(), message, field, batch.source))

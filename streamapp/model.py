@@ -62,6 +62,9 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
     page_url: str | None = None
     target: str | None = None
     properties: dict[str, Any] | None = None
+    # Set by the server from the request's write key (see STREAMAPP_WRITE_KEYS); a client that
+    # sends it is told so, since a sender must not be able to claim another's source.
+    source: str | None = None
 
     @classmethod
     def type_name(cls) -> str:
@@ -86,14 +89,17 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
             "target": [e.target for e in events],
             "properties": [None if e.properties is None else encode(e.properties).decode() for e in events],
         }
-        for name in schema.names[len(columns):]:
-            columns[name] = [getattr(e, name) for e in events]
+        for name in schema.names:
+            if name not in columns:
+                columns[name] = [getattr(e, name) for e in events]
         return pa.Table.from_pydict(columns, schema=schema)
 
 
 ENVELOPE_FIELDS = frozenset(("type",) + Event.__struct_fields__)
 
-# Columns every event table starts with, in this order; model-specific columns follow.
+# Columns every event table starts with, in this order; model-specific columns follow, then
+# `source`, last because it was added after v1: tables from then gain it at the end by schema
+# evolution, so a new table and an evolved one have the same column order.
 _COMMON_COLUMNS: tuple[tuple[str, IcebergType, bool], ...] = (
     ("event_id", StringType(), True),
     ("event_time", TimestamptzType(), True),
@@ -138,6 +144,7 @@ def iceberg_schema(model: type[Event]) -> Schema:
             continue
         kind, nullable = _iceberg_type(f.type)
         columns.append((f.name, kind, not nullable))
+    columns.append(("source", StringType(), False))
     return Schema(
         *(NestedField(i, name, kind, required=req) for i, (name, kind, req) in enumerate(columns, start=1))
     )

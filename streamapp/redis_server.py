@@ -28,7 +28,10 @@ def server_binary() -> str:
         return found
 
 
-def server_command(port: int, data_dir: Path, appendfsync: str = "everysec") -> list[str]:
+def server_command(port: int, data_dir: Path, appendfsync: str = "everysec", maxmemory: str = "2gb") -> list[str]:
+    """valkey-server's command line. At `maxmemory` it evicts dedupe keys (the only keys with a TTL),
+    soonest to expire first, and never stream entries: the events are kept, at the price of a shorter
+    dedupe window; with no dedupe key left to evict, writes fail with OOM (503)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
         server_binary(),
@@ -38,6 +41,8 @@ def server_command(port: int, data_dir: Path, appendfsync: str = "everysec") -> 
         "--appendonly", "yes",
         "--appendfsync", appendfsync,
         "--save", "",  # the AOF is the persistence; no fork for RDB snapshots
+        "--maxmemory", maxmemory,
+        "--maxmemory-policy", "volatile-ttl",
         "--daemonize", "no",
         "--loglevel", "warning",
     ]
@@ -47,5 +52,6 @@ def exec_server(settings: Settings) -> None:
     if not settings.embedded_redis:
         raise SystemExit(f"REDIS_URL={settings.redis_url} is not the embedded server; "
                          "run only `honcho start web worker` against an external Redis")
-    cmd = server_command(settings.redis_port, settings.warehouse / "redis", settings.redis_appendfsync)
+    cmd = server_command(settings.redis_port, settings.warehouse / "redis", settings.redis_appendfsync,
+                         settings.redis_maxmemory)
     os.execv(cmd[0], cmd)

@@ -30,6 +30,7 @@ class Rejected(msgspec.Struct, kw_only=True):
     user_id: str | None = None
     session_id: str | None = None
     page_url: str | None = None
+    source: str | None = None  # from the request's write key
 
     @classmethod
     def type_name(cls) -> str:
@@ -48,7 +49,7 @@ class Rejected(msgspec.Struct, kw_only=True):
         return pa.Table.from_pydict(columns, schema=schema)
 
     @classmethod
-    def from_raw(cls, obj: Any, raw: str, reason: str, field: str | None) -> Rejected:
+    def from_raw(cls, obj: Any, raw: str, reason: str, field: str | None, source: str | None = None) -> Rejected:
         """Keep the envelope fields that are strings; anything else is only in `raw`."""
         known: dict[str, str] = {}
         if isinstance(obj, dict):
@@ -57,7 +58,7 @@ class Rejected(msgspec.Struct, kw_only=True):
                 value = obj.get(src)
                 if isinstance(value, str):
                     known[dst] = value[:1024]
-        return cls(reason=reason, field=field, raw=raw, **known)
+        return cls(reason=reason, field=field, raw=raw, source=source, **known)
 
 
 SCHEMA = Schema(
@@ -70,5 +71,6 @@ SCHEMA = Schema(
     NestedField(7, "user_id", StringType(), required=False),
     NestedField(8, "session_id", StringType(), required=False),
     NestedField(9, "page_url", StringType(), required=False),
+    NestedField(10, "source", StringType(), required=False),
 )
 

@@ -34,8 +34,25 @@ class Settings:
     max_events_per_request: int = 500
     max_event_bytes: int = 32 * 1024
     retry_after_seconds: int = 1
+    # A request must deliver its headers, and then its body, within this long (slowloris); it is
+    # also how long an idle keep-alive connection stays open.
+    request_timeout_seconds: float = 15.0
+    # Origins whose pages may POST events (CORS); "*" allows any. Only /api/events answers CORS.
+    cors_origins: tuple[str, ...] = ("*",)
+    # write key -> source name. Empty: no key needed and `source` stays null.
+    write_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Ingest answers 429 while Redis holds more unprocessed events than this (see streamapp.backlog).
+    max_backlog: int = 1_000_000
+    # Events timestamped further ahead of the server's clock than this are rejected.
+    max_future_seconds: int = 86_400
+    # The embedded server's memory cap; dedupe keys (which expire) are evicted first at the cap.
+    redis_maxmemory: str = "2gb"
+    # The worker's /metrics port; 0 turns it off.
+    worker_metrics_port: int = 9100
     shutdown_seconds: float = 25.0
     log_level: str = "INFO"
+    # "json", "text", or "auto": JSON lines unless stderr is a terminal.
+    log_format: str = "auto"
     # Test-only fault injection: comma-separated crash points where the worker SIGKILLs itself.
     crash_at: tuple[str, ...] = ()
 
@@ -51,6 +68,12 @@ class Settings:
             raise SettingsError("STREAMAPP_WINDOW_SECONDS must be > 0")
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SettingsError("STREAMAPP_REDIS_APPENDFSYNC must be always, everysec or no")
+        if self.log_format not in ("auto", "json", "text"):
+            raise SettingsError("STREAMAPP_LOG_FORMAT must be auto, json or text")
+        if self.max_backlog < 1:
+            raise SettingsError("STREAMAPP_MAX_BACKLOG must be >= 1")
+        if self.request_timeout_seconds <= 0:
+            raise SettingsError("STREAMAPP_REQUEST_TIMEOUT_SECONDS must be > 0")
 
     @property
     def embedded_redis(self) -> bool:
@@ -89,10 +112,33 @@ class Settings:
             ("STREAMAPP_MAX_BODY_BYTES", int, "max_body_bytes"),
             ("STREAMAPP_MAX_EVENTS_PER_REQUEST", int, "max_events_per_request"),
             ("STREAMAPP_MAX_EVENT_BYTES", int, "max_event_bytes"),
+            ("STREAMAPP_REQUEST_TIMEOUT_SECONDS", float, "request_timeout_seconds"),
+            ("STREAMAPP_MAX_BACKLOG", int, "max_backlog"),
+            ("STREAMAPP_MAX_FUTURE_SECONDS", int, "max_future_seconds"),
+            ("STREAMAPP_REDIS_MAXMEMORY", str, "redis_maxmemory"),
+            ("STREAMAPP_WORKER_METRICS_PORT", int, "worker_metrics_port"),
             ("STREAMAPP_SHUTDOWN_SECONDS", float, "shutdown_seconds"),
             ("STREAMAPP_LOG_LEVEL", str, "log_level"),
+            ("STREAMAPP_LOG_FORMAT", str, "log_format"),
         ):
             kwargs.update(get(name, kind, field))
+        if origins := values.get("STREAMAPP_CORS_ORIGINS", "").strip():
+            kwargs["cors_origins"] = tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
+        if raw_keys := values.get("STREAMAPP_WRITE_KEYS", "").strip():
+            kwargs["write_keys"] = _write_keys(raw_keys)
         crash = values.get("STREAMAPP_CRASH_AT", "")
         kwargs["crash_at"] = tuple(p.strip() for p in crash.split(",") if p.strip())
         return cls(**kwargs)
+
+
+def _write_keys(raw: str) -> dict[str, str]:
+    """Parse "key1:source1,key2:source2"; the message never echoes a key (they are secrets)."""
+    found: dict[str, str] = {}
+    for i, item in enumerate(raw.split(","), start=1):
+        key, sep, source = (part.strip() for part in item.strip().partition(":"))
+        if not sep or not key or not source:
+            raise SettingsError(f"STREAMAPP_WRITE_KEYS: item {i} is not KEY:SOURCE")
+        if key in found:
+            raise SettingsError(f"STREAMAPP_WRITE_KEYS: item {i} repeats a key")
+        found[key] = source
+    return found

@@ -19,7 +19,7 @@ import pyarrow as pa
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from streamapp import keys
+from streamapp import keys, metrics
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ class Stream(Generic[M]):
                         deadline = loop.time() + within
             if ids:
                 events = self._decode(b"[" + b",".join(payloads) + b"]")
+                metrics.WINDOW_EVENTS.labels(self._consumer).observe(len(ids))
                 yield Window(self.model, self.key, self._consumer, ids, events, received)
                 await self._ack(ids[-1])
             if self._stopping.is_set():

@@ -1,5 +1,9 @@
 """The HTTP edge: `POST /api/events` validates a body and appends its events to Redis streams.
 
+In order, a request is checked for: its origin (CORS, 403), its write key (401), the backlog
+(429), then its body is read within the request timeout (408) and the size limits (413), and
+parsed (400/415/422). Nothing reaches Redis before all of that passed.
+
 Transport decoding is done here, not by aiohttp: its own gzip handling answers 500 or resets the
 connection on bad input and cannot cap the decompressed size, so the server runs with
 `auto_decompress=False` and this module inflates with a hard limit (a gzip bomb is cut off after
@@ -9,16 +13,21 @@ connection on bad input and cannot cap the decompressed size, so the server runs
 from __future__ import annotations
 
 import asyncio
+import collections
+import hmac
 import logging
 import zlib
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
 import msgspec
 import redis.exceptions
 from aiohttp import web
 
-from streamapp import keys
-from streamapp.ingest import Batch, BodyError, Ingest, body_kind, uuid7
+from streamapp import keys, metrics
+from streamapp.backlog import Backlog
+from streamapp.cors import Cors
+from streamapp.ingest import Batch, BodyError, ErrorReply, Ingest, IngestReply, body_kind, uuid7
 from streamapp.writer import Entry, StreamWriter
 
 log = logging.getLogger(__name__)
@@ -27,6 +36,10 @@ INGEST = web.AppKey("ingest", Ingest)
 WRITER = web.AppKey("writer", StreamWriter)
 SETTINGS = web.AppKey("settings", object)
 REDIS = web.AppKey("redis", object)
+BACKLOG = web.AppKey("backlog", Backlog)
+INGEST_PATH = "/api/events"
+
+OPENAPI = web.AppKey("openapi", bytes)
 
 # What an unreachable, restarting or full Redis raises: the client should retry later (503).
 REDIS_UNAVAILABLE = (
@@ -46,7 +59,25 @@ def _json(status: int, body: object, headers: dict[str, str] | None = None) -> w
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return _json(status, {"error": message}, headers)
+    return _json(status, ErrorReply(message), headers)
+
+
+def _source(request: web.Request, write_keys: dict[str, str]) -> str | None:
+    """The source name of the request's write key (header, or query for sendBeacon); 401 without
+    a valid one when keys are configured. Compared in constant time: keys are secrets."""
+    if not write_keys:
+        return None
+    given = request.headers.get("X-Write-Key") or request.query.get("writeKey")
+    if not given:
+        raise BodyError(401, "a write key is required: send it in the X-Write-Key header or the writeKey "
+                             "query parameter")
+    found = None
+    for key, source in write_keys.items():
+        if hmac.compare_digest(key.encode(), given.encode()):
+            found = source
+    if found is None:
+        raise BodyError(401, "the write key is not valid")
+    return found
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -90,21 +121,45 @@ async def post_events(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     received_at = datetime.now(timezone.utc)
     try:
+        source = _source(request, settings.write_keys)
+        backlog = request.app[BACKLOG]
+        if backlog.over:
+            return _error(429, f"{backlog.events} events are waiting to be written to Iceberg (the limit is "
+                               f"{backlog.limit}); retry later", {"Retry-After": str(backlog.retry_after())})
         kind = body_kind(request.headers.get("Content-Type", ""))
-        body = await read_body(request, settings.max_body_bytes)
-        batch = request.app[INGEST].parse(body, kind, received_at)
+        try:
+            async with asyncio.timeout(settings.request_timeout_seconds):
+                body = await read_body(request, settings.max_body_bytes)
+        except TimeoutError:
+            raise BodyError(408, f"the body did not arrive within {settings.request_timeout_seconds:g} s") from None
+        batch = request.app[INGEST].parse(body, kind, received_at, source)
     except BodyError as e:
         return _error(e.status, e.message)
     entries = _entries(batch, received_at)
     try:
         results = await request.app[WRITER].write(entries)
+    except redis.exceptions.OutOfMemoryError:
+        return _error(503, "the event store is out of memory (Redis maxmemory); retry later",
+                      {"Retry-After": str(max(settings.retry_after_seconds, request.app[BACKLOG].retry_after()))})
     except REDIS_UNAVAILABLE:  # the writer logged it, once per failed flush
         return _error(503, "the event store is unavailable; retry later",
                       {"Retry-After": str(settings.retry_after_seconds)})
     accepted = sum(results[:len(batch.accepted)])
-    duplicates = len(batch.accepted) - accepted
-    body = {"accepted": accepted, "duplicates": duplicates, "rejected": len(batch.errors), "errors": batch.errors}
-    return _json(202 if batch.accepted else 422, body)
+    _count(batch, results, request.app[INGEST].models)
+    reply = IngestReply(accepted, len(batch.accepted) - accepted, len(batch.errors), batch.errors)
+    return _json(202 if batch.accepted else 422, reply)
+
+
+def _count(batch: Batch, results: list[int], known: dict) -> None:
+    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+    for a, written in zip(batch.accepted, results):
+        outcomes[a.event_type, "accepted" if written else "duplicate"] += 1
+    for r in batch.rejected:
+        # A label value is never client-chosen: an unknown type is counted as "unknown".
+        outcomes[r.event_type if r.event_type in known else "unknown", "rejected"] += 1
+    for (kind, outcome), n in outcomes.items():
+        metrics.EVENTS.labels(kind, outcome).inc(n)
+
 
 
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
@@ -113,6 +168,10 @@ def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
     rejected_stream = keys.stream("rejected")
     entries += [Entry(rejected_stream, "rejected:" + uuid7(), _encode(r), received_us) for r in batch.rejected]
     return entries
+
+
+async def openapi_view(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -129,26 +188,53 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(200, {"status": "ready"})
 
 
+@web.middleware
+async def count_requests(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """streamapp_http_requests by route (the registered pattern, never the raw path) and status."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        metrics.HTTP_REQUESTS.labels(route, str(e.status)).inc()
+        raise
+    metrics.HTTP_REQUESTS.labels(route, str(response.status)).inc()
+    return response
+
+
 def build(app, settings) -> web.Application:
-    """The aiohttp application: ingest, health, and the pages the project registered."""
+    """The aiohttp application: ingest, health, metrics, the API description and the pages the
+    project registered."""
+    from streamapp.openapi import document
     from streamapp.redis_client import writer_client
 
-    webapp = web.Application()
+    models = app.discover_models()
+    cors = Cors(settings.cors_origins, INGEST_PATH)
+    webapp = web.Application(middlewares=[count_requests, cors.middleware])
     webapp[SETTINGS] = settings
-    webapp[INGEST] = Ingest(app.discover_models(), max_events=settings.max_events_per_request,
-                            max_event_bytes=settings.max_event_bytes)
+    webapp[OPENAPI] = _encode(document(models, settings))
+    webapp[INGEST] = Ingest(models, max_events=settings.max_events_per_request,
+                            max_event_bytes=settings.max_event_bytes, max_future_seconds=settings.max_future_seconds)
 
     async def lifecycle(webapp: web.Application):
         client = writer_client(settings)
         writer = StreamWriter(client, settings.dedupe_seconds)
         writer.start()
-        webapp[REDIS], webapp[WRITER] = client, writer
+        backlog = Backlog(client, [keys.stream(t) for t in [*models, "rejected"]], settings.max_backlog)
+        sampler = asyncio.create_task(backlog.run(), name="backlog")
+        webapp[REDIS], webapp[WRITER], webapp[BACKLOG] = client, writer, backlog
         yield
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
         await writer.close()  # runs after in-flight requests finished: their writes complete
         await client.aclose()
 
     webapp.cleanup_ctx.append(lifecycle)
-    webapp.router.add_post("/api/events", post_events)
+    webapp.router.add_post(INGEST_PATH, post_events)
+    webapp.router.add_route("OPTIONS", INGEST_PATH, cors.preflight)
+    webapp.router.add_get("/api/openapi.json", openapi_view)
+    webapp.router.add_get("/metrics", metrics.metrics_view)
     webapp.router.add_get("/healthz", healthz)
     webapp.router.add_get("/readyz", readyz)
     for method, path, handler in app.pages:
@@ -158,8 +244,12 @@ def build(app, settings) -> web.Application:
 
 async def serve(app, settings, stopping: asyncio.Event) -> None:
     """Serve until `stopping` is set, then stop accepting, finish in-flight requests, flush, exit."""
+    # keepalive_timeout also closes a connection that has not sent a whole request head in that
+    # long (aiohttp's timer runs from the connection's start and is not reset by partial data):
+    # the slowloris bound for headers; the body has its own timeout in post_events.
     runner = web.AppRunner(build(app, settings), auto_decompress=False, access_log=None,
-                           shutdown_timeout=settings.shutdown_seconds, handle_signals=False)
+                           shutdown_timeout=settings.shutdown_seconds, handle_signals=False,
+                           keepalive_timeout=settings.request_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     await site.start()

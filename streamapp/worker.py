@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from streamapp import keys
 from streamapp.app import App
 from streamapp.catalog import ensure_table, open_catalog
+from streamapp.metrics import serve_metrics
 from streamapp.redis_client import reader_client
 from streamapp.rejected import Rejected
 from streamapp.sink import committed_positions
@@ -76,6 +77,8 @@ async def run_worker(app: App) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
+    metrics_server = (await serve_metrics(settings.host, settings.worker_metrics_port)
+                      if settings.worker_metrics_port else None)
     redis = reader_client(settings)
     tasks = []
     for agent in agents.values():
@@ -92,4 +95,6 @@ async def run_worker(app: App) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         await redis.aclose()
+        if metrics_server is not None:
+            await metrics_server.cleanup()
     log.info("worker: stopped")

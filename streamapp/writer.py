@@ -14,19 +14,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 
 import msgspec
 from redis.asyncio import Redis
 
-from streamapp import keys
+from streamapp import keys, metrics
 
 log = logging.getLogger(__name__)
 
 # ARGV: ttl, seen-key prefix, and one MessagePack array of (stream index into KEYS, dedupe key,
 # payload, received_at_us)*: one argument instead of four per entry, since packing arguments one by
 # one in redis-py was 30% of the web process's time on 100-event arrays.
-# Returns 1 per entry written, 0 per duplicate.
-_INGEST_LUA = """
+# Returns 1 per entry written, 0 per duplicate. The `#!lua` line makes Redis refuse the whole script
+# with an OOM error when it is over maxmemory, instead of failing on the write that crosses it
+# halfway through a flush.
+_INGEST_LUA = """#!lua
 local ttl = tonumber(ARGV[1])
 local seen = ARGV[2]
 local entries = cmsgpack.unpack(ARGV[3])
@@ -114,8 +117,10 @@ class StreamWriter:
                 # as str never passes through a Lua float.
                 flat += (idx, e.dedupe_key, e.payload.decode(), str(e.received_us))
         args = [self._ttl, keys.SEEN, _pack(flat)]
+        started = time.perf_counter()
         try:
             results = await self._script(keys=list(stream_index), args=args)
+            metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
         except Exception as error:  # every waiter learns the write failed; none is left hanging
             log.warning("writing %d events of %d requests to Redis failed: %s", len(flat) // 4, len(batch), error)
             for pending in batch:

@@ -46,9 +46,10 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
 class RedisServer:
     """A real valkey-server with append-only persistence, stoppable and restartable on one port."""
 
-    def __init__(self, port: int, data_dir: Path) -> None:
+    def __init__(self, port: int, data_dir: Path, maxmemory: str = "2gb") -> None:
         self.port = port
         self.data_dir = data_dir
+        self.maxmemory = maxmemory
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -59,7 +60,8 @@ class RedisServer:
         return redis_sync.Redis.from_url(self.url)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(server_command(self.port, self.data_dir), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(server_command(self.port, self.data_dir, maxmemory=self.maxmemory),
+                                     stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
 
         def up() -> bool:
@@ -94,6 +96,7 @@ def settings(tmp_path, redis_server) -> Settings:
         window_count=1000,
         window_seconds=0.3,
         shutdown_seconds=10,
+        worker_metrics_port=free_port(),
     )
 
 
@@ -114,6 +117,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STREAMAPP_WINDOW_COUNT": str(settings.window_count),
         "STREAMAPP_WINDOW_SECONDS": str(settings.window_seconds),
         "STREAMAPP_SHUTDOWN_SECONDS": str(settings.shutdown_seconds),
+        "STREAMAPP_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
     })
     env.update(extra)
     return env
@@ -164,9 +168,9 @@ def spawn(tmp_path):
         proc.stop()
 
 
-@pytest.fixture
-async def web(settings):
-    """The web server in this test's event loop; yields its base URL."""
+@contextlib.asynccontextmanager
+async def running_web(settings: Settings):
+    """The web server with `settings` in this test's event loop; yields its base URL."""
     default_app.configure(settings)
     stopping = asyncio.Event()
     task = asyncio.create_task(serve(default_app, settings, stopping))
@@ -178,9 +182,18 @@ async def web(settings):
                     if r.status == 200:
                         break
             await asyncio.sleep(0.02)
-    yield base
-    stopping.set()
-    await task
+    try:
+        yield base
+    finally:
+        stopping.set()
+        await task
+
+
+@pytest.fixture
+async def web(settings):
+    """The web server in this test's event loop; yields its base URL."""
+    async with running_web(settings) as base:
+        yield base
 
 
 @pytest.fixture

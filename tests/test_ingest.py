@@ -76,22 +76,22 @@ def test_ndjson_counts_lines_against_the_limit(ingest):
 
 def test_top_level_scalar_is_one_rejected_event(ingest):
     batch = ingest.parse(b'"hello"', CONTENT_JSON, NOW)
-    assert batch.accepted == [] and batch.errors[0]["message"].startswith("an event must be a JSON object")
+    assert batch.accepted == [] and batch.errors[0].message.startswith("an event must be a JSON object")
     assert batch.rejected[0].raw == '"hello"'
 
 
 def test_event_id_with_control_characters_is_rejected(ingest):
     batch = ingest.parse(b'{"type":"click","x":1,"y":1,"event_id":"a\\u0000b"}', CONTENT_JSON, NOW)
-    assert batch.errors[0]["field"] == "event_id"
+    assert batch.errors[0].field == "event_id"
     batch = ingest.parse(json.dumps({"type": "click", "x": 1, "y": 1, "event_id": "x" * 129}).encode(), CONTENT_JSON, NOW)
-    assert batch.errors[0]["field"] == "event_id" and "128" in batch.errors[0]["message"]
+    assert batch.errors[0].field == "event_id" and "128" in batch.errors[0].message
 
 
 @pytest.mark.parametrize("kind", [["click"], {"a": 1}, 5, True, ""])
 def test_type_of_any_json_kind_is_a_clear_rejection(ingest, kind):
     batch = ingest.parse(json.dumps({"type": kind, "x": 1, "y": 1}).encode(), CONTENT_JSON, NOW)
-    assert batch.accepted == [] and batch.errors[0]["field"] == "type"
-    assert batch.errors[0]["message"].startswith("unknown event type") and "click, keydown" in batch.errors[0]["message"]
+    assert batch.accepted == [] and batch.errors[0].field == "type"
+    assert batch.errors[0].message.startswith("unknown event type") and "click, keydown" in batch.errors[0].message
 
 _scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -107,7 +107,7 @@ def test_any_json_batch_is_answered_event_by_event(ingest, items):
     """Whatever the JSON, every item is either accepted or has one error; nothing else escapes."""
     batch = ingest.parse(json.dumps(items).encode(), CONTENT_JSON, NOW)
     assert len(batch.accepted) + len(batch.errors) == len(items)
-    assert sorted([a.index for a in batch.accepted] + [e["index"] for e in batch.errors]) == list(range(len(items)))
+    assert sorted([a.index for a in batch.accepted] + [e.index for e in batch.errors]) == list(range(len(items)))
     assert len(batch.rejected) == len(batch.errors)
 
 

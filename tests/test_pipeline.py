@@ -10,6 +10,7 @@ import time
 from datetime import datetime, timezone
 
 import msgspec
+import pyarrow as pa
 
 from models.click import ClickEvent
 from streamapp import keys
@@ -220,3 +221,35 @@ async def test_a_replaced_redis_with_a_clock_behind_loses_nothing(web, http, set
     rows = await wait_rows(settings, "events.clicks", 10)
     assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)} | {f"later{i}" for i in range(2)})
     assert "Moved 2 entries past it" in worker.output()
+
+
+async def test_source_column_is_added_to_a_v1_table_by_schema_evolution(settings, redis_server, http, spawn):
+    """A table created before write keys existed gains `source` at the end; old rows read null."""
+    from pyiceberg.schema import Schema
+
+    from streamapp.catalog import TABLE_PROPERTIES
+    from streamapp.model import day_partition
+    from tests.conftest import running_web
+
+    catalog = open_catalog(settings)
+    catalog.create_namespace("events")
+    full = ClickEvent.iceberg_schema()
+    v1 = Schema(*[f for f in full.fields if f.name != "source"])
+    old = catalog.create_table("events.clicks", schema=v1, partition_spec=day_partition(v1, "event_time"),
+                               properties=TABLE_PROPERTIES)
+    row = {f.name: None for f in v1.fields} | {"event_id": "v1-row", "x": 1, "y": 2, "button": 0,
+                                                "event_time": datetime(2026, 1, 1, tzinfo=timezone.utc),
+                                                "received_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}
+    old.append(pa.Table.from_pylist([row], schema=v1.as_arrow()))
+
+    keyed = dataclasses.replace(settings, write_keys={"k1": "website"})
+    spawn("worker", keyed)
+    async with running_web(keyed) as base:
+        async with http.post(base + "/api/events", data=json.dumps({"type": "click", "x": 3, "y": 4, "event_id": "new"}),
+                             headers={"X-Write-Key": "k1"}) as r:
+            assert r.status == 202
+        rows = await wait_rows(settings, "events.clicks", 2)
+    assert {r["event_id"]: r["source"] for r in rows} == {"v1-row": None, "new": "website"}
+    table = open_catalog(settings).load_table("events.clicks")
+    assert table.schema().column_names[-1] == "source"
+    assert table.schema().column_names == full.column_names  # same order as a table created today

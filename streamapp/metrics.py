@@ -1,0 +1,70 @@
+"""Prometheus metrics of the web and worker processes, declared once, served at `GET /metrics`.
+
+Each process serves its own registry (the default one, which also carries prometheus-client's
+process metrics: resident memory, CPU, open files). The web server serves it on its own port; the
+worker on `STREAMAPP_WORKER_METRICS_PORT`. Labels are bounded sets (routes, event types, tables,
+agents), never values a client chooses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+disable_created_metrics()  # a `_created` timestamp per series doubles the page and no dashboard reads it
+
+# Web: the edge.
+HTTP_REQUESTS = Counter("streamapp_http_requests", "HTTP requests answered, by route and status",
+                        ["route", "status"])
+EVENTS = Counter("streamapp_events", "Events received, by type and outcome (accepted, duplicate, rejected)",
+                 ["type", "outcome"])
+REDIS_WRITE_SECONDS = Histogram("streamapp_redis_write_seconds", "Latency of one group-commit flush into Redis",
+                                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+BACKLOG = Gauge("streamapp_backlog_events", "Events held in the Redis streams, not yet committed and trimmed")
+DRAIN_RATE = Gauge("streamapp_drain_events_per_second", "Events/s the workers removed from the backlog "
+                   "(a moving average over the last 30 s)")
+
+# Worker: the sink.
+COMMIT_SECONDS = Histogram("streamapp_commit_seconds", "Latency of one window's Iceberg commit (Parquet write "
+                           "included)", ["table"], buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+ROWS_COMMITTED = Counter("streamapp_rows_committed", "Rows committed to Iceberg", ["table"])
+COMMIT_CONFLICTS = Counter("streamapp_commit_conflicts", "Iceberg commits retried after a conflict", ["table"])
+FRESHNESS_SECONDS = Histogram("streamapp_freshness_seconds", "Commit time minus received_at of the oldest row "
+                              "of each window: how stale the freshest table data can be",
+                              ["table"], buckets=(.1, .25, .5, 1, 1.5, 2, 5, 10, 15, 30, 60, 300, 3600))
+WINDOW_EVENTS = Histogram("streamapp_window_events", "Events per window handed to an agent", ["agent"],
+                          buckets=(1, 10, 100, 1000, 10_000, 100_000))
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def serve_metrics(host: str, port: int) -> web.AppRunner | None:
+    """The worker's metrics endpoint. A port already taken (a second worker on this machine) turns
+    metrics off for this process with an error in the log, rather than stopping the worker."""
+    webapp = web.Application()
+    webapp.router.add_get("/metrics", metrics_view)
+    runner = web.AppRunner(webapp, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        log.error("worker metrics: cannot listen on %s:%d (%s); metrics are off in this worker. "
+                  "Set STREAMAPP_WORKER_METRICS_PORT to a free port, or 0 to turn them off.", host, port, e)
+        await runner.cleanup()
+        return None
+    log.info("worker: metrics on http://%s:%d/metrics", host, port)
+    return runner

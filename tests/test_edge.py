@@ -1,0 +1,303 @@
+"""The collector edge against a real valkey-server: write keys, CORS, the clock-skew policy,
+backpressure (429), Redis out of memory (503), slow clients (slowloris), metrics, the OpenAPI
+description. Each test says where the events of a refused request end up: nowhere."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from streamapp.backlog import retry_after
+from tests.conftest import RedisServer, free_port, running_web, stream_entries
+from tests.test_http import CLICK, post, stored
+
+KEYS = {"k-web-123": "website", "k-ios-456": "ios"}
+
+
+async def test_write_keys_are_required_and_name_the_source(settings, redis_server, http):
+    keyed = dataclasses.replace(settings, write_keys=KEYS)
+    async with running_web(keyed) as base:
+        status, body, _ = await post(http, base, {**CLICK, "event_id": "no-key"})
+        assert status == 401 and "write key is required" in body["error"]
+        status, body, _ = await post(http, base, {**CLICK, "event_id": "bad-key"}, **{"X-Write-Key": "k-web-12"})
+        assert status == 401 and "not valid" in body["error"]
+        status, body, _ = await post(http, base, {**CLICK, "event_id": "h"}, **{"X-Write-Key": "k-web-123"})
+        assert (status, body["accepted"]) == (202, 1)
+        async with http.post(base + "/api/events?writeKey=k-ios-456", data=json.dumps({**CLICK, "event_id": "q"})) as r:
+            assert r.status == 202  # sendBeacon cannot set headers: the key rides in the query
+        status, body, _ = await post(http, base, [{**CLICK, "event_id": "claims", "source": "ios"},
+                                                  {"type": "click", "event_id": "bad"}], **{"X-Write-Key": "k-web-123"})
+        assert status == 422 and [e["field"] for e in body["errors"]] == ["source", "x"]
+    assert {e["event_id"]: e["source"] for e in stored(redis_server, "click")} == {"h": "website", "q": "ios"}
+    assert [r["source"] for r in stored(redis_server, "rejected")] == ["website", "website"]
+
+
+async def test_without_write_keys_source_is_null(web, http, redis_server):
+    assert (await post(http, web, {**CLICK, "event_id": "open"}))[0] == 202
+    assert stored(redis_server, "click")[0]["source"] is None
+
+
+async def test_cors_any_origin_by_default(web, http):
+    headers = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "content-type,x-write-key"}
+    async with http.options(web + "/api/events", headers=headers) as r:
+        assert r.status == 204
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
+        assert "POST" in r.headers["Access-Control-Allow-Methods"]
+        assert "X-Write-Key" in r.headers["Access-Control-Allow-Headers"]
+    # Errors carry the headers too, so a page can read its per-event errors and Retry-After.
+    status, body, headers = await post(http, web, {"type": "click"}, **{"Origin": "https://shop.example"})
+    assert status == 422 and headers["Access-Control-Allow-Origin"] == "*"
+    assert headers["Access-Control-Expose-Headers"] == "Retry-After"
+    async with http.get(web + "/healthz", headers={"Origin": "https://shop.example"}) as r:
+        assert "Access-Control-Allow-Origin" not in r.headers  # CORS is for ingest only
+
+
+async def test_cors_allow_list(settings, redis_server, http):
+    listed = dataclasses.replace(settings, cors_origins=("https://shop.example",))
+    async with running_web(listed) as base:
+        preflight = {"Access-Control-Request-Method": "POST"}
+        async with http.options(base + "/api/events", headers={"Origin": "https://shop.example", **preflight}) as r:
+            assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+            assert r.headers["Vary"] == "Origin"
+        async with http.options(base + "/api/events", headers={"Origin": "https://evil.example", **preflight}) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+        # A text/plain POST needs no preflight, so the POST itself is refused too.
+        status, body, headers = await post(http, base, {**CLICK, "event_id": "evil"}, "text/plain",
+                                           Origin="https://evil.example")
+        assert status == 403 and "https://evil.example" in body["error"]
+        status, _, headers = await post(http, base, {**CLICK, "event_id": "shop"}, "text/plain",
+                                        Origin="https://shop.example")
+        assert status == 202 and headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        assert (await post(http, base, {**CLICK, "event_id": "curl"}))[0] == 202  # no Origin: not a browser
+    assert [e["event_id"] for e in stored(redis_server, "click")] == ["shop", "curl"]
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+async def test_clock_skew_policy(web, http, redis_server):
+    now = datetime.now(timezone.utc)
+    events = [
+        {**CLICK, "event_id": "hour-ahead", "timestamp": _iso(now + timedelta(hours=1))},
+        {**CLICK, "event_id": "backfill", "timestamp": "2001-02-03T04:05:06Z"},
+        {**CLICK, "event_id": "two-days-ahead", "timestamp": _iso(now + timedelta(days=2))},
+        {**CLICK, "event_id": "seconds", "timestamp": int(now.timestamp())},
+        {**CLICK, "event_id": "1999", "timestamp": "1999-12-31T23:59:59+00:00"},
+        {**CLICK, "event_id": "year-9999", "timestamp": 253402300799999},
+    ]
+    status, body, _ = await post(http, web, events)
+    assert (status, body["accepted"], body["rejected"]) == (202, 2, 4)
+    errors = {e["event_id"]: e for e in body["errors"]}
+    assert {e["field"] for e in errors.values()} == {"timestamp"}
+    assert re.search(r"is 17\d{4} s ahead of the server's clock; the limit is 86400 s", errors["two-days-ahead"]["message"])
+    assert "was it sent in seconds?" in errors["seconds"]["message"]
+    assert "before 2000-01-01" in errors["1999"]["message"]
+    assert "ahead" in errors["year-9999"]["message"]
+    assert [e["event_id"] for e in stored(redis_server, "click")] == ["hour-ahead", "backfill"]
+    assert len(stored(redis_server, "rejected")) == 4  # kept, with the reason, in events.rejected
+
+
+def test_retry_after_follows_the_measured_drain_rate():
+    assert retry_after(1_100, 1_000, drain_per_second=100) == 2  # 200 over 90% of the limit, 100/s
+    assert retry_after(50_000, 1_000, drain_per_second=10) == 60  # capped
+    assert retry_after(1_100, 1_000, drain_per_second=0) == 30  # nothing drains: no tight loop
+    assert retry_after(800, 1_000, drain_per_second=0) == 1
+
+
+async def test_backlog_over_the_limit_gives_429_until_the_worker_drains_it(settings, redis_server, http, spawn):
+    small = dataclasses.replace(settings, max_backlog=20)
+    async with running_web(small) as base:
+        for i in range(3):
+            batch = [{**CLICK, "event_id": f"b{i}-{j}"} for j in range(10)]
+            assert (await post(http, base, batch))[0] == 202
+
+        # An empty body probes without adding events: the backlog is checked before the body.
+        deadline = time.monotonic() + 10
+        while (await post(http, base, b""))[0] != 429:
+            assert time.monotonic() < deadline, "no 429 within 10 s of a backlog over the limit"
+            await asyncio.sleep(0.2)
+        status, body, headers = await post(http, base, {**CLICK, "event_id": "late"})
+        assert status == 429
+        assert "30 events are waiting" in body["error"] and "the limit is 20" in body["error"]
+        assert headers["Retry-After"] == "30"  # no worker runs yet: nothing drains
+        assert len(stored(redis_server, "click")) == 30  # the refused event is nowhere
+
+        spawn("worker", small)
+        deadline = time.monotonic() + 30
+        while (status := (await post(http, base, {**CLICK, "event_id": "after"}))[0]) == 429:
+            assert time.monotonic() < deadline, "still 429 30 s after a worker started draining"
+            await asyncio.sleep(0.5)
+        assert status == 202
+        async with http.get(base + "/metrics") as r:
+            text = await r.text()
+        assert float(re.search(r"^streamapp_drain_events_per_second (\S+)$", text, re.M)[1]) > 0
+
+
+async def test_redis_out_of_memory_is_503_and_loses_nothing(settings, tmp_path, http):
+    tight = RedisServer(free_port(), tmp_path / "tight", maxmemory="3mb")
+    tight.start()
+    try:
+        small = dataclasses.replace(settings, redis_port=tight.port, redis_url=tight.url, max_event_bytes=40_000)
+        answered: dict[str, int] = {}
+        async with running_web(small) as base:
+            for i in range(200):
+                batch = [{**CLICK, "event_id": f"m{i}-{j}", "properties": {"pad": "x" * 30_000}} for j in range(10)]
+                status, body, _ = await post(http, base, batch)
+                assert status in (202, 503), (status, body)
+                for event in batch:
+                    answered[event["event_id"]] = status
+                if status == 503:
+                    assert "out of memory" in body["error"]
+                    break
+            else:
+                raise AssertionError("3 MB of maxmemory never filled")
+        in_redis = [fields[b"e"] for _, fields in stream_entries(tight, "click")]
+        kept = {json.loads(e)["event_id"] for e in in_redis}
+        assert kept == {k for k, v in answered.items() if v == 202}  # all or nothing per request
+        assert len(in_redis) == len(kept)
+    finally:
+        tight.stop()
+
+
+async def _raw(port: int):
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_slow_clients_are_cut_off(settings, redis_server, http):
+    quick = dataclasses.replace(settings, request_timeout_seconds=1.5)
+    async with running_web(quick) as base:
+        # Headers one byte at a time, never finished: the connection is closed.
+        reader, writer = await _raw(quick.port)
+        started = time.monotonic()
+        head = b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        closed = None
+        for byte in head * 10:
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                closed = time.monotonic() - started
+                break
+            if reader.at_eof():
+                closed = time.monotonic() - started
+                break
+            await asyncio.sleep(0.05)
+        assert closed is not None and closed < 4, closed
+        writer.close()
+
+        # Whole head, then the body trickles: 408 after the timeout.
+        reader, writer = await _raw(quick.port)
+        writer.write(b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"type\":")
+        await writer.drain()
+        started = time.monotonic()
+        reply = await asyncio.wait_for(reader.read(4096), timeout=5)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+        assert b"did not arrive within 1.5 s" in reply
+        assert 1.3 < time.monotonic() - started < 3
+        writer.close()
+        assert (await post(http, base, {**CLICK, "event_id": "ok"}))[0] == 202
+    assert [e["event_id"] for e in stored(redis_server, "click")] == ["ok"]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # the exposition sorts labels
+    pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m[1]) if m else 0.0
+
+
+async def test_web_metrics_count_requests_and_events(web, http):
+    async with http.get(web + "/metrics") as r:
+        before = await r.text()
+        assert r.headers["Content-Type"].startswith("text/plain")
+    await post(http, web, [{**CLICK, "event_id": "m1"}, {**CLICK, "event_id": "m1"}, {"type": "click"},
+                           {"type": "nope"}, {"type": "keydown", "key": "a"}])
+    await post(http, web, b"{oops")
+    async with http.get(web + "/metrics") as r:
+        after = await r.text()
+
+    def grew(name: str, **labels: str) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert grew("streamapp_events_total", type="click", outcome="accepted") == 1
+    assert grew("streamapp_events_total", type="click", outcome="duplicate") == 1
+    assert grew("streamapp_events_total", type="click", outcome="rejected") == 1
+    assert grew("streamapp_events_total", type="unknown", outcome="rejected") == 1
+    assert grew("streamapp_events_total", type="keydown", outcome="accepted") == 1
+    assert grew("streamapp_http_requests_total", route="/api/events", status="202") == 1
+    assert grew("streamapp_http_requests_total", route="/api/events", status="400") == 1
+    assert grew("streamapp_redis_write_seconds_count") == 1
+    assert "streamapp_backlog_events" in after and "process_resident_memory_bytes" in after
+
+
+async def test_worker_metrics_and_json_commit_log(settings, web, http, spawn):
+    worker = spawn("worker", settings)
+    await post(http, web, [{**CLICK, "event_id": f"w{i}"} for i in range(25)])
+    url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with http.get(url) as r:
+                text = await r.text()
+            if _metric(text, "streamapp_rows_committed_total", table="events.clicks") == 25:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the worker never reported 25 committed rows"
+        await asyncio.sleep(0.3)
+    assert _metric(text, "streamapp_commit_seconds_count", table="events.clicks") >= 1
+    assert _metric(text, "streamapp_freshness_seconds_count", table="events.clicks") >= 1
+    assert _metric(text, "streamapp_window_events_sum", agent="clicks") == 25
+    commits = [json.loads(line) for line in worker.output().splitlines()
+               if line.startswith("{") and '"rows"' in line]
+    assert sum(c["rows"] for c in commits if c["table"] == "events.clicks") == 25
+    for c in commits:
+        assert c["level"] == "INFO" and c["bytes"] > 0 and c["duration_seconds"] > 0 and c["lag_seconds"] >= 0
+
+
+async def test_openapi_is_generated_from_the_models(web, http):
+    async with http.get(web + "/api/openapi.json") as r:
+        assert r.status == 200
+        doc = await r.json()
+    assert doc["openapi"] == "3.1.0"
+    schemas = doc["components"]["schemas"]
+    click = schemas["ClickEvent"]
+    assert click["required"] == ["type", "x", "y"] and click["additionalProperties"] is False
+    assert click["properties"]["button"]["maximum"] == 4
+    assert "source" not in click["properties"]  # server-set
+    assert "key" in schemas["KeydownEvent"]["required"]
+    post_op = doc["paths"]["/api/events"]["post"]
+    assert set(post_op["responses"]) == {"202", "422", "400", "401", "403", "408", "413", "415", "429", "503"}
+    assert post_op["requestBody"]["content"]["application/json"]["schema"]["oneOf"][1]["maxItems"] == 500
+    assert "security" not in post_op
+
+
+async def test_openapi_declares_write_keys_when_configured(settings, redis_server, http):
+    async with running_web(dataclasses.replace(settings, write_keys=KEYS)) as base:
+        async with http.get(base + "/api/openapi.json") as r:
+            doc = await r.json()
+    assert doc["paths"]["/api/events"]["post"]["security"] == [{"writeKeyHeader": []}, {"writeKeyQuery": []}]
+    assert doc["components"]["securitySchemes"]["writeKeyHeader"]["name"] == "X-Write-Key"
+    assert "k-web-123" not in json.dumps(doc)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("key-without-source", "item 1 is not KEY:SOURCE"),
+    ("a:web,:ios", "item 2 is not KEY:SOURCE"),
+    ("a:web,a:ios", "item 2 repeats a key"),
+])
+def test_write_key_setting_errors_never_echo_keys(raw, message):
+    from streamapp.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env({"STREAMAPP_WRITE_KEYS": raw}, dotenv=None)
+    assert message in str(e.value) and "key-without-source" not in str(e.value)

@@ -38,6 +38,10 @@ class Accepted:
     payload: bytes  # the normalised event as JSON
 
 
+class _Examine(Exception):
+    """A fast-path event needs the slow path, which keeps the event as sent for events.rejected."""
+
+
 class EventError(msgspec.Struct):
     """Why one event of a request was not accepted (its position in the request and the field)."""
 
@@ -97,9 +101,20 @@ def _describe(error: msgspec.ValidationError) -> tuple[str | None, str]:
     return None, text
 
 
-def _not_json(error: Exception, what: str = "the body") -> BodyError:
+# What msgspec raises on bytes that are not JSON it can read: invalid UTF-8 inside a string
+# comes out as UnicodeDecodeError, not DecodeError (it escaped as a 500 before this was caught).
+_UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _not_json(error: Exception, what: str = "the body", data: bytes = b"") -> BodyError:
     if isinstance(error, RecursionError):
         return BodyError(400, f"{what} is not valid JSON: it is nested too deeply")
+    if isinstance(error, UnicodeDecodeError):
+        return BodyError(400, f"{what} is not valid UTF-8: {error.reason} (byte 0x{error.object[error.start]:02x})")
+    if "truncated" in str(error) and _SURROGATE.search(data):
+        # msgspec reports an unpaired surrogate escape as truncated input, which misleads.
+        return BodyError(400, f"{what} is not valid JSON: a string holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)")
     return BodyError(400, f"{what} is not valid JSON: {error}")
 
 
@@ -160,6 +175,8 @@ class Ingest:
         """Validate every event in `body`. Raises BodyError for a body that is not JSON/NDJSON."""
         if not body.strip():
             raise BodyError(400, "the body is empty; send one event, an array of events or NDJSON")
+        if body.startswith(b"\xef\xbb\xbf"):
+            body = body[3:]  # a UTF-8 byte order mark, which RFC 8259 lets a parser ignore
         batch = Batch(received_at, source)
         if kind == CONTENT_NDJSON:
             return self._parse_ndjson(body, batch)
@@ -169,17 +186,20 @@ class Ingest:
             events = self._many.decode(body) if first == b"[" else [self._one.decode(body)]
         except msgspec.ValidationError:
             pass  # at least one bad event: examine each one to say which and why
-        except (msgspec.DecodeError, RecursionError) as e:
-            raise _not_json(e) from None
+        except _UNREADABLE as e:
+            raise _not_json(e, data=body) from None
         else:
             self._check_count(len(events))
-            for i, event in enumerate(events):
-                self._accept(batch, i, event, None)
-            return batch
+            try:
+                for i, event in enumerate(events):
+                    self._accept(batch, i, event, None)
+                return batch
+            except _Examine:
+                batch = Batch(received_at, source)
         try:
             doc = self._any.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
-            raise _not_json(e) from None
+        except (*_UNREADABLE, msgspec.ValidationError) as e:
+            raise _not_json(e, data=body) from None
         items = doc if isinstance(doc, list) else [doc]
         self._check_count(len(items))
         for i, obj in enumerate(items):
@@ -192,14 +212,12 @@ class Ingest:
         for i, line in enumerate(lines):
             try:
                 try:
-                    event = self._one.decode(line)
-                except msgspec.ValidationError:
+                    self._accept(batch, i, self._one.decode(line), None)
+                except (msgspec.ValidationError, _Examine):
                     self._examine(batch, i, self._any.decode(line))
-                else:
-                    self._accept(batch, i, event, None)
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+            except (*_UNREADABLE, msgspec.ValidationError) as e:
                 # Not JSON we can read, so nothing can be stored of it; the error still names the line.
-                message = _not_json(e, "the line").message
+                message = _not_json(e, "the line", line).message
                 batch.errors.append(EventError(i, None, None, message))
         return batch
 
@@ -236,47 +254,45 @@ class Ingest:
         self._accept(batch, index, event, obj)
 
     def _accept(self, batch: Batch, index: int, event: Event, obj: Any) -> None:
+        """Normalise and encode a valid event, or refuse it for what the model cannot check.
+
+        On the fast path (`obj` None) a refusal raises `_Examine`: the caller redoes the body on
+        the slow path, which has the event as sent, so events.rejected keeps the raw JSON.
+        """
+        def refuse(field: str | None, message: str) -> None:
+            if obj is None:
+                raise _Examine
+            self._reject(batch, index, obj, field, message)
+
         if event.source is not None:
-            self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), "source",
-                         "is set by the server from the write key; do not send it")
-            return
+            return refuse("source", "is set by the server from the write key; do not send it")
         ts = event.timestamp
         if ts is None:
             event.timestamp = batch.received_at
         elif isinstance(ts, int):
             if ts < EARLIEST_MS:
-                self._reject_time(batch, index, event, obj, f"{ts} ms is before 2000-01-01; epoch timestamps are "
-                                  "milliseconds (was it sent in seconds?)")
-                return
+                return refuse("timestamp", f"{ts} ms is before 2000-01-01; epoch timestamps are milliseconds "
+                                           "(was it sent in seconds?)")
             event.timestamp = datetime.fromtimestamp(ts / 1000, timezone.utc)
         else:
             if ts < EARLIEST:
-                self._reject_time(batch, index, event, obj, "is before 2000-01-01")
-                return
+                return refuse("timestamp", "is before 2000-01-01")
             event.timestamp = ts.astimezone(timezone.utc)
-        if event.timestamp - batch.received_at > self.max_future:  # type: ignore[operator]
-            ahead = (event.timestamp - batch.received_at).total_seconds()  # type: ignore[operator]
-            self._reject_time(batch, index, event, obj, f"is {ahead:.0f} s ahead of the server's clock; the limit "
-                              f"is {self.max_future.total_seconds():.0f} s (STREAMAPP_MAX_FUTURE_SECONDS)")
-            return
+        ahead = event.timestamp - batch.received_at  # type: ignore[operator]
+        if ahead > self.max_future:
+            return refuse("timestamp", f"is {ahead.total_seconds():.0f} s ahead of the server's clock; the limit is "
+                                       f"{self.max_future.total_seconds():.0f} s (STREAMAPP_MAX_FUTURE_SECONDS)")
         if event.event_id is None:
             event.event_id = uuid7()
         event.source = batch.source
         payload = self._encode(event)
         if len(payload) > self.max_event_bytes:
-            message = f"event is {len(payload)} bytes; the limit is {self.max_event_bytes}"
-            self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), None, message)
-            return
+            return refuse(None, f"event is {len(payload)} bytes; the limit is {self.max_event_bytes}")
         if b"\\u0000" in payload and _NUL.search(payload):
-            event.source = None
             field = next((f for f in event.__struct_fields__ if _NUL.search(self._encode(getattr(event, f)))), None)
-            self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), field,
-                         "contains a NUL character (\\u0000), which many readers of the table cannot handle")
-            return
+            return refuse(field, "contains a NUL character (\\u0000), which many readers of the table cannot handle")
         batch.accepted.append(Accepted(index, event.type_name(), event.event_id, payload))
-
-    def _reject_time(self, batch: Batch, index: int, event: Event, obj: Any, message: str) -> None:
-        self._reject(batch, index, obj if obj is not None else msgspec.to_builtins(event), "timestamp", message)
+        return None
 
     def _reject(self, batch: Batch, index: int, obj: Any, field: str | None, message: str) -> None:
         event_id = obj.get("event_id") if isinstance(obj, dict) else None

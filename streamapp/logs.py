@@ -11,6 +11,7 @@ import sys
 from datetime import datetime, timezone
 
 import msgspec
+from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _encode = msgspec.json.Encoder(enc_hook=str).encode
@@ -30,6 +31,20 @@ class JsonFormatter(logging.Formatter):
         return _encode(line).decode()
 
 
+class ClientErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request (the client's fault, answered 400) as an ERROR with a
+    traceback: anyone could fill the error log. Keep it as one INFO line naming the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            reason = (error.message or "").strip().splitlines()
+            record.msg, record.args = "refused a malformed request (%d): %s", (error.code, reason[0] if reason else "")
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup(level: str, fmt: str = "auto") -> None:
     """`fmt` "auto" means JSON unless stderr is a terminal."""
     handler = logging.StreamHandler(sys.stderr)
@@ -39,3 +54,4 @@ def setup(level: str, fmt: str = "auto") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("pyiceberg").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientErrorFilter())

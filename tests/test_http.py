@@ -130,43 +130,10 @@ async def test_duplicates_within_and_across_requests_keep_the_first_payload(web,
     assert 3590 < ttl <= 3600
 
 
-@pytest.mark.parametrize(("body", "headers", "status", "needle"), [
-    (b"{not json", {}, 400, "not valid JSON"),
-    (b"", {}, 400, "empty"),
-    (b"[]", {}, 400, "no events"),
-    (b"NaN", {}, 400, "not valid JSON"),
-    (b'{"type":"click","x":1,"y":1,"properties":{"a":1e999}}', {}, 400, "out of range"),
-    (b'{"type":"click","x":1,"y":1,"properties":' + b'{"a":' * 20000 + b"1" + b"}" * 20001, {}, 400, "nested too deeply"),
-    (b"[" * 100_000 + b"]" * 100_000, {}, 400, "nested too deeply"),
-    (b'{"type":"click","x":1,"y":2}\xff', {}, 400, "not valid JSON"),
-    (b"{}", {"Content-Type": "application/xml"}, 415, "Content-Type"),
-    (b"{}", {"Content-Type": "application/json; charset=latin-1"}, 415, "charset"),
-    (b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
-    (b"{}", {"Content-Encoding": "deflate"}, 415, "Content-Encoding"),
-    (b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "gzip"),
-    (gzip.compress(b'{"type":"click","x":1,"y":2}')[:-12], {"Content-Encoding": "gzip"}, 400, "truncated"),
-    (b" " * (1024 * 1024 + 1), {}, 413, "limit"),
-    (json.dumps([CLICK] * 501).encode(), {}, 413, "501 events"),
-])
-async def test_whole_body_errors(web, http, redis_server, body, headers, status, needle):
-    headers = {"Content-Type": "application/json", **headers}
-    async with http.post(web + "/api/events", data=body, headers=headers) as r:
-        assert r.status == status
-        assert needle in (await r.json())["error"]
-    assert redis_server.client().keys("streamapp:*events*") == []
-
-
 async def test_multi_member_gzip_is_read_whole(web, http, redis_server):
     nd = [gzip.compress((json.dumps({**CLICK, "event_id": f"m{i}"}) + "\n").encode()) for i in range(3)]
     status, body, _ = await post(http, web, b"".join(nd), "application/x-ndjson", **{"Content-Encoding": "gzip"})
     assert (status, body["accepted"]) == (202, 3)
-
-
-async def test_gzip_bomb_is_cut_off_at_the_limit(web, http, redis_server):
-    bomb = gzip.compress(b"[" + b" " * (50 * 1024 * 1024) + b"]", 9)  # 50 MiB inflated, ~50 KiB sent
-    assert len(bomb) < 100_000
-    status, body, _ = await post(http, web, bomb, **{"Content-Encoding": "gzip"})
-    assert status == 413 and "inflates" in body["error"]
 
 
 async def test_oversized_event_in_a_batch_is_rejected_alone(web, http, redis_server):

@@ -1,0 +1,190 @@
+"""Hostile input, one request each, against the real server and a real valkey-server: every one
+gets the contract's status code and a message naming the problem, never a 500, and nothing of a
+refused request reaches an event stream (per-event refusals go to the rejected stream only).
+
+Then the cost of gzip bombs, measured on a web server in its own process: time to the answer,
+and how much the server's peak resident memory grew."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import http.client
+import json
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import stream_entries, wait_until
+from tests.test_http import CLICK
+
+OK = {**CLICK, "event_id": "fine"}
+
+
+def _deep(levels: int) -> bytes:
+    return b'{"type":"click","x":1,"y":1,"properties":' + b'{"a":' * levels + b"1" + b"}" * (levels + 1)
+
+
+def _bomb(inflated: int) -> bytes:
+    """A gzip body that inflates to `inflated` bytes of zeros (~1000x compression)."""
+    out = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = b"\0" * (1 << 20)
+    parts = [out.compress(chunk) for _ in range(inflated >> 20)]
+    return b"".join(parts) + out.flush()
+
+
+# (id, body, extra headers, status, text the error must contain)
+WHOLE_BODY = [
+    ("not-json", b"{not json", {}, 400, "not valid JSON"),
+    ("empty", b"", {}, 400, "empty"),
+    ("whitespace", b" \n\t ", {}, 400, "empty"),
+    ("empty-array", b"[]", {}, 400, "no events"),
+    ("nan", b"NaN", {}, 400, "not valid JSON"),
+    ("infinity", b'{"type":"click","x":1,"y":1,"properties":{"a":Infinity}}', {}, 400, "not valid JSON"),
+    ("number-overflow", b'{"type":"click","x":1,"y":1,"properties":{"a":1e999}}', {}, 400, "out of range"),
+    ("deep-object", _deep(20_000), {}, 400, "nested too deeply"),
+    ("deep-array", b"[" * 100_000 + b"]" * 100_000, {}, 400, "nested too deeply"),
+    ("invalid-utf8-tail", b'{"type":"click","x":1,"y":2}\xff', {}, 400, "not valid JSON"),
+    ("invalid-utf8-in-string", b'{"type":"click","x":1,"y":1,"target":"\xc0\xaf"}', {}, 400, "not valid UTF-8"),
+    ("lone-surrogate", b'{"type":"click","x":1,"y":1,"target":"\\ud800"}', {}, 400, "unpaired UTF-16 surrogate"),
+    ("raw-nul-byte", b'{"type":"click","x":1,"y":1,"target":"a\x00b"}', {}, 400, "invalid character"),
+    ("xml", b"{}", {"Content-Type": "application/xml"}, 415, "Content-Type"),
+    ("latin-1", b"{}", {"Content-Type": "application/json; charset=latin-1"}, 415, "charset"),
+    ("brotli", b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+    ("deflate", b"{}", {"Content-Encoding": "deflate"}, 415, "Content-Encoding"),
+    ("not-gzip", b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "gzip"),
+    ("gzip-truncated", gzip.compress(b'{"type":"click","x":1,"y":2}')[:-12], {"Content-Encoding": "gzip"}, 400,
+     "truncated"),
+    ("body-over-limit", b" " * (1024 * 1024 + 1), {}, 413, "limit"),
+    ("too-many-events", json.dumps([CLICK] * 501).encode(), {}, 413, "501 events"),
+    ("too-many-lines", b"\n".join([json.dumps(CLICK).encode()] * 501), {"Content-Type": "application/x-ndjson"},
+     413, "501 events"),
+    ("gzip-bomb", _bomb(10 << 20), {"Content-Encoding": "gzip"}, 413, "inflates"),
+]
+
+# Parseable events that are each refused: 422, the field named, the raw event kept as rejected.
+PER_EVENT = [
+    ("escaped-nul", {**CLICK, "target": "a\u0000b"}, "target", "NUL character"),
+    ("nul-in-properties", {**CLICK, "properties": {"k": "\u0000"}}, "properties", "NUL character"),
+    ("huge-string", {**CLICK, "page_url": "x" * 40_000}, None, "limit is 32768"),
+    ("many-properties", {**CLICK, "properties": {f"k{i}": i for i in range(5000)}}, None, "limit is 32768"),
+    ("type-array", {**CLICK, "type": ["click"]}, "type", "unknown event type"),
+    ("type-number", {**CLICK, "type": 7}, "type", "unknown event type"),
+    ("unknown-field", {**CLICK, "admin": True}, "admin", "unknown field"),
+    ("float-x", {**CLICK, "x": 1.5}, "x", "Expected `int`"),
+    ("bool-x", {**CLICK, "x": True}, "x", "Expected `int`"),
+    ("int32-overflow", {**CLICK, "x": 2**31}, "x", "2147483647"),
+    ("button-range", {**CLICK, "button": 5}, "button", "<= 4"),
+    ("naive-timestamp", {**CLICK, "timestamp": "2026-11-27T10:00:00"}, "timestamp", "timezone"),
+    ("garbage-timestamp", {**CLICK, "timestamp": "yesterday"}, "timestamp", "Invalid"),
+    ("far-future", {**CLICK, "timestamp": "2999-01-01T00:00:00Z"}, "timestamp", "ahead of the server's clock"),
+    ("epoch-seconds", {**CLICK, "timestamp": 1_764_000_000}, "timestamp", "in seconds?"),
+    ("long-event-id", {**CLICK, "event_id": "e" * 129}, "event_id", "length <= 128"),
+    ("newline-event-id", {**CLICK, "event_id": "a\nb"}, "event_id", "regex"),
+    ("properties-list", {**CLICK, "properties": [1, 2]}, "properties", "Expected `object"),
+    ("claims-source", {**CLICK, "source": "admin"}, "source", "set by the server"),
+    ("not-an-object", "click", None, "must be a JSON object"),
+]
+
+
+async def _answer(http, base: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    async with http.post(base + "/api/events", data=body, headers={"Content-Type": "application/json", **headers}) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "needle"), [c[1:] for c in WHOLE_BODY],
+                         ids=[c[0] for c in WHOLE_BODY])
+async def test_whole_body_refusals(web, http, redis_server, body, headers, status, needle):
+    got, reply = await _answer(http, web, body, headers)
+    assert (got, needle in reply["error"]) == (status, True), reply
+    assert redis_server.client().keys("streamapp:*events*") == []
+
+
+@pytest.mark.parametrize(("event", "field", "needle"), [c[1:] for c in PER_EVENT], ids=[c[0] for c in PER_EVENT])
+async def test_per_event_refusals(web, http, redis_server, event, field, needle):
+    got, reply = await _answer(http, web, json.dumps([event]).encode(), {})
+    assert got == 422, reply
+    [error] = reply["errors"]
+    assert (error["index"], error["field"], needle in error["message"]) == (0, field, True), error
+    assert stream_entries(redis_server, "click") == []
+    [(_, rejected)] = stream_entries(redis_server, "rejected")
+    assert json.loads(json.loads(rejected[b"e"])["raw"]) == event  # kept as sent
+    # The same event beside a good one: the good one is stored, this one is not.
+    got, reply = await _answer(http, web, json.dumps([OK, event]).encode(), {})
+    assert (got, reply["accepted"], reply["errors"][0]["index"]) == (202, 1, 1)
+    assert [json.loads(f[b"e"])["event_id"] for _, f in stream_entries(redis_server, "click")] == ["fine"]
+
+
+RAW = [
+    ("header-too-long", b"POST /api/events HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 10_000 + b"\r\n\r\n",
+     400, b"more than 8190 bytes"),
+    ("url-too-long", b"POST /api/events?" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"more than 8190 bytes"),
+    ("bad-content-length", b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, b"Content-Length"),
+    ("bad-chunk", b"POST /api/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, b"chunk"),
+    ("get-on-ingest", b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"Not Allowed"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "needle"), [c[1:] for c in RAW], ids=[c[0] for c in RAW])
+async def test_malformed_http_is_refused_by_the_server(settings, web, redis_server, request_bytes, status, needle):
+    reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+    writer.write(request_bytes)
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(65536), timeout=5)
+    writer.close()
+    assert reply.split(b" ", 2)[1] == str(status).encode(), reply[:200]
+    assert needle.lower() in reply.lower(), reply[:400]
+    assert redis_server.client().keys("streamapp:*events*") == []
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.mark.parametrize("inflated", [10 << 20, 10 << 30], ids=["10MB-inflated", "10GB-inflated"])
+def test_gzip_bomb_costs_the_server_almost_nothing(settings, redis_server, spawn, inflated):
+    """Cost of one bomb to a web server in its own process: wall time to the 413, and the growth of
+    its peak RSS (VmHWM, reset first through /proc/PID/clear_refs). Printed for the record."""
+    web = spawn("web", settings)
+    pid = web.proc.pid
+    wait_until(lambda: _get_ok(settings.port), 15, what="web to answer")
+    bomb = _bomb(inflated)
+    for _ in range(3):  # warm up with ordinary gzip requests: first-call costs are not the bomb's
+        assert _post_status(settings.port, gzip.compress(json.dumps(OK).encode())) == 202
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _rss_kib(pid, "VmRSS")
+    started = time.perf_counter()
+    status = _post_status(settings.port, bomb)
+    elapsed = time.perf_counter() - started
+    grown = _rss_kib(pid, "VmHWM") - before
+    print(f"\ngzip bomb {len(bomb) / 1e6:.2f} MB -> {inflated >> 20} MiB: {status} in {elapsed * 1000:.1f} ms, "
+          f"peak RSS +{grown} KiB (RSS before {before} KiB)")
+    assert status == 413
+    assert elapsed < 0.050, f"{elapsed * 1000:.1f} ms"
+    assert grown < 5 * 1024, f"{grown} KiB"
+    assert _get_ok(settings.port)
+
+
+def _get_ok(port: int) -> bool:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/healthz")
+        return c.getresponse().status == 200
+    except OSError:
+        return False
+
+
+def _post_status(port: int, body: bytes) -> int:
+    """POST the bomb; the server may answer and close before the whole upload is sent."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("POST", "/api/events", body=body, headers={"Content-Type": "application/json",
+                                                             "Content-Encoding": "gzip"})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # answered before the upload finished: read the answer
+    return c.getresponse().status

@@ -47,6 +47,9 @@ class Settings:
     max_future_seconds: int = 86_400
     # The embedded server's memory cap; dedupe keys (which expire) are evicted first at the cap.
     redis_maxmemory: str = "2gb"
+    # Snapshots each table keeps (time travel reaches back this many commits); more makes every
+    # commit slower (see streamapp.maintenance).
+    keep_snapshots: int = 10
     # The worker's /metrics port; 0 turns it off.
     worker_metrics_port: int = 9100
     shutdown_seconds: float = 25.0
@@ -70,6 +73,8 @@ class Settings:
             raise SettingsError("STREAMAPP_REDIS_APPENDFSYNC must be always, everysec or no")
         if self.log_format not in ("auto", "json", "text"):
             raise SettingsError("STREAMAPP_LOG_FORMAT must be auto, json or text")
+        if self.keep_snapshots < 1:
+            raise SettingsError("STREAMAPP_KEEP_SNAPSHOTS must be >= 1")
         if self.max_backlog < 1:
             raise SettingsError("STREAMAPP_MAX_BACKLOG must be >= 1")
         if self.request_timeout_seconds <= 0:
@@ -117,6 +122,7 @@ class Settings:
             ("STREAMAPP_MAX_FUTURE_SECONDS", int, "max_future_seconds"),
             ("STREAMAPP_REDIS_MAXMEMORY", str, "redis_maxmemory"),
             ("STREAMAPP_WORKER_METRICS_PORT", int, "worker_metrics_port"),
+            ("STREAMAPP_KEEP_SNAPSHOTS", int, "keep_snapshots"),
             ("STREAMAPP_SHUTDOWN_SECONDS", float, "shutdown_seconds"),
             ("STREAMAPP_LOG_LEVEL", str, "log_level"),
             ("STREAMAPP_LOG_FORMAT", str, "log_format"),

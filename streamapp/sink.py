@@ -21,6 +21,7 @@ from pyiceberg.table import Table
 
 from streamapp import metrics
 from streamapp.faults import crashpoint
+from streamapp.maintenance import COMPACT_EVERY_FILES, compact, data_files, expire_old_snapshots
 from streamapp.stream import Window, entry_id
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class IcebergTable:
         self.app = app
         self.name = name
         self._table: Table | None = None
+        self._compact_at = COMPACT_EVERY_FILES  # the data-file count at which to compact next
 
     async def append(self, window: Window) -> int:
         """Write the window's rows not yet in the table; returns how many were written.
@@ -74,6 +76,18 @@ class IcebergTable:
         log.info("committed %d rows to %s up to %s in %.3fs", len(keep), self.name, window.last_id, seconds,
                  extra={"table": self.name, "rows": len(keep), "bytes": written, "lag_seconds": round(lag, 3),
                         "duration_seconds": round(seconds, 3), "position": window.last_id})
+
+    def _upkeep(self, table: Table) -> None:
+        """Compact small files once the table holds COMPACT_EVERY_FILES more than after the last
+        compaction. The window is committed already: a failure here is logged and retried later."""
+        if data_files(table) < self._compact_at:
+            return
+        try:
+            compact(table, self.app.settings.keep_snapshots)
+        except Exception as e:  # noqa: BLE001 - upkeep must never fail a committed window
+            log.warning("compacting %s failed (%s); will try again", self.name, e)
+        table.refresh()
+        self._compact_at = data_files(table) + COMPACT_EVERY_FILES
 
     def _load(self, catalog: Catalog) -> Table:
         if self._table is None:
@@ -99,6 +113,7 @@ class IcebergTable:
                 with table.transaction() as tx:
                     tx.append(rows)
                     tx.set_properties({key: window.last_id})
+                    expire_old_snapshots(tx, self.app.settings.keep_snapshots)
                     crashpoint(crash_at, "during_write")  # data files written, commit not made
             except CommitFailedException as e:
                 metrics.COMMIT_CONFLICTS.labels(self.name).inc()
@@ -108,5 +123,6 @@ class IcebergTable:
                 continue
             crashpoint(crash_at, "after_commit")
             self._record(table, window, keep, time.perf_counter() - started)
+            self._upkeep(table)
             return len(keep)
         raise CommitFailedException(f"{self.name}: {MAX_ATTEMPTS} commit attempts conflicted")

@@ -1,0 +1,95 @@
+"""Table upkeep on a real SQLite catalog: snapshot expiry and small-file compaction keep every row
+exactly once and the stream position, bound snapshots and files, and lose a race safely."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.io import pyarrow as iceberg_arrow
+
+from models.click import ClickEvent
+from streamapp import maintenance
+from streamapp.app import App
+from streamapp.catalog import ensure_table, open_catalog
+from streamapp.maintenance import compact, data_files
+from streamapp.settings import Settings
+from streamapp.sink import position_property
+from streamapp.stream import Window
+from tests.helpers import assert_exactly_once
+
+DAY1 = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
+
+
+def _window(n: int, size: int = 4) -> Window:
+    """Window n: `size` clicks on two days, stream ids n-0.. (positions grow with n)."""
+    events = [ClickEvent(x=n, y=j, event_id=f"w{n}-{j}", timestamp=DAY1 + timedelta(days=j % 2)) for j in range(size)]
+    return Window(ClickEvent, "stream", "agent", [f"{n + 1}-{j}" for j in range(size)], events,
+                  [int(DAY1.timestamp() * 1e6)] * size)
+
+
+@pytest.fixture
+def sink(tmp_path):
+    app = App()
+    app.configure(Settings(warehouse=tmp_path / "wh", keep_snapshots=5))
+    app.catalog = open_catalog(app.settings)
+    ensure_table(app.catalog, ClickEvent)
+    return app.table("events.clicks")
+
+
+def _ids(table) -> list[str]:
+    return table.scan().to_arrow().column("event_id").to_pylist()
+
+
+def test_commits_keep_rows_position_and_few_snapshots_and_files(sink):
+    for n in range(250):
+        assert sink._append(_window(n)) == 4
+    table = sink._load(sink.app.catalog)
+    table.refresh()
+    assert_exactly_once([{"event_id": i} for i in _ids(table)], {f"w{n}-{j}" for n in range(250) for j in range(4)})
+    assert table.properties[position_property("stream", "agent")] == "250-3"
+    assert len(table.metadata.snapshots) == 5
+    # Without compaction: 500 files (a window writes one per day); compaction ran at 100 and 200.
+    assert data_files(table) < 60, data_files(table)
+    assert len({t.file.partition for t in table.scan().plan_files()}) == 2
+    assert sink._append(_window(249)) == 0  # a window delivered again still writes nothing
+
+
+def test_compaction_that_loses_a_race_changes_nothing(sink, monkeypatch):
+    for n in range(30):
+        sink._append(_window(n))
+    table = sink._load(sink.app.catalog)
+    table.refresh()
+    before = data_files(table)
+    other = open_catalog(sink.app.settings).load_table("events.clicks")
+    real_scan = iceberg_arrow.ArrowScan.to_table
+
+    def scan_then_someone_commits(self, tasks):
+        rows = real_scan(self, tasks)
+        if not getattr(scan_then_someone_commits, "done", False):
+            scan_then_someone_commits.done = True
+            with other.transaction() as tx:  # another worker's window lands meanwhile
+                tx.append(_window(1000).to_arrow())
+        return rows
+
+    monkeypatch.setattr(maintenance.ArrowScan, "to_table", scan_then_someone_commits)
+    with pytest.raises(CommitFailedException):
+        compact(table, keep_snapshots=5)
+    table.refresh()
+    assert data_files(table) == before + 2  # nothing replaced; the other window's two files are in
+    expected = {f"w{n}-{j}" for n in list(range(30)) + [1000] for j in range(4)}
+    assert_exactly_once([{"event_id": i} for i in _ids(table)], expected)
+    monkeypatch.undo()
+    assert compact(table, keep_snapshots=5) == before + 2  # and the next attempt compacts all
+    table.refresh()
+    assert data_files(table) == 2
+    assert_exactly_once([{"event_id": i} for i in _ids(table)], expected)
+
+
+def test_keep_snapshots_setting_is_checked():
+    from streamapp.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="STREAMAPP_KEEP_SNAPSHOTS"):
+        dataclasses.replace(Settings(), keep_snapshots=0)

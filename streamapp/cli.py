@@ -5,9 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from streamapp import logs
 from streamapp.settings import Settings, SettingsError
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (Linux, macOS): the same asyncio API, a faster loop."""
+    try:
+        import uvloop
+    except ImportError:  # Windows: the standard loop
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def _web(settings: Settings) -> None:
@@ -23,7 +35,7 @@ def _web(settings: Settings) -> None:
             loop.add_signal_handler(sig, stopping.set)
         await serve(app, settings, stopping)
 
-    asyncio.run(main())
+    _run(main())
 
 
 def _worker(settings: Settings) -> None:
@@ -31,7 +43,7 @@ def _worker(settings: Settings) -> None:
     from streamapp.worker import run_worker
 
     app.configure(settings)
-    asyncio.run(run_worker(app))
+    _run(run_worker(app))
 
 
 def _create_tables(settings: Settings) -> None:

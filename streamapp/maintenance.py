@@ -32,10 +32,13 @@ SMALL_FILE_BYTES = 64 * 1024 * 1024
 
 def expire_old_snapshots(tx: Transaction, keep: int) -> None:
     """Stage, in `tx`, the removal of all but the newest `keep` snapshots. The current snapshot
-    is the newest and stays; data files stay too, as the current snapshot references them."""
+    is the newest and stays, and so does any tagged one (a user keeps a version that way); data
+    files stay too, as the current snapshot references them."""
     snapshots = sorted(tx.table_metadata.snapshots, key=lambda s: s.timestamp_ms)
-    if len(snapshots) > keep:
-        ExpireSnapshots(tx).by_ids([s.snapshot_id for s in snapshots[:-keep]]).commit()
+    referenced = {ref.snapshot_id for ref in tx.table_metadata.refs.values()}  # branch heads, tags: kept
+    old = [s.snapshot_id for s in snapshots[:-keep] if s.snapshot_id not in referenced]
+    if old:
+        ExpireSnapshots(tx).by_ids(old).commit()
 
 
 def data_files(table: Table) -> int:

@@ -93,3 +93,18 @@ def test_keep_snapshots_setting_is_checked():
 
     with pytest.raises(SettingsError, match="STREAMAPP_KEEP_SNAPSHOTS"):
         dataclasses.replace(Settings(), keep_snapshots=0)
+
+
+def test_a_tagged_snapshot_outlives_expiry(sink):
+    sink._append(_window(0))
+    table = sink._load(sink.app.catalog)
+    table.refresh()
+    tagged = table.current_snapshot().snapshot_id
+    table.manage_snapshots().create_tag(tagged, "release-1").commit()
+    for n in range(1, 20):
+        sink._append(_window(n))
+    table.refresh()
+    ids = {s.snapshot_id for s in table.metadata.snapshots}
+    assert tagged in ids and len(ids) == 6  # the newest 5 and the tagged one
+    assert sorted(table.scan(snapshot_id=tagged).to_arrow().column("event_id").to_pylist()) == \
+        [f"w0-{j}" for j in range(4)]

@@ -21,13 +21,15 @@ import logging
 import pkgutil
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
 from streamapp.settings import Settings
-from streamapp.sink import IcebergTable
 from streamapp.stream import Stream
+
+if TYPE_CHECKING:
+    from streamapp.sink import IcebergTable
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ class App:
 
     def table(self, name: str) -> IcebergTable:
         """The Iceberg table `name` ("namespace.table"), to `append(window)` to."""
+        from streamapp.sink import IcebergTable  # pyiceberg: loaded by the worker, not the web
+
         if name not in self._tables:
             self._tables[name] = IcebergTable(self, name)
         return self._tables[name]

@@ -15,24 +15,16 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import msgspec
 import msgspec.inspect as mi
-import pyarrow as pa
-from pyiceberg.partitioning import PartitionField, PartitionSpec
-from pyiceberg.schema import Schema
-from pyiceberg.transforms import DayTransform
-from pyiceberg.types import (
-    BooleanType,
-    DoubleType,
-    IcebergType,
-    IntegerType,
-    LongType,
-    NestedField,
-    StringType,
-    TimestamptzType,
-)
+
+if TYPE_CHECKING:  # imported where used: the web process validates events and never loads them
+    import pyarrow as pa
+    from pyiceberg.partitioning import PartitionSpec
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import IcebergType
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -77,6 +69,8 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
     @classmethod
     def to_arrow(cls, events: list[Event], received_us: list[int]) -> pa.Table:
         """Build the window's Arrow table column by column (not row by row: it is the hot path)."""
+        import pyarrow as pa
+
         schema = arrow_schema(cls)
         encode = msgspec.json.encode
         columns: dict[str, Any] = {
@@ -97,23 +91,29 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
 
 ENVELOPE_FIELDS = frozenset(("type",) + Event.__struct_fields__)
 
-# Columns every event table starts with, in this order; model-specific columns follow, then
-# `source`, last because it was added after v1: tables from then gain it at the end by schema
-# evolution, so a new table and an evolved one have the same column order.
-_COMMON_COLUMNS: tuple[tuple[str, IcebergType, bool], ...] = (
-    ("event_id", StringType(), True),
-    ("event_time", TimestamptzType(), True),
-    ("received_at", TimestamptzType(), True),
-    ("user_id", StringType(), False),
-    ("session_id", StringType(), False),
-    ("page_url", StringType(), False),
-    ("target", StringType(), False),
-    ("properties", StringType(), False),
-)
+
+def _common_columns() -> list[tuple[str, IcebergType, bool]]:
+    """Columns every event table starts with, in this order; model-specific columns follow, then
+    `source`, last because it was added after v1: tables from then gain it at the end by schema
+    evolution, so a new table and an evolved one have the same column order."""
+    from pyiceberg.types import StringType, TimestamptzType
+
+    return [
+        ("event_id", StringType(), True),
+        ("event_time", TimestamptzType(), True),
+        ("received_at", TimestamptzType(), True),
+        ("user_id", StringType(), False),
+        ("session_id", StringType(), False),
+        ("page_url", StringType(), False),
+        ("target", StringType(), False),
+        ("properties", StringType(), False),
+    ]
 
 
 def _iceberg_type(t: mi.Type) -> tuple[IcebergType, bool]:
     """Map a msgspec field type to (Iceberg type, nullable)."""
+    from pyiceberg.types import BooleanType, DoubleType, IntegerType, LongType, StringType
+
     nullable = False
     if isinstance(t, mi.UnionType):
         rest = [x for x in t.types if not isinstance(x, mi.NoneType)]
@@ -136,7 +136,10 @@ def _iceberg_type(t: mi.Type) -> tuple[IcebergType, bool]:
 @functools.cache
 def iceberg_schema(model: type[Event]) -> Schema:
     """The Iceberg schema of `model`'s table: the common columns, then the model's own fields."""
-    columns = list(_COMMON_COLUMNS)
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import NestedField, StringType
+
+    columns = _common_columns()
     info = mi.type_info(model)
     assert isinstance(info, mi.StructType)
     for f in info.fields:
@@ -157,6 +160,9 @@ def arrow_schema(model: type[Event]) -> pa.Schema:
 
 def day_partition(schema: Schema, column: str) -> PartitionSpec:
     """Partition by day(column): readers prune by date, files stay a day's worth at most."""
+    from pyiceberg.partitioning import PartitionField, PartitionSpec
+    from pyiceberg.transforms import DayTransform
+
     source = schema.find_field(column)
     return PartitionSpec(
         PartitionField(source_id=source.field_id, field_id=1000, transform=DayTransform(), name=f"{column}_day")

@@ -6,12 +6,14 @@ here so the team that sent it can see what their tracker produced.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import functools
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
-import pyarrow as pa
-from pyiceberg.schema import Schema
-from pyiceberg.types import NestedField, StringType, TimestamptzType
+
+if TYPE_CHECKING:  # the web process never writes tables: it does not load pyarrow or pyiceberg
+    import pyarrow as pa
+    from pyiceberg.schema import Schema
 
 TABLE = "events.rejected"
 
@@ -38,11 +40,13 @@ class Rejected(msgspec.Struct, kw_only=True):
 
     @classmethod
     def iceberg_schema(cls) -> Schema:
-        return SCHEMA
+        return _schema()
 
     @classmethod
     def to_arrow(cls, records: list[Rejected], received_us: list[int]) -> pa.Table:
-        schema = SCHEMA.as_arrow()
+        import pyarrow as pa
+
+        schema = _schema().as_arrow()
         columns: dict[str, Any] = {"received_at": pa.array(received_us, type=schema.field("received_at").type)}
         for name in schema.names[1:]:
             columns[name] = [getattr(r, name) for r in records]
@@ -61,16 +65,21 @@ class Rejected(msgspec.Struct, kw_only=True):
         return cls(reason=reason, field=field, raw=raw, source=source, **known)
 
 
-SCHEMA = Schema(
-    NestedField(1, "received_at", TimestamptzType(), required=True),
-    NestedField(2, "reason", StringType(), required=True),
-    NestedField(3, "field", StringType(), required=False),
-    NestedField(4, "raw", StringType(), required=True),
-    NestedField(5, "event_id", StringType(), required=False),
-    NestedField(6, "event_type", StringType(), required=False),
-    NestedField(7, "user_id", StringType(), required=False),
-    NestedField(8, "session_id", StringType(), required=False),
-    NestedField(9, "page_url", StringType(), required=False),
-    NestedField(10, "source", StringType(), required=False),
-)
+@functools.cache
+def _schema() -> Schema:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import NestedField, StringType, TimestamptzType
+
+    return Schema(
+        NestedField(1, "received_at", TimestamptzType(), required=True),
+        NestedField(2, "reason", StringType(), required=True),
+        NestedField(3, "field", StringType(), required=False),
+        NestedField(4, "raw", StringType(), required=True),
+        NestedField(5, "event_id", StringType(), required=False),
+        NestedField(6, "event_type", StringType(), required=False),
+        NestedField(7, "user_id", StringType(), required=False),
+        NestedField(8, "session_id", StringType(), required=False),
+        NestedField(9, "page_url", StringType(), required=False),
+        NestedField(10, "source", StringType(), required=False),
+    )
 

@@ -1,4 +1,4 @@
-"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show."""
+"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | complete."""
 
 from __future__ import annotations
 
@@ -63,6 +63,30 @@ def _show(settings: Settings, table: str, limit: int) -> None:
             print({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None})
 
 
+def _complete(settings: Settings, table: str, period: str) -> int:
+    """Is every window of `period` (a day, 2026-11-27, or an hour, 2026-11-27T13) final in
+    `table`? One metadata read: the marker the aggregate agent commits with its rows."""
+    from datetime import datetime, timedelta, timezone
+
+    from streamapp.aggregate_sink import COMPLETE_BEFORE
+    from streamapp.catalog import open_catalog
+
+    try:
+        start = datetime.strptime(period, "%Y-%m-%dT%H")
+        end = start + timedelta(hours=1)
+    except ValueError:
+        start = datetime.strptime(period, "%Y-%m-%d")
+        end = start + timedelta(days=1)
+    end = end.replace(tzinfo=timezone.utc)
+    marker = open_catalog(settings).load_table(table).properties.get(COMPLETE_BEFORE, "")
+    final_before = datetime.fromisoformat(marker) if marker else None
+    if final_before is not None and final_before >= end:
+        print(f"{period} is complete in {table}: every window starting before {final_before.isoformat()} is final")
+        return 0
+    print(f"{period} is not complete in {table}: windows are final only before {marker or 'nothing yet'}")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m streamapp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("show", help="print a table's row count and its latest rows")
     show.add_argument("table", help='e.g. "events.clicks"')
     show.add_argument("-n", type=int, default=10, help="how many rows (default 10)")
+    complete = sub.add_parser("complete", help="is a day or an hour complete in an aggregate table? (exit 0: yes)")
+    complete.add_argument("table", help='e.g. "events.clicks_per_minute"')
+    complete.add_argument("period", help="a UTC day, 2026-11-27, or hour, 2026-11-27T13")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -91,3 +118,5 @@ def main(argv: list[str] | None = None) -> None:
         _create_tables(settings)
     elif args.command == "show":
         _show(settings, args.table, args.n)
+    elif args.command == "complete":
+        sys.exit(_complete(settings, args.table, args.period))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 import pyarrow as pa
@@ -20,6 +20,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamapp import keys
+
+if TYPE_CHECKING:
+    from streamapp.aggregate import GroupBy
+    from streamapp.app import App
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +110,9 @@ class Window(Sequence[M]):
 class Stream(Generic[M]):
     """The events of one model, as `app.stream(Model)` returns it to an agent."""
 
-    def __init__(self, model: type[M]) -> None:
+    def __init__(self, model: type[M], app: App | None = None) -> None:
         self.model = model
+        self.app = app
         self.key = keys.stream(model.type_name())  # type: ignore[attr-defined]
         self._decode = msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]
         self._redis: Redis | None = None
@@ -116,6 +121,11 @@ class Stream(Generic[M]):
         self._acked = "0-0"
         self._committed: str | None = None
         self._needs_register = False  # set when Redis went away: it may come back empty
+
+    @property
+    def consumer(self) -> str:
+        """The name of the agent reading this stream (set by the worker)."""
+        return self._consumer
 
     def bind(self, redis: Redis, consumer: str, stopping: asyncio.Event, committed: str | None = None) -> None:
         """Called by the worker before the agent runs: where to read, who reads, and the highest
@@ -150,17 +160,25 @@ class Stream(Generic[M]):
         instead, the window is not acknowledged, and the agent's restart receives it again.
         On shutdown the open window is handed out early, so nothing read is held back.
         """
+        async for window in self.read(self._acked, n, within):
+            yield window
+            await self.ack(window.last_id)
+
+    async def read(self, after: str, n: int, within: float, *, idle: bool = False) -> AsyncIterator[Window[M]]:
+        """Like `take`, from the entry after `after`, and acknowledging nothing (the caller
+        `ack`s what it committed). `idle=True`: an empty window every `within` seconds while
+        nothing arrives, so the caller sees time pass."""
         if self._redis is None or self._stopping is None:
             raise RuntimeError("the stream is not bound: run agents with `python -m streamapp worker`")
         if n < 1 or within <= 0:
             raise ValueError("take() needs n >= 1 and within > 0")
         loop = asyncio.get_running_loop()
-        cursor = self._acked
+        cursor = after
         while True:
             ids: list[str] = []
             payloads: list[bytes] = []
             received: list[int] = []
-            deadline: float | None = None
+            deadline: float | None = loop.time() + within if idle else None
             while len(ids) < n and not self._stopping.is_set():
                 block = READ_BLOCK_MS
                 if deadline is not None:
@@ -178,12 +196,17 @@ class Stream(Generic[M]):
                     cursor = ids[-1]
                     if deadline is None:
                         deadline = loop.time() + within
-            if ids:
-                events = self._decode(b"[" + b",".join(payloads) + b"]")
+            if ids or (idle and not self._stopping.is_set()):
+                events = self._decode(b"[" + b",".join(payloads) + b"]") if ids else []
                 yield Window(self.model, self.key, self._consumer, ids, events, received)
-                await self._ack(ids[-1])
             if self._stopping.is_set():
                 return
+
+    def group_by(self, key: Callable[[M], str | None], *, column: str) -> GroupBy[M]:
+        """Key the events for a windowed aggregate; `column` names the key's column in its table."""
+        from streamapp.aggregate import GroupBy
+
+        return GroupBy(self, key, column)
 
     async def _read(self, cursor: str, count: int, block_ms: int) -> list:
         assert self._redis is not None
@@ -196,8 +219,9 @@ class Stream(Generic[M]):
             return []
         return reply[0][1] if reply else []
 
-    async def _ack(self, last_id: str) -> None:
-        """Move the Redis hint forward. Losing it is harmless: the Iceberg position decides."""
+    async def ack(self, last_id: str) -> None:
+        """Move the Redis hint, from which reading resumes and below which the stream may be
+        trimmed. Losing it is harmless: the Iceberg position decides what is written."""
         self._acked = last_id
         assert self._redis is not None
         try:

@@ -1,0 +1,128 @@
+"""The shipped aggregate agent, `agents/clicks_per_minute.py`, in a real worker: rows equal a
+batch recount of the raw table, exactly once across SIGKILLs, late events kept, completeness."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import signal
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from streamapp.catalog import open_catalog
+from tests.conftest import table_rows, wait_until
+from tests.helpers import send, wait_rows
+
+AGG = "events.clicks_per_minute"
+START = datetime(2026, 11, 27, 10, 0, tzinfo=timezone.utc)
+PAGES = ["https://shop.example/", "https://shop.example/cart", None]
+
+
+def history(prefix: str, n: int, minutes: int, seed: int = 1) -> list[dict]:
+    """Old clicks (a backfill) over `minutes` minutes, several pages and users, shuffled."""
+    rng = random.Random(seed)
+    events = [{"type": "click", "x": 1, "y": 1, "event_id": f"{prefix}{i}", "user_id": f"u{rng.randrange(7)}",
+               "timestamp": (START + timedelta(seconds=rng.uniform(0, 60 * minutes))).isoformat(),
+               **({"page_url": p} if (p := rng.choice(PAGES)) else {})} for i in range(n)]
+    rng.shuffle(events)
+    return events
+
+
+def recount(raw: list[dict]) -> dict[tuple, tuple[int, int]]:
+    """The batch recomputation: (window_start, page_url) -> (clicks, unique users)."""
+    clicks: Counter = Counter()
+    users: dict[tuple, set] = defaultdict(set)
+    for r in raw:
+        key = (r["event_time"].replace(second=0, microsecond=0), r["page_url"])
+        clicks[key] += 1
+        if r["user_id"] is not None:
+            users[key].add(r["user_id"])
+    return {k: (c, len(users[k])) for k, c in clicks.items()}
+
+
+def aggregated(settings) -> dict[tuple, tuple[int, int]]:
+    rows = table_rows(settings, AGG)
+    keys = Counter((r["window_start"], r["page_url"]) for r in rows)
+    assert not [k for k, c in keys.items() if c > 1], "a window was written twice"
+    for r in rows:
+        assert r["window_end"] - r["window_start"] == timedelta(minutes=1)
+    return {(r["window_start"], r["page_url"]): (r["clicks"], r["unique_users"]) for r in rows}
+
+
+async def wait_aggregated(settings, windows: int, timeout: float = 40) -> dict:
+    return await asyncio.to_thread(wait_until, lambda: len(table_rows(settings, AGG)) >= windows and aggregated(settings),
+                                   timeout, 0.3, f"{windows} windows in {AGG}")
+
+
+@pytest.fixture
+def fast(settings):
+    return dataclasses.replace(settings, grace_seconds=1.0)
+
+
+async def test_a_backfill_is_aggregated_like_a_batch_recount_and_closes_when_idle(web, http, fast, spawn):
+    events = history("h", 400, minutes=3)
+    worker = spawn("worker", fast)
+    await send(http, web, events, chunk=400)
+    raw = await wait_rows(fast, "events.clicks", 400)
+    expected = recount(raw)
+    # the last minute closes only when the watermark moves on with the wall clock: no event follows
+    got = await wait_aggregated(fast, len(expected))
+    assert got == expected
+    assert sum(c for c, _ in got.values()) == 400
+    table = open_catalog(fast).load_table(AGG)
+    assert str(table.spec().fields[0].transform) == "day"
+    assert table_rows(fast, "events.late") == []  # history arriving at once is not late
+    assert "Traceback" not in worker.output()
+
+
+@pytest.mark.parametrize("crash_at", [
+    "aggregate_before_commit",
+    "aggregate_during_write",  # Parquet written, commit not made
+    "aggregate_after_commit",  # committed, Redis ack not moved: the replay must not count twice
+    "aggregate_after_commit:2",
+])
+async def test_sigkill_then_restart_writes_each_window_once_with_every_event(web, http, fast, spawn, crash_at):
+    """Windows still open at the kill are rebuilt from the stream: the state survives."""
+    small = dataclasses.replace(fast, window_count=60)  # several commits while windows are open
+    events = history("k", 300, minutes=4, seed=len(crash_at))
+    events.sort(key=lambda e: e["timestamp"])  # in order: each commit closes some, leaves others open
+    await send(http, web, events, chunk=300)
+    doomed = spawn("worker", small, STREAMAPP_CRASH_AT=crash_at)
+    assert await asyncio.to_thread(doomed.wait, 60) == -signal.SIGKILL, doomed.output()
+    worker = spawn("worker", small)
+    raw = await wait_rows(fast, "events.clicks", 300)
+    expected = recount(raw)
+    assert await wait_aggregated(fast, len(expected)) == expected
+    await asyncio.sleep(2)  # a double write would land now
+    assert aggregated(fast) == expected
+    assert "Traceback" not in worker.output()
+
+
+async def test_late_events_go_to_events_late_and_completeness_is_recorded(web, http, fast, spawn):
+    worker = spawn("worker", fast)
+    events = history("o", 100, minutes=2)
+    await send(http, web, events)
+    raw = await wait_rows(fast, "events.clicks", 100)
+    expected = recount(raw)
+    await wait_aggregated(fast, len(expected))
+    late = [{"type": "click", "x": 1, "y": 1, "event_id": "late-1", "user_id": "new",
+             "page_url": "https://shop.example/", "timestamp": (START + timedelta(seconds=30)).isoformat()}]
+    await send(http, web, late)
+    [row] = await wait_rows(fast, "events.late", 1)
+    assert (row["agent"], row["event_id"], row["window_start"], row["key"]) == \
+        ("clicks_per_minute", "late-1", START, "https://shop.example/")
+    assert aggregated(fast) == expected  # the closed window keeps its row (the default policy)
+    assert {r["event_id"] for r in await wait_rows(fast, "events.clicks", 101)} >= {"late-1"}  # raw keeps it
+
+    table = open_catalog(fast).load_table(AGG)
+    assert table.properties["streamapp.complete_before"] == "2026-11-27T10:00:00+00:00"
+    cli = spawn(f"complete {AGG} 2026-11-27", fast)
+    assert cli.wait(30) == 1
+    assert "2026-11-27 is not complete" in cli.output()
+    cli = spawn(f"complete {AGG} 2026-11-27T09", fast)
+    assert cli.wait(30) == 0, cli.output()
+    assert "2026-11-27T09 is complete" in cli.output()
+    assert "Traceback" not in worker.output()

@@ -179,7 +179,7 @@ class Aggregator(Generic[M]):
         rewrite = [s for s in self.slots.values() if s.emitted and s.dirty]
         # The completeness marker moves with the watermark: commit each hour it passes even when
         # no window closed then.
-        new_hour = self.complete_before(w) > self.complete_before(self.closed)
+        new_hour = self.closed > -math.inf and self.complete_before(w) > self.complete_before(self.closed)
         if not closing and not rewrite and not self.late and not new_hour:
             return None
         rows = [self._row(s) for s in closing + rewrite]

@@ -38,11 +38,13 @@ def entry_id(value: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# Run at agent start when the Iceberg table holds a position on this stream (ARGV[1]) that is at or
-# past the stream's last id: this Redis has lost the entries up to there (a wiped or replaced server)
-# and its clock is behind, so new entries got ids the sink would take as already committed. Move
-# the last id past the position and re-append the entries it holds, atomically. Returns how many
-# entries moved, or -1 when the stream is already past the position (the common case).
+# Run at agent start when the Iceberg table holds a position on this stream that is past the
+# stream's last id (or the stream is missing): this Redis has lost the entries up to there (a wiped
+# or replaced server) and its clock is behind, so new entries got ids the sink would take as already
+# committed. Move the last id past the position (ARGV[1]) and re-append the entries it holds,
+# atomically. Returns how many entries moved, or -1 when the stream's last id is at or past the
+# position (the common case; "at" is a stream drained and committed to its last entry, whose
+# entries must not move: they would get new ids and be written again).
 _LIFT_LUA = """
 local key = KEYS[1]
 local floor_ms, floor_seq = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -53,7 +55,7 @@ if redis.call('EXISTS', key) == 1 then
       local dash = string.find(info[i + 1], '-', 1, true)
       local ms = tonumber(string.sub(info[i + 1], 1, dash - 1))
       local seq = tonumber(string.sub(info[i + 1], dash + 1))
-      if ms > floor_ms or (ms == floor_ms and seq > floor_seq) then
+      if ms > floor_ms or (ms == floor_ms and seq >= floor_seq) then
         return -1
       end
     end

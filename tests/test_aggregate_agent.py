@@ -14,7 +14,7 @@ import pytest
 
 from streamapp.catalog import open_catalog
 from tests.conftest import table_rows, wait_until
-from tests.helpers import send, wait_rows
+from tests.helpers import assert_exactly_once, send, wait_rows
 
 AGG = "events.clicks_per_minute"
 START = datetime(2026, 11, 27, 10, 0, tzinfo=timezone.utc)
@@ -67,6 +67,7 @@ async def test_a_backfill_is_aggregated_like_a_batch_recount_and_closes_when_idl
     worker = spawn("worker", fast)
     await send(http, web, events, chunk=400)
     raw = await wait_rows(fast, "events.clicks", 400)
+    assert_exactly_once(raw, {e["event_id"] for e in events})
     expected = recount(raw)
     # the last minute closes only when the watermark moves on with the wall clock: no event follows
     got = await wait_aggregated(fast, len(expected))
@@ -94,6 +95,7 @@ async def test_sigkill_then_restart_writes_each_window_once_with_every_event(web
     assert await asyncio.to_thread(doomed.wait, 60) == -signal.SIGKILL, doomed.output()
     worker = spawn("worker", small)
     raw = await wait_rows(fast, "events.clicks", 300)
+    assert_exactly_once(raw, {e["event_id"] for e in events})
     expected = recount(raw)
     assert await wait_aggregated(fast, len(expected)) == expected
     await asyncio.sleep(2)  # a double write would land now
@@ -125,4 +127,28 @@ async def test_late_events_go_to_events_late_and_completeness_is_recorded(web, h
     cli = spawn(f"complete {AGG} 2026-11-27T09", fast)
     assert cli.wait(30) == 0, cli.output()
     assert "2026-11-27T09 is complete" in cli.output()
+    assert "Traceback" not in worker.output()
+
+
+async def test_sigkill_between_the_late_commit_and_the_aggregate_commit(web, http, fast, spawn, redis_server):
+    """The two tables are two commits: a kill between them replays the same entries against the
+    same committed watermark, so the late events are late again and written once."""
+    doomed = spawn("worker", fast, STREAMAPP_CRASH_AT="after_late_commit")
+    await send(http, web, history("p", 60, minutes=2))
+    raw = await wait_rows(fast, "events.clicks", 60)
+    expected = recount(raw)
+    await wait_aggregated(fast, len(expected))
+    # on time for a new minute, late for the first two, in one request so one flush sees them all
+    batch = [{"type": "click", "x": 1, "y": 1, "event_id": f"q{i}", "user_id": "z", "page_url": "https://shop.example/",
+              "timestamp": (START + timedelta(seconds=20 + 40 * i)).isoformat()} for i in range(3)]
+    await send(http, web, batch)
+    assert await asyncio.to_thread(doomed.wait, 30) == -signal.SIGKILL, doomed.output()
+    assert {r["event_id"] for r in table_rows(fast, "events.late")} == {"q0", "q1", "q2"}
+    worker = spawn("worker", fast)
+    raw = await wait_rows(fast, "events.clicks", 63)
+    await asyncio.to_thread(wait_until, lambda: "committed" in worker.output(), 30, 0.3, "a commit after the restart")
+    await asyncio.sleep(2)
+    late = table_rows(fast, "events.late")
+    assert sorted(r["event_id"] for r in late) == ["q0", "q1", "q2"]  # once each
+    assert aggregated(fast) == expected  # and counted in no window
     assert "Traceback" not in worker.output()

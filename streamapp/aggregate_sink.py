@@ -249,6 +249,8 @@ async def _run(windowed: Windowed, sink: AggregateSink, keep: float, aggs: dict[
     stream = group.stream
     settings = stream.app.settings
     restored = await asyncio.to_thread(sink.open)
+    log.info("%s: resuming from its last commit (position %s, watermark %s): re-reading after %s", stream.consumer,
+             restored.position, iso(restored.watermark) or "none", restored.replay_after)
     watermark = Watermark(settings.grace_seconds if windowed.grace is None else windowed.grace,
                           value=restored.watermark, max_event=restored.max_event, max_seen_at=restored.max_seen_at)
     agg = Aggregator(group.key, group.column, windowed.windows, aggs, watermark, keep=keep,

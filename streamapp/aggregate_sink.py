@@ -7,6 +7,10 @@ One flush is at most two Iceberg commits, in this order:
 2. the aggregate rows to the aggregate table (rewritten windows deleted in the same
    transaction) with `P`, the replay cursor, the watermark and the completeness marker.
 
+Session windows add a snapshot of their open sessions: a JSON file written next to the table's
+data before commit 2 and named in its properties, so it takes effect with that commit or not at
+all (a file left by a killed attempt is unreferenced, like an orphan data file).
+
 Both commits are compare-and-sets on this agent's position in that table: each goes in only while
 the table still holds the position this agent last saw there; otherwise another worker moved it,
 and the agent starts over from what is committed. A crash between 1 and 2 replays the same
@@ -24,6 +28,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,12 +41,12 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.types import LongType, NestedField, StringType, TimestamptzType
 
-from streamapp.aggregate import Aggregation, Aggregator, Flush, utc
+from streamapp.aggregate import Aggregation, Aggregator, Flush, SessionAggregator, utc
 from streamapp.catalog import ensure_table
 from streamapp.faults import crashpoint
 from streamapp.sink import position_property
 from streamapp.stream import entry_id
-from streamapp.windows import Watermark
+from streamapp.windows import Sessions, Watermark
 
 if TYPE_CHECKING:
     from streamapp.aggregate import Windowed
@@ -99,6 +104,10 @@ def state_property(stream_key: str, consumer: str) -> str:
     return f"streamapp.state.{stream_key}|{consumer}"
 
 
+def snapshot_property(stream_key: str, consumer: str) -> str:
+    return f"streamapp.snapshot.{stream_key}|{consumer}"
+
+
 def iso(t: float) -> str:
     return utc(t).isoformat() if t > -math.inf else ""
 
@@ -111,6 +120,7 @@ class Restored:
     watermark: float
     max_event: float
     max_seen_at: float
+    state: dict | None  # session windows: the snapshot the last commit referenced
 
 
 class AggregateSink:
@@ -125,6 +135,7 @@ class AggregateSink:
         self.pos_key = position_property(stream_key, consumer)
         self.replay_key = replay_property(stream_key, consumer)
         self.state_key = state_property(stream_key, consumer)
+        self.snapshot_key = snapshot_property(stream_key, consumer)
         self.table: Table | None = None
         self.late: Table | None = None
         self.base: str | None = None  # our position in the aggregate table, as last seen there
@@ -138,10 +149,14 @@ class AggregateSink:
         self.base = props.get(self.pos_key)
         self.late_base = self.late.properties.get(self.pos_key)
         state = json.loads(props.get(self.state_key, "{}"))
+        snapshot = None
+        if path := props.get(self.snapshot_key):
+            with self.table.io.new_input(path).open() as f:
+                snapshot = json.loads(f.read())
         return Restored(position=self.base, replay_after=props.get(self.replay_key, "0-0"),
                         late_position=self.late_base,
                         watermark=state.get("watermark", -math.inf), max_event=state.get("max_event", -math.inf),
-                        max_seen_at=state.get("max_seen_at", -math.inf))
+                        max_seen_at=state.get("max_seen_at", -math.inf), state=snapshot)
 
     def commit(self, flush: Flush) -> None:
         if flush.late:
@@ -187,6 +202,11 @@ class AggregateSink:
             WATERMARK: iso(flush.watermark),
             COMPLETE_BEFORE: iso(flush.complete_before),
         }
+        previous = self.table.properties.get(self.snapshot_key)
+        if flush.state is not None:
+            props[self.snapshot_key] = path = f"{self.table.location()}/streamapp-state/{uuid.uuid4().hex}.json"
+            with self.table.io.new_output(path).create() as f:
+                f.write(json.dumps(flush.state).encode())
         for attempt in range(1, MAX_ATTEMPTS + 1):
             self.table.refresh()
             self._check(self.table, self.base)
@@ -203,6 +223,8 @@ class AggregateSink:
                 _backoff(name, attempt)
                 continue
             self.base = flush.position
+            if previous and flush.state is not None:
+                self.table.io.delete(previous)  # no longer referenced; a kill before this leaves an orphan
             crashpoint(self.crash_at, "aggregate_after_commit")
             log.info("committed %d rows (%d rewritten) to %s up to %s, watermark %s", rows.num_rows,
                      len(flush.rewrite), name, flush.position, iso(flush.watermark))
@@ -253,9 +275,14 @@ async def _run(windowed: Windowed, sink: AggregateSink, keep: float, aggs: dict[
              restored.position, iso(restored.watermark) or "none", restored.replay_after)
     watermark = Watermark(settings.grace_seconds if windowed.grace is None else windowed.grace,
                           value=restored.watermark, max_event=restored.max_event, max_seen_at=restored.max_seen_at)
-    agg = Aggregator(group.key, group.column, windowed.windows, aggs, watermark, keep=keep,
-                     closed=restored.watermark, replay_through=restored.position,
-                     hold_until=restored.late_position)
+    agg: Aggregator
+    if isinstance(windowed.windows, Sessions):
+        agg = SessionAggregator(group.key, group.column, windowed.windows, aggs, watermark, closed=restored.watermark,
+                                position=restored.position, hold_until=restored.late_position, state=restored.state)
+    else:
+        agg = Aggregator(group.key, group.column, windowed.windows, aggs, watermark, keep=keep,
+                         closed=restored.watermark, replay_through=restored.position,
+                         hold_until=restored.late_position)
     n = settings.window_count
     async for batch in stream.read(restored.replay_after, n, TICK_SECONDS, idle=True):
         for stream_id, event in zip(batch.ids, batch.events):

@@ -76,6 +76,26 @@ class Hopping:
         return windows[::-1]
 
 
+@dataclass(frozen=True)
+class Sessions:
+    """Per key, events less than `gap` seconds apart share a session `[first, last + gap)`; an
+    event may bridge two sessions into one. Which session an event joins depends on the others,
+    so sessions are kept by `streamapp.aggregate.SessionAggregator`, not assigned here."""
+
+    gap: float
+
+    def __post_init__(self) -> None:
+        if self.gap <= 0:
+            raise ValueError("a session gap must be > 0")
+
+    def window(self, first: float, last: float) -> Window:
+        return Window(first, last + self.gap)
+
+    def touches(self, session: Window, t: float) -> bool:
+        """Is `t` less than `gap` from the session's first or last event (or between them)?"""
+        return session.start - self.gap < t < session.end
+
+
 class Watermark:
     """The watermark of one stream (see the module docstring). `lateness` in seconds."""
 

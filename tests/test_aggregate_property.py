@@ -16,14 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.click import ClickEvent
-from streamapp.aggregate import Aggregator, count, distinct
+from streamapp.aggregate import Aggregator, SessionAggregator, count, distinct
 from streamapp.aggregate_sink import LATE_TABLE, AggregateSink, aggregate_spec
 from streamapp.catalog import open_catalog
 from streamapp.settings import Settings
 from streamapp.stream import entry_id
-from streamapp.windows import Hopping, Tumbling, Watermark
+from streamapp.windows import Hopping, Sessions, Tumbling, Watermark
 
 LATENESS = 10.0
+GAP = 30.0
 BASE = 1_795_000_000  # 2026-11-19
 STREAM = "streamapp:{streamapp}:events:click"
 
@@ -37,15 +38,17 @@ event = st.tuples(
 
 @settings(max_examples=60, deadline=None)
 @given(events=st.lists(event, min_size=8, max_size=60),
-       hopping=st.booleans(),
+       kind=st.sampled_from(["tumbling", "hopping", "session"]),
        keep=st.sampled_from([0.0, 120.0, 1e9]),
        batches=st.lists(st.integers(1, 8), min_size=1, max_size=10),
        ticks=st.lists(st.floats(0, 1), min_size=1, max_size=10),
        crashes=st.dictionaries(st.integers(1, 6), st.sampled_from(["before_commit", "after_late", "after_commit"]),
                                max_size=3))
-def test_streaming_aggregate_equals_batch_recount(events, hopping, keep, batches, ticks, crashes):
-    windows = Hopping(60, 20) if hopping else Tumbling(60)
-    arrivals = sorted((BASE * 1000 + t + d, t, page, user) for t, d, page, user in events)
+def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, ticks, crashes):
+    windows = {"tumbling": Tumbling(60), "hopping": Hopping(60, 20), "session": Sessions(GAP)}[kind]
+    if kind == "session":
+        keep = 0.0  # sessions are never rewritten
+    arrivals = sorted(((BASE * 1000 + t + d, t, page, user) for t, d, page, user in events), key=lambda a: a[0])
     entries = []  # (stream id, event, event time, received)
     for seq, (received_ms, t, page, user) in enumerate(arrivals):
         ev = ClickEvent(x=0, y=0, event_id=f"e{seq}", page_url=page, user_id=user,
@@ -60,9 +63,13 @@ def test_streaming_aggregate_equals_batch_recount(events, hopping, keep, batches
             sink = AggregateSink(catalog, spec, STREAM, "prop")
             r = sink.open()
             wm = Watermark(LATENESS, value=r.watermark, max_event=r.max_event, max_seen_at=r.max_seen_at)
-            agg = Aggregator(lambda e: e.page_url, "page_url", windows,
-                             {"clicks": count(), "users": distinct(lambda e: e.user_id)}, wm, keep=keep,
-                             closed=r.watermark, replay_through=r.position, hold_until=r.late_position)
+            aggs = {"clicks": count(), "users": distinct(lambda e: e.user_id)}
+            if kind == "session":  # restored from the snapshot the last commit referenced
+                agg = SessionAggregator(lambda e: e.page_url, "page_url", windows, aggs, wm, closed=r.watermark,
+                                        position=r.position, hold_until=r.late_position, state=r.state)
+            else:  # rebuilt by re-reading the stream after the replay cursor
+                agg = Aggregator(lambda e: e.page_url, "page_url", windows, aggs, wm, keep=keep,
+                                 closed=r.watermark, replay_through=r.position, hold_until=r.late_position)
             return sink, agg, r.replay_after
 
         sink, agg, cursor = start()
@@ -106,19 +113,33 @@ def test_streaming_aggregate_equals_batch_recount(events, hopping, keep, batches
     assert all(c == 1 for c in late_pairs.values()), "an event routed to events.late twice"
 
     received = {stream_id: rcv for stream_id, _, _, rcv in entries}
-    clicks: Counter = Counter()
-    users: dict = defaultdict(set)
-    for stream_id, ev, t, rcv in entries:
-        for w in windows.assign(t):
-            if (stream_id, w.start) in late_pairs:
-                # late means: behind a committed watermark, which trails every receipt by the lateness
-                assert w.end <= received[stream_id] - LATENESS
-                continue
-            clicks[(w.start, ev.page_url)] += 1
-            if ev.user_id is not None:
-                users[(w.start, ev.page_url)].add(ev.user_id)
-    batch = {k: (c, len(users[k])) for k, c in clicks.items()}
-    stream = {(r["window_start"].timestamp(), r["page_url"]): (r["clicks"], r["users"]) for r in aggregated}
+    for r in late:  # late means: behind a committed watermark, which trails every receipt by the lateness
+        assert r["event_time"].timestamp() < received[r["stream_id"]] - LATENESS
+        assert r["window_end"].timestamp() <= received[r["stream_id"]] - LATENESS
+    members: dict[tuple, list] = defaultdict(list)  # (start, end, key) -> its events
+    if kind == "session":  # per key, sorted by time, cut where two events are `GAP` or more apart
+        late_ids = {stream_id for stream_id, _ in late_pairs}
+        by_key = defaultdict(list)
+        for stream_id, ev, t, _ in entries:
+            if stream_id not in late_ids:
+                by_key[ev.page_url].append((t, ev))
+        for key, items in by_key.items():
+            items.sort(key=lambda x: x[0])
+            session: list = []
+            for t, ev in items:
+                if session and t - session[-1][0] >= GAP:
+                    members[(session[0][0], session[-1][0] + GAP, key)] = [e for _, e in session]
+                    session = []
+                session.append((t, ev))
+            members[(session[0][0], session[-1][0] + GAP, key)] = [e for _, e in session]
+    else:
+        for stream_id, ev, t, _ in entries:
+            for w in windows.assign(t):
+                if (stream_id, w.start) not in late_pairs:
+                    members[(w.start, w.end, ev.page_url)].append(ev)
+    batch = {k: (len(evs), len({e.user_id for e in evs} - {None})) for k, evs in members.items()}
+    stream = {(r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): (r["clicks"], r["users"])
+              for r in aggregated}
     assert stream == batch
     if keep == 1e9:
         assert late == []  # every late event updated its window

@@ -3,12 +3,13 @@ restart rebuilds. Times are seconds; an entry's id is its receive time in ms, as
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
-from streamapp.aggregate import Aggregator, Flush, count, distinct
+from streamapp.aggregate import Aggregator, Flush, SessionAggregator, count, distinct
 from streamapp.stream import entry_id
-from streamapp.windows import Hopping, Tumbling, Watermark
+from streamapp.windows import Hopping, Sessions, Tumbling, Watermark
 
 
 @dataclass
@@ -162,3 +163,94 @@ def test_the_completeness_marker_is_the_last_hour_whose_windows_are_all_final():
     agg2 = make(keep=300)
     agg2.add(feed.id(3600 * 5 + 30), E("a", "u"), 3600 * 5 + 30)
     assert agg2.flush(now=3600 * 6 + 69.9).complete_before == 3600 * 5  # kept windows may still change
+
+
+def sessions(**restore) -> SessionAggregator:
+    wm = Watermark(10, value=restore.pop("watermark", -math.inf), max_event=restore.pop("max_event", -math.inf),
+                   max_seen_at=restore.pop("max_seen_at", -math.inf))
+    return SessionAggregator(lambda e: e.page, "page_url", Sessions(30),
+                             {"clicks": count(), "users": distinct(lambda e: e.user)}, wm, closed=wm.value, **restore)
+
+
+def spans(flush: Flush | None) -> dict:
+    assert flush is not None
+    return {(r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): (r["clicks"], r["users"])
+            for r in flush.rows}
+
+
+def test_sessions_merge_bridge_and_close_gap_plus_lateness_after_their_last_event():
+    agg, feed = sessions(), Feed()
+    for t, page, user in [(1000, "a", "u1"), (1050, "a", "u2"), (1010, "b", "u1"), (1029.9, "a", "u3"),
+                          (1039.9, "b", "u2")]:
+        agg.add(feed.id(1050), E(page, user), t)  # a: 1000, 1029.9 and 1050 chain into one session
+    assert agg.flush(now=1050) is None
+    agg.add(feed.id(1080), E("a", "u1"), 1080)  # exactly `gap` after 1050: a new session
+    assert spans(agg.flush(now=1080)) == {(1010, 1069.9, "b"): (2, 2)}  # W = 1070
+    assert spans(agg.flush(now=1091)) == {(1000, 1080, "a"): (3, 3)}  # W = 1081 (idle)
+    assert spans(agg.flush(now=1121)) == {(1080, 1110, "a"): (1, 1)}
+
+
+def test_an_event_bridging_two_open_sessions_makes_one():
+    agg, feed = sessions(), Feed()
+    agg.add(feed.id(1000), E("a", "u1"), 1000)
+    agg.add(feed.id(1001), E("a", "u2"), 1050)
+    agg.add(feed.id(1002), E("a", "u1"), 1025)  # within 30 s of both
+    assert spans(agg.flush(now=10_000)) == {(1000, 1080, "a"): (3, 2)}
+
+
+def test_late_session_events_go_to_the_late_list():
+    agg, feed = sessions(), Feed()
+    agg.add(feed.id(1000), E("a", "u1"), 1000)
+    assert spans(agg.flush(now=1041)) == {(1000, 1030, "a"): (1, 1)}  # W = 1031
+    agg.add(feed.id(1042), E("a", "u2"), 1020)  # within the gap of the written session
+    agg.add(feed.id(1043), E("b", "u2"), 1000)  # its own session [1000, 1030) is behind W
+    agg.add(feed.id(1044), E("b", "u2"), 1002)  # ([1002, 1032) is not: on time)
+    f = agg.flush(now=1100)
+    assert [(x["key"], x["window"].start, x["window"].end) for x in f.late] == [("a", 1000, 1030), ("b", 1000, 1030)]
+    assert spans(f) == {(1002, 1032, "b"): (1, 1)}
+
+
+def test_sessions_restore_from_their_snapshot():
+    """What a commit's snapshot holds is enough to go on: no replay of the stream."""
+    feed = Feed()
+    entries = [(feed.id(r), E(p, u), t) for r, t, p, u in [
+        (1000, 1000, "a", "u1"), (1001, 1001, "b", "u1"), (1040, 1020, "a", "u2"), (1045, 1045, "b", "u2"),
+        (1060, 1060, "a", "u3"), (1061, 1031, "b", "u3"), (1100, 1085, "a", "u1"), (1130, 1060, "b", "u4"),
+        (1200, 1190, "a", "u2")]]
+    never, reference = sessions(), {}
+    for stream_id, e, t in entries:
+        never.add(stream_id, e, t)
+        if (f := never.flush()) is not None:
+            reference.update(spans(f))
+    reference.update(spans(never.flush(now=10_000)))
+    first, emitted = sessions(), {}
+    commit = None
+    for stream_id, e, t in entries[:6]:
+        first.add(stream_id, e, t)
+        if (f := first.flush()) is not None:
+            emitted.update(spans(f))
+            commit = f
+    assert commit is not None and commit.state["sessions"]  # open sessions in the snapshot
+    assert commit.replay_after == commit.position  # read on after the position, nothing again
+    restarted = sessions(watermark=commit.watermark, max_event=commit.max_event, max_seen_at=commit.max_seen_at,
+                         position=commit.position, state=json.loads(json.dumps(commit.state)))
+    for stream_id, e, t in entries:
+        if entry_id(stream_id) > entry_id(commit.position):
+            restarted.add(stream_id, e, t)
+            if (f := restarted.flush()) is not None:
+                assert not set(spans(f)) & set(emitted)
+                emitted.update(spans(f))
+    emitted.update(spans(restarted.flush(now=10_000)))
+    assert emitted == reference
+
+
+def test_the_session_completeness_marker_waits_for_open_sessions():
+    agg, feed = sessions(), Feed()
+    agg.add(feed.id(3600 * 5 + 3590), E("a", "u"), 3600 * 5 + 3590)  # a session from 5:59:50
+    agg.add(feed.id(3600 * 7), E("b", "u"), 3600 * 7)  # W = 6:59:50; a's session closed at 6:00:30
+    assert agg.flush().complete_before == 3600 * 6
+    for i in range(1, 200):  # b: an open session going on, from 7:00 for over an hour (to 8:06:20)
+        agg.add(feed.id(3600 * 7 + 20 * i), E("b", "u"), 3600 * 7 + 20 * i)
+    agg.add(feed.id(3600 * 8 + 390), E("c", "u"), 3600 * 8 + 390)  # W = 8:06:20
+    f = agg.flush()
+    assert f is not None and f.complete_before == 3600 * 7  # not 8:00: b's session started at 7:00

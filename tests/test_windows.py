@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamapp.windows import Hopping, Tumbling, Watermark, Window
+from streamapp.windows import Hopping, Sessions, Tumbling, Watermark, Window
 
 
 def test_tumbling_windows_are_half_open_and_epoch_aligned():
@@ -126,3 +126,13 @@ def test_restored_watermark_continues_from_the_commit():
     assert wm.value == 120  # never below what was committed
     wm.tick(140)
     assert wm.value == 125 - 10 + 14
+
+
+def test_a_session_takes_events_less_than_gap_apart():
+    s = Sessions(30)
+    w = s.window(100, 140)
+    assert w == Window(100, 170)
+    assert s.touches(w, 120) and s.touches(w, 70.001) and s.touches(w, 169.999)
+    assert not s.touches(w, 70) and not s.touches(w, 170)  # exactly `gap` away: a new session
+    with pytest.raises(ValueError):
+        Sessions(0)

@@ -57,7 +57,7 @@ def _show(settings: Settings, table: str, limit: int) -> None:
     rows = t.scan().to_arrow()
     print(f"{table}: {rows.num_rows} rows")
     if rows.num_rows:
-        order = "event_time" if "event_time" in rows.column_names else "received_at"
+        order = next(c for c in ("event_time", "received_at", "window_start") if c in rows.column_names)
         rows = rows.sort_by([(order, "ascending")])
         for row in rows.slice(max(0, rows.num_rows - limit)).to_pylist():
             print({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None})

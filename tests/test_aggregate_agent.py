@@ -77,6 +77,9 @@ async def test_a_backfill_is_aggregated_like_a_batch_recount_and_closes_when_idl
     assert sum(c for c, _ in got.values()) == 400
     table = open_catalog(fast).load_table(AGG)
     assert str(table.spec().fields[0].transform) == "day"
+    show = spawn(f"show {AGG} -n 2", fast)
+    assert show.wait(30) == 0, show.output()
+    assert f"{AGG}: {len(expected)} rows" in show.output() and "'window_start': '2026-11-27T10:02:00+00:00'" in show.output()
     assert table_rows(fast, "events.late") == []  # history arriving at once is not late
     assert "Traceback" not in worker.output()
 
@@ -157,3 +160,23 @@ async def test_sigkill_between_the_late_commit_and_the_aggregate_commit(web, htt
     assert sorted(r["event_id"] for r in late) == ["q0", "q1", "q2"]  # once each
     assert aggregated(fast) == expected  # and counted in no window
     assert "Traceback" not in worker.output()
+
+
+async def test_two_workers_running_the_aggregate_write_each_window_once(web, http, fast, spawn):
+    """Both read the whole stream and race to commit the same windows: the commit is a
+    compare-and-set on the agent's position, so the loser starts over from what the winner wrote."""
+    racing = dataclasses.replace(fast, window_count=50)
+    a = spawn("worker", racing)
+    b = spawn("worker", racing)
+    events = sorted(history("w", 400, minutes=5, seed=3), key=lambda e: e["timestamp"])
+    for i in range(0, 400, 50):
+        await send(http, web, events[i:i + 50])
+        await asyncio.sleep(0.2)
+    raw = await wait_rows(fast, "events.clicks", 400)
+    expected = recount(raw)
+    assert await wait_aggregated(fast, len(expected), timeout=60) == expected
+    await asyncio.sleep(2)
+    assert aggregated(fast) == expected
+    logs = a.output() + b.output()
+    assert "Traceback" not in logs
+    assert "another worker committed" in logs  # the race was real

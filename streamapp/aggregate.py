@@ -261,8 +261,8 @@ class SessionAggregator(Aggregator[M]):
         self.by_key: dict[str | None, list[Slot]] = {}
         self.aggs = list(aggs.values())
         for k, start, end, first_id, emitted, accs in (state or {}).get("sessions", []):
-            self.by_key.setdefault(k, []).append(Slot(Window(start, end), k, [a.load(v) for a, v in zip(self.aggs, accs)],
-                                                      tuple(first_id), emitted))
+            loaded = [a.load(v) for a, v in zip(self.aggs, accs)]
+            self.by_key.setdefault(k, []).append(Slot(Window(start, end), k, loaded, tuple(first_id), emitted))
         super().__init__(key, column, sessions, aggs, watermark, closed=closed, replay_through=position,
                          hold_until=hold_until)
 

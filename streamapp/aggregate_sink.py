@@ -202,7 +202,6 @@ class AggregateSink:
             WATERMARK: iso(flush.watermark),
             COMPLETE_BEFORE: iso(flush.complete_before),
         }
-        previous = self.table.properties.get(self.snapshot_key)
         if flush.state is not None:
             props[self.snapshot_key] = path = f"{self.table.location()}/streamapp-state/{uuid.uuid4().hex}.json"
             with self.table.io.new_output(path).create() as f:
@@ -210,6 +209,7 @@ class AggregateSink:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             self.table.refresh()
             self._check(self.table, self.base)
+            previous = self.table.properties.get(self.snapshot_key)  # ours: the position is
             crashpoint(self.crash_at, "aggregate_before_commit")
             try:
                 with self.table.transaction() as tx:
@@ -239,7 +239,7 @@ class AggregateSink:
         return found
 
     def _rows_of(self, windows: list) -> BooleanExpression:
-        column = self.spec.schema.fields[2].name
+        column = self.spec.schema.fields[2].name  # the key's
         return functools.reduce(Or, [
             And(EqualTo("window_start", start.isoformat()), IsNull(column) if key is None else EqualTo(column, key))
             for start, key in windows])

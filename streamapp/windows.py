@@ -8,9 +8,9 @@ The watermark is the event time before which no more events are expected. It is
     W = max_event_time - lateness + max(0, clock - clock_when_max_event_time_was_seen)
 
 floored by its own past values (it never goes back); an event time later than the event's
-receipt counts as its receipt time (a client clock running ahead must not make everyone late). `clock` is processing time as seen through
-the stream: the Redis receive time (entry id) of each entry read, and the wall clock only when the
-reader is caught up (`tick`). So:
+receipt counts as its receipt time (a client clock running ahead must not make everyone late).
+`clock` is processing time as seen through the stream: the Redis receive time (entry id) of each
+entry read, and the wall clock only when the reader is caught up (`tick`). So:
 
 - on a live stream, event time ~ receive time and W trails the newest event by `lateness`;
 - on an idle stream, W keeps moving with the wall clock, and a window `[s, e)` closes `lateness`

@@ -43,7 +43,8 @@ def rows(flush: Flush | None) -> dict:
 
 def test_a_window_closes_when_the_watermark_passes_its_end_not_before():
     agg, feed = make(), Feed()
-    for t, page, user in [(1000, "a", "u1"), (1010, "a", "u2"), (1019, "a", "u1"), (1030, "b", None), (1079, "a", "u3")]:
+    for t, page, user in [(1000, "a", "u1"), (1010, "a", "u2"), (1019, "a", "u1"), (1030, "b", None),
+                          (1079, "a", "u3")]:
         agg.add(feed.id(t), E(page, user), t)  # live: received when it happened
     assert rows(agg.flush()) == {(960, "a"): (3, 2)}  # W = 1069: [960, 1020) closes, [1020, 1080) not
     agg.add(feed.id(1080), E("a", "u1"), 1079.5)

@@ -143,3 +143,25 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
     assert stream == batch
     if keep == 1e9:
         assert late == []  # every late event updated its window
+
+
+def test_rewriting_a_window_keeps_the_null_key_row_of_the_same_window(tmp_path):
+    """Found by the property test: a late event rewrote (window, "a") and pyiceberg's
+    copy-on-write delete took (window, null) with it."""
+    T0 = 1_795_000_020  # on a minute
+    catalog = open_catalog(Settings(warehouse=tmp_path))
+    sink = AggregateSink(catalog, aggregate_spec("events.agg", "page_url", ["clicks", "users"]), STREAM, "prop")
+    sink.open()
+    agg = Aggregator(lambda e: e.page_url, "page_url", Tumbling(60), {"clicks": count(), "users": count()},
+                     Watermark(0), keep=600)
+    for i, (t, page) in enumerate([(0, "a"), (1, None), (60, "a"), (61, None), (200, "b")]):
+        agg.add(f"{(T0 + t) * 1000}-{i}", ClickEvent(x=0, y=0, page_url=page), T0 + t)
+    sink.commit(agg.flush())
+    agg.add(f"{(T0 + 201) * 1000}-9", ClickEvent(x=0, y=0, page_url="a"), T0 + 2)  # late: rewrites (0, "a")
+    agg.add(f"{(T0 + 202) * 1000}-9", ClickEvent(x=0, y=0), T0 + 62)  # late: rewrites (60, null)
+    flush = agg.flush()
+    assert len(flush.rewrite) == 2
+    sink.commit(flush)
+    rows = catalog.load_table("events.agg").scan().to_arrow().to_pylist()
+    assert sorted(((r["window_start"].timestamp() - T0, r["page_url"] or ""), r["clicks"]) for r in rows) == [
+        ((0, ""), 1), ((0, "a"), 2), ((60, ""), 2), ((60, "a"), 1)]

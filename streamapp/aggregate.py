@@ -338,6 +338,8 @@ class GroupBy(Generic[M]):
 
 @dataclass
 class Windowed(Generic[M]):
+    """Keyed events in event-time windows, ready to `aggregate` into a table."""
+
     group: GroupBy[M]
     windows: Tumbling | Hopping | Sessions
     grace: float | None
@@ -350,6 +352,10 @@ class Windowed(Generic[M]):
         go to `events.late` (see the module docstring); session windows take no `keep`."""
         from streamapp.aggregate_sink import run_aggregate
 
+        if not aggs:
+            raise ValueError("aggregate() needs at least one column, e.g. clicks=count()")
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
         if keep and isinstance(self.windows, Sessions):
             raise ValueError("session windows are never rewritten: late events go to events.late (keep=0)")
         await run_aggregate(self, table, keep, aggs)

@@ -4,7 +4,8 @@ Positions, not consumer groups: each agent reads the whole stream in entry-id or
 position it committed, so the sink can make a window idempotent by comparing entry ids with the
 position stored in the Iceberg table (see `streamapp.sink`). Redis keeps only a hint of that
 position (`keys.ACKS`), written after the commit; it decides where reading resumes and how far the
-stream may be trimmed, never what is written.
+stream may be trimmed, never what is written. (An aggregate agent acks its replay cursor instead,
+the oldest entry its open windows still need, and resumes from the cursor its table records.)
 """
 
 from __future__ import annotations

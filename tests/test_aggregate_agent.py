@@ -8,6 +8,7 @@ import dataclasses
 import random
 import re
 import signal
+import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
@@ -183,3 +184,22 @@ async def test_two_workers_running_the_aggregate_write_each_window_once(web, htt
     logs = a.output() + b.output()
     assert "Traceback" not in logs
     assert "another worker committed" in logs  # the race was real
+
+
+async def test_an_idle_stream_closes_its_window_grace_seconds_after_its_end(web, http, settings, spawn):
+    """One event, nothing after it: its window is written `grace` seconds (of the wall clock)
+    after the window's end is reached, extrapolated from when the event was received, not never."""
+    graced = dataclasses.replace(settings, grace_seconds=2.0)
+    worker = spawn("worker", graced)
+    await asyncio.to_thread(wait_until, lambda: "clicks_per_minute: resuming" in worker.output(), 20, 0.1, "start")
+    end = datetime.now(timezone.utc).replace(second=0, microsecond=0)  # a minute that has just ended
+    event = {"type": "click", "x": 1, "y": 1, "event_id": "i1", "page_url": "https://shop.example/",
+             "timestamp": (end - timedelta(seconds=2)).isoformat()}  # 2 s before its window's end
+    sent = time.monotonic()
+    await send(http, web, [event])
+    await asyncio.to_thread(wait_until, lambda: table_rows(graced, AGG), 20, 0.1, "the window's row")
+    elapsed = time.monotonic() - sent
+    # due when W = t - grace + idle reaches the end: 2 s to the end + 2 s of grace after receipt
+    assert 3.5 <= elapsed <= 4 + 2.5, elapsed  # + the 1 s flush period and a commit
+    [row] = table_rows(graced, AGG)
+    assert (row["window_end"], row["clicks"]) == (end, 1)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from datetime import datetime, timedelta, timezone
 
 from streamapp.settings import Settings, SettingsError
 
@@ -63,21 +64,21 @@ def _show(settings: Settings, table: str, limit: int) -> None:
             print({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None})
 
 
-def _complete(settings: Settings, table: str, period: str) -> int:
-    """Is every window of `period` (a day, 2026-11-27, or an hour, 2026-11-27T13) final in
-    `table`? One metadata read: the marker the aggregate agent commits with its rows."""
-    from datetime import datetime, timedelta, timezone
+def _period_end(period: str) -> datetime:
+    """The end of a UTC day (2026-11-27) or hour (2026-11-27T13)."""
+    try:
+        end = datetime.strptime(period, "%Y-%m-%dT%H") + timedelta(hours=1)
+    except ValueError:
+        end = datetime.strptime(period, "%Y-%m-%d") + timedelta(days=1)
+    return end.replace(tzinfo=timezone.utc)
 
+
+def _complete(settings: Settings, table: str, period: str, end: datetime) -> int:
+    """Is every window of `period` final in `table`? One metadata read: the marker the aggregate
+    agent commits with its rows."""
     from streamapp.aggregate_sink import COMPLETE_BEFORE
     from streamapp.catalog import open_catalog
 
-    try:
-        start = datetime.strptime(period, "%Y-%m-%dT%H")
-        end = start + timedelta(hours=1)
-    except ValueError:
-        start = datetime.strptime(period, "%Y-%m-%d")
-        end = start + timedelta(days=1)
-    end = end.replace(tzinfo=timezone.utc)
     marker = open_catalog(settings).load_table(table).properties.get(COMPLETE_BEFORE, "")
     final_before = datetime.fromisoformat(marker) if marker else None
     if final_before is not None and final_before >= end:
@@ -119,4 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "show":
         _show(settings, args.table, args.n)
     elif args.command == "complete":
-        sys.exit(_complete(settings, args.table, args.period))
+        try:
+            end = _period_end(args.period)
+        except ValueError:
+            parser.exit(2, f"streamapp: {args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)\n")
+        sys.exit(_complete(settings, args.table, args.period, end))

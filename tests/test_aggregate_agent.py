@@ -139,6 +139,8 @@ async def test_late_events_go_to_events_late_and_completeness_is_recorded(web, h
     cli = spawn(f"complete {AGG} 2026-11-27T09", fast)
     assert cli.wait(30) == 0, cli.output()
     assert "2026-11-27T09 is complete" in cli.output()
+    cli = spawn(f"complete {AGG} 27/11/2026", fast)
+    assert cli.wait(30) == 2 and "is neither a day" in cli.output()
     assert "Traceback" not in worker.output()
 
 

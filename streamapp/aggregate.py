@@ -3,16 +3,15 @@
     stream.group_by(lambda e: e.page_url, column="page_url").tumbling(60).aggregate(
         "events.clicks_per_minute", clicks=count(), unique_users=distinct(lambda e: e.user_id))
 
-Tumbling and hopping state is not stored anywhere: it is recomputed from the stream. Each commit of the aggregate
-table records, with the rows, the position `P` read up to, the watermark `W` the rows were closed
-with, and a replay cursor `R`: the entry just before the oldest event any still-open window holds.
-The stream is trimmed no further than `R` (it is this consumer's Redis ack), so after a crash the
-agent re-reads `(R, P]` and puts each event back into exactly the windows that were open at that
-commit (those ending after `W`, or after `W - keep` for kept windows, below), then goes on past
-`P` as new. Why not keep the state in Redis: it would have to change atomically with an Iceberg
-commit, which no Redis operation can; a replay of at most one window's span plus the grace period
-needs no second source of truth and survives a Redis that lost its data the same way the raw
-sinks do.
+Tumbling and hopping state is not stored anywhere: it is recomputed from the stream. Each commit
+of the aggregate table records, with the rows, the position `P` read up to, the watermark `W` the
+rows were closed with, and a replay cursor `R`: the entry just before the oldest event any
+still-open window holds. The stream is trimmed no further than `R` (it is this consumer's Redis
+ack), so after a crash the agent re-reads `(R, P]` and puts each event back into exactly the
+windows that were open at that commit (those ending after `W`, or after `W - keep` for kept
+windows, below), then goes on past `P` as new. Why not keep the state in Redis: it would have to
+change atomically with an Iceberg commit, which no Redis operation can; a replay of at most one
+window's span plus the grace period needs no second source of truth.
 
 Late events (their window's end is at or behind the watermark) are never dropped. Lateness is
 judged against the watermark of the last commit, not the live one, so a replay after a crash

@@ -108,7 +108,7 @@ class App:
 
     def stream(self, model: type) -> Stream:
         """The stream of one event type (or of `Rejected`), for an agent to consume."""
-        return Stream(model)
+        return Stream(model, self)
 
     def agent(self, stream: Stream, *, name: str | None = None) -> Callable[[F], F]:
         """Register an async function that consumes `stream`. Its name is its consumer identity:

@@ -1,11 +1,13 @@
-"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show."""
+"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | complete."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import signal
+import sys
 from collections.abc import Coroutine
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from streamapp import logs
@@ -62,10 +64,34 @@ def _show(settings: Settings, table: str, limit: int) -> None:
     rows = t.scan().to_arrow()
     print(f"{table}: {rows.num_rows} rows")
     if rows.num_rows:
-        order = "event_time" if "event_time" in rows.column_names else "received_at"
+        order = next(c for c in ("event_time", "received_at", "window_start") if c in rows.column_names)
         rows = rows.sort_by([(order, "ascending")])
         for row in rows.slice(max(0, rows.num_rows - limit)).to_pylist():
             print({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None})
+
+
+def _period_end(period: str) -> datetime:
+    """The end of a UTC day (2026-11-27) or hour (2026-11-27T13)."""
+    try:
+        end = datetime.strptime(period, "%Y-%m-%dT%H") + timedelta(hours=1)
+    except ValueError:
+        end = datetime.strptime(period, "%Y-%m-%d") + timedelta(days=1)
+    return end.replace(tzinfo=timezone.utc)
+
+
+def _complete(settings: Settings, table: str, period: str, end: datetime) -> int:
+    """Is every window of `period` final in `table`? One metadata read: the marker the aggregate
+    agent commits with its rows."""
+    from streamapp.aggregate_sink import COMPLETE_BEFORE
+    from streamapp.catalog import open_catalog
+
+    marker = open_catalog(settings).load_table(table).properties.get(COMPLETE_BEFORE, "")
+    final_before = datetime.fromisoformat(marker) if marker else None
+    if final_before is not None and final_before >= end:
+        print(f"{period} is complete in {table}: every window starting before {final_before.isoformat()} is final")
+        return 0
+    print(f"{period} is not complete in {table}: windows are final only before {marker or 'nothing yet'}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("show", help="print a table's row count and its latest rows")
     show.add_argument("table", help='e.g. "events.clicks"')
     show.add_argument("-n", type=int, default=10, help="how many rows (default 10)")
+    complete = sub.add_parser("complete", help="is a day or an hour complete in an aggregate table? (exit 0: yes)")
+    complete.add_argument("table", help='e.g. "events.clicks_per_minute"')
+    complete.add_argument("period", help="a UTC day, 2026-11-27, or hour, 2026-11-27T13")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -96,3 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         _create_tables(settings)
     elif args.command == "show":
         _show(settings, args.table, args.n)
+    elif args.command == "complete":
+        try:
+            end = _period_end(args.period)
+        except ValueError:
+            parser.exit(2, f"streamapp: {args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)\n")
+        sys.exit(_complete(settings, args.table, args.period, end))

@@ -29,6 +29,7 @@ class Settings:
     window_count: int = 10_000
     window_seconds: float = 10.0
     dedupe_seconds: int = 3600
+    grace_seconds: float = 10.0  # event-time windows: allowed lateness behind the newest event
     redis_appendfsync: str = "everysec"
     max_body_bytes: int = 1024 * 1024
     max_events_per_request: int = 500
@@ -69,6 +70,8 @@ class Settings:
             raise SettingsError("STREAMAPP_WINDOW_COUNT must be >= 1")
         if self.window_seconds <= 0:
             raise SettingsError("STREAMAPP_WINDOW_SECONDS must be > 0")
+        if self.grace_seconds < 0:
+            raise SettingsError("STREAMAPP_GRACE_SECONDS must be >= 0")
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SettingsError("STREAMAPP_REDIS_APPENDFSYNC must be always, everysec or no")
         if self.log_format not in ("auto", "json", "text"):
@@ -113,6 +116,7 @@ class Settings:
             ("STREAMAPP_WINDOW_COUNT", int, "window_count"),
             ("STREAMAPP_WINDOW_SECONDS", float, "window_seconds"),
             ("STREAMAPP_DEDUPE_SECONDS", int, "dedupe_seconds"),
+            ("STREAMAPP_GRACE_SECONDS", float, "grace_seconds"),
             ("STREAMAPP_REDIS_APPENDFSYNC", str, "redis_appendfsync"),
             ("STREAMAPP_MAX_BODY_BYTES", int, "max_body_bytes"),
             ("STREAMAPP_MAX_EVENTS_PER_REQUEST", int, "max_events_per_request"),

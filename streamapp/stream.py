@@ -4,14 +4,15 @@ Positions, not consumer groups: each agent reads the whole stream in entry-id or
 position it committed, so the sink can make a window idempotent by comparing entry ids with the
 position stored in the Iceberg table (see `streamapp.sink`). Redis keeps only a hint of that
 position (`keys.ACKS`), written after the commit; it decides where reading resumes and how far the
-stream may be trimmed, never what is written.
+stream may be trimmed, never what is written. (An aggregate agent acks its replay cursor instead,
+the oldest entry its open windows still need, and resumes from the cursor its table records.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
@@ -22,6 +23,9 @@ from streamapp import keys, metrics
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from streamapp.aggregate import GroupBy
+    from streamapp.app import App
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +40,13 @@ def entry_id(value: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# Run at agent start when the Iceberg table holds a position on this stream (ARGV[1]) that is at or
-# past the stream's last id: this Redis has lost the entries up to there (a wiped or replaced server)
-# and its clock is behind, so new entries got ids the sink would take as already committed. Move
-# the last id past the position and re-append the entries it holds, atomically. Returns how many
-# entries moved, or -1 when the stream is already past the position (the common case).
+# Run at agent start when the Iceberg table holds a position on this stream that is past the
+# stream's last id (or the stream is missing): this Redis has lost the entries up to there (a wiped
+# or replaced server) and its clock is behind, so new entries got ids the sink would take as already
+# committed. Move the last id past the position (ARGV[1]) and re-append the entries it holds,
+# atomically. Returns how many entries moved, or -1 when the stream's last id is at or past the
+# position (the common case; "at" is a stream drained and committed to its last entry, whose
+# entries must not move: they would get new ids and be written again).
 _LIFT_LUA = """
 local key = KEYS[1]
 local floor_ms, floor_seq = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -51,7 +57,7 @@ if redis.call('EXISTS', key) == 1 then
       local dash = string.find(info[i + 1], '-', 1, true)
       local ms = tonumber(string.sub(info[i + 1], 1, dash - 1))
       local seq = tonumber(string.sub(info[i + 1], dash + 1))
-      if ms > floor_ms or (ms == floor_ms and seq > floor_seq) then
+      if ms > floor_ms or (ms == floor_ms and seq >= floor_seq) then
         return -1
       end
     end
@@ -108,8 +114,9 @@ class Window(Sequence[M]):
 class Stream(Generic[M]):
     """The events of one model, as `app.stream(Model)` returns it to an agent."""
 
-    def __init__(self, model: type[M]) -> None:
+    def __init__(self, model: type[M], app: App | None = None) -> None:
         self.model = model
+        self.app = app
         self.key = keys.stream(model.type_name())  # type: ignore[attr-defined]
         self._decode = msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]
         self._redis: Redis | None = None
@@ -118,6 +125,11 @@ class Stream(Generic[M]):
         self._acked = "0-0"
         self._committed: str | None = None
         self._needs_register = False  # set when Redis went away: it may come back empty
+
+    @property
+    def consumer(self) -> str:
+        """The name of the agent reading this stream (set by the worker)."""
+        return self._consumer
 
     def bind(self, redis: Redis, consumer: str, stopping: asyncio.Event, committed: str | None = None) -> None:
         """Called by the worker before the agent runs: where to read, who reads, and the highest
@@ -152,17 +164,25 @@ class Stream(Generic[M]):
         instead, the window is not acknowledged, and the agent's restart receives it again.
         On shutdown the open window is handed out early, so nothing read is held back.
         """
+        async for window in self.read(self._acked, n, within):
+            yield window
+            await self.ack(window.last_id)
+
+    async def read(self, after: str, n: int, within: float, *, idle: bool = False) -> AsyncIterator[Window[M]]:
+        """Like `take`, from the entry after `after`, and acknowledging nothing (the caller
+        `ack`s what it committed). `idle=True`: an empty window every `within` seconds while
+        nothing arrives, so the caller sees time pass."""
         if self._redis is None or self._stopping is None:
             raise RuntimeError("the stream is not bound: run agents with `python -m streamapp worker`")
         if n < 1 or within <= 0:
             raise ValueError("take() needs n >= 1 and within > 0")
         loop = asyncio.get_running_loop()
-        cursor = self._acked
+        cursor = after
         while True:
             ids: list[str] = []
             payloads: list[bytes] = []
             received: list[int] = []
-            deadline: float | None = None
+            deadline: float | None = loop.time() + within if idle else None
             while len(ids) < n and not self._stopping.is_set():
                 block = READ_BLOCK_MS
                 if deadline is not None:
@@ -180,13 +200,19 @@ class Stream(Generic[M]):
                     cursor = ids[-1]
                     if deadline is None:
                         deadline = loop.time() + within
-            if ids:
-                events = self._decode(b"[" + b",".join(payloads) + b"]")
-                metrics.WINDOW_EVENTS.labels(self._consumer).observe(len(ids))
+            if ids or (idle and not self._stopping.is_set()):
+                events = self._decode(b"[" + b",".join(payloads) + b"]") if ids else []
+                if ids:
+                    metrics.WINDOW_EVENTS.labels(self._consumer).observe(len(ids))
                 yield Window(self.model, self.key, self._consumer, ids, events, received)
-                await self._ack(ids[-1])
             if self._stopping.is_set():
                 return
+
+    def group_by(self, key: Callable[[M], str | None], *, column: str) -> GroupBy[M]:
+        """Key the events for a windowed aggregate; `column` names the key's column in its table."""
+        from streamapp.aggregate import GroupBy
+
+        return GroupBy(self, key, column)
 
     async def _read(self, cursor: str, count: int, block_ms: int) -> list:
         assert self._redis is not None
@@ -199,8 +225,9 @@ class Stream(Generic[M]):
             return []
         return reply[0][1] if reply else []
 
-    async def _ack(self, last_id: str) -> None:
-        """Move the Redis hint forward. Losing it is harmless: the Iceberg position decides."""
+    async def ack(self, last_id: str) -> None:
+        """Move the Redis hint, from which reading resumes and below which the stream may be
+        trimmed. Losing it is harmless: the Iceberg position decides what is written."""
         self._acked = last_id
         assert self._redis is not None
         try:

@@ -31,6 +31,13 @@ def create_tables(app: App) -> list[Table]:
     return [ensure_table(catalog, model) for model in [*app.discover_models().values(), Rejected]]
 
 
+def all_tables(app: App) -> list[Table]:
+    """Every table of the catalog, those aggregate agents created included: each may hold a
+    committed stream position."""
+    catalog = app.catalog
+    return [catalog.load_table(t) for ns in catalog.list_namespaces() for t in catalog.list_tables(ns)]
+
+
 async def trim_streams(redis: Redis) -> dict[str, str]:
     """Trim each stream below the lowest position any of its consumers committed.
 
@@ -68,7 +75,7 @@ async def run_worker(app: App) -> None:
         raise SystemExit(f"no agents found in package {app.agents_package!r}")
     app.catalog = open_catalog(settings)
     tables = await asyncio.to_thread(create_tables, app)
-    committed = committed_positions(tables)
+    committed = committed_positions(await asyncio.to_thread(all_tables, app))
     log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables),
              ", ".join(agents))
 

@@ -118,6 +118,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STREAMAPP_WINDOW_SECONDS": str(settings.window_seconds),
         "STREAMAPP_SHUTDOWN_SECONDS": str(settings.shutdown_seconds),
         "STREAMAPP_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
+        "STREAMAPP_GRACE_SECONDS": str(settings.grace_seconds),
     })
     env.update(extra)
     return env
@@ -129,7 +130,7 @@ class Proc:
     def __init__(self, command: str, env: dict[str, str], log: Path) -> None:
         self.log = log
         self._out = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamapp", command], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamapp", *command.split()], cwd=ROOT, env=env,
                                      stdout=self._out, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
@@ -155,11 +156,12 @@ class Proc:
 
 @pytest.fixture
 def spawn(tmp_path):
-    """spawn("worker", settings, STREAMAPP_CRASH_AT="after_commit") -> Proc; all stopped at teardown."""
+    """spawn("worker", settings, STREAMAPP_CRASH_AT="after_commit") -> Proc; all stopped at teardown.
+    The command may carry arguments: spawn("show events.clicks", settings)."""
     procs: list[Proc] = []
 
     def start(command: str, settings: Settings, **extra: str) -> Proc:
-        proc = Proc(command, settings_env(settings, **extra), tmp_path / f"{command}-{len(procs)}.log")
+        proc = Proc(command, settings_env(settings, **extra), tmp_path / f"{command.split()[0]}-{len(procs)}.log")
         procs.append(proc)
         return proc
 

@@ -135,12 +135,31 @@ async def test_worker_rides_out_a_redis_restart(web, http, settings, spawn, redi
     assert worker.proc.poll() is None
 
 
+async def test_a_restart_after_everything_was_committed_writes_nothing_again(web, http, settings, spawn):
+    """The committed position equals the stream's last id: that is a drained stream, not a Redis
+    that lost its data; its last entry must not be re-appended (and written twice)."""
+    worker = spawn("worker", settings)
+    await send(http, web, clicks("d", 10))
+    await wait_rows(settings, "events.clicks", 10)
+    worker.stop()
+    worker = spawn("worker", settings)
+    await asyncio.to_thread(wait_until, lambda: "agents" in worker.output(), 20, 0.1, "worker start")
+    await asyncio.sleep(1.5)
+    assert_exactly_once(table_rows(settings, "events.clicks"), {f"d{i}" for i in range(10)})
+    assert "Moved" not in worker.output()
+
+
 async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, http, settings, spawn, redis_server):
     r = redis_server.client()
     r.hset(keys.ACKS, keys.ack_field(keys.stream("click"), "laggard"), "0-0")  # a consumer that never commits
-    spawn("worker", settings)
-    await send(http, web, clicks("x", 30))
+    quick = dataclasses.replace(settings, grace_seconds=0.5)
+    spawn("worker", quick)
+    # Clicks from a minute long past, so that clicks_per_minute, the stream's other consumer,
+    # closes their window within a second or two and holds nothing back either.
+    events = [{**c, "timestamp": "2026-11-27T10:00:59Z"} for c in clicks("x", 30)]
+    await send(http, web, events)
     await wait_rows(settings, "events.clicks", 30)
+    await wait_rows(settings, "events.clicks_per_minute", 1)
     await asyncio.sleep(0.5)
     client = reader_client(settings)
     await trim_streams(client)

@@ -11,6 +11,7 @@ def test_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = Settings.from_env({}, dotenv=None)
     assert (s.port, s.redis_port, s.window_count, s.window_seconds, s.dedupe_seconds) == (8000, 6379, 10000, 10.0, 3600)
+    assert s.grace_seconds == 10.0
     assert s.redis_url == "redis://127.0.0.1:6379/0" and s.embedded_redis
     assert s.warehouse == (tmp_path / "warehouse").resolve()
     assert s.catalog_uri == f"sqlite:///{tmp_path / 'warehouse'}/catalog.db"
@@ -18,10 +19,11 @@ def test_defaults(tmp_path, monkeypatch):
 
 def test_environment_wins_over_dotenv(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text("PORT=9001\nSTREAMAPP_WINDOW_COUNT=5\nSTREAMAPP_WAREHOUSE=/tmp/from-dotenv\n")
+    env_file.write_text("PORT=9001\nSTREAMAPP_WINDOW_COUNT=5\nSTREAMAPP_WAREHOUSE=/tmp/from-dotenv\nSTREAMAPP_GRACE_SECONDS=2.5\n")
     s = Settings.from_env({"PORT": "9002"}, dotenv=env_file)
     assert s.port == 9002  # environment
     assert s.window_count == 5  # .env
+    assert s.grace_seconds == 2.5
     assert s.warehouse == Path("/tmp/from-dotenv")
     assert s.catalog_uri == "sqlite:////tmp/from-dotenv/catalog.db"
 
@@ -37,6 +39,8 @@ def test_redis_url_and_port():
     ("PORT", "eighty", "PORT='eighty'"),
     ("STREAMAPP_WINDOW_COUNT", "0", "STREAMAPP_WINDOW_COUNT"),
     ("STREAMAPP_WINDOW_SECONDS", "-1", "STREAMAPP_WINDOW_SECONDS"),
+    ("STREAMAPP_GRACE_SECONDS", "-1", "STREAMAPP_GRACE_SECONDS"),
+    ("STREAMAPP_GRACE_SECONDS", "ten", "STREAMAPP_GRACE_SECONDS='ten'"),
     ("STREAMAPP_REDIS_APPENDFSYNC", "sometimes", "STREAMAPP_REDIS_APPENDFSYNC"),
 ])
 def test_bad_values_name_the_variable(name, value, needle):

@@ -1,0 +1,360 @@
+"""Keyed, event-time windowed aggregates: the state one aggregate agent keeps between commits.
+
+    stream.group_by(lambda e: e.page_url, column="page_url").tumbling(60).aggregate(
+        "events.clicks_per_minute", clicks=count(), unique_users=distinct(lambda e: e.user_id))
+
+Tumbling and hopping state is not stored anywhere: it is recomputed from the stream. Each commit
+of the aggregate table records, with the rows, the position `P` read up to, the watermark `W` the
+rows were closed with, and a replay cursor `R`: the entry just before the oldest event any
+still-open window holds. The stream is trimmed no further than `R` (it is this consumer's Redis
+ack), so after a crash the agent re-reads `(R, P]` and puts each event back into exactly the
+windows that were open at that commit (those ending after `W`, or after `W - keep` for kept
+windows, below), then goes on past `P` as new. Why not keep the state in Redis: it would have to
+change atomically with an Iceberg commit, which no Redis operation can; a replay of at most one
+window's span plus the grace period needs no second source of truth.
+
+Late events (their window's end is at or behind the watermark) are never dropped. Lateness is
+judged against the watermark of the last commit, not the live one, so a replay after a crash
+takes exactly the decisions the lost run took. A late event whose window closed less than
+`keep` seconds ago updates that window: its row is rewritten in the next commit (delete + append
+in one Iceberg transaction). Older ones, and all of them with the default `keep=0`, go to
+`events.late` with the window they missed.
+
+Session windows (per key, events less than `gap` apart) are the exception: whether a replayed
+event joined a session depends on sessions that merged, closed and were evicted since, so a replay
+cannot tell. Their open (and recently closed) sessions are written as a snapshot file with each
+commit instead, referenced from the commit's properties, and reading resumes after `P`. A session
+event is late when its own session would already be closed (`t + gap` at or behind the watermark)
+or when it falls within `gap` of a session already written; sessions have no `keep`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from streamapp.stream import entry_id
+from streamapp.windows import Hopping, Sessions, Tumbling, Watermark, Window
+
+if TYPE_CHECKING:
+    from streamapp.stream import Stream
+
+M = TypeVar("M")
+
+
+class Count:
+    """How many events the window holds."""
+
+    def new(self) -> int:
+        return 0
+
+    def add(self, acc: int, event: Any) -> int:
+        return acc + 1
+
+    def result(self, acc: int) -> int:
+        return acc
+
+    def merge(self, a: int, b: int) -> int:
+        return a + b
+
+    def dump(self, acc: int) -> int:
+        return acc
+
+    def load(self, value: int) -> int:
+        return value
+
+
+class Distinct:
+    """How many distinct non-null `fn(event)` values the window holds (e.g. unique users)."""
+
+    def __init__(self, fn: Callable[[Any], Hashable | None]) -> None:
+        self.fn = fn
+
+    def new(self) -> set:
+        return set()
+
+    def add(self, acc: set, event: Any) -> set:
+        value = self.fn(event)
+        if value is not None:
+            acc.add(value)
+        return acc
+
+    def result(self, acc: set) -> int:
+        return len(acc)
+
+    def merge(self, a: set, b: set) -> set:
+        return a | b
+
+    def dump(self, acc: set) -> list:
+        return sorted(acc, key=str)  # values must be JSON (str, int) to be snapshotted
+
+    def load(self, value: list) -> set:
+        return set(value)
+
+
+Aggregation = Count | Distinct
+
+
+def count() -> Count:
+    return Count()
+
+
+def distinct(fn: Callable[[Any], Hashable | None]) -> Distinct:
+    return Distinct(fn)
+
+
+@dataclass
+class Slot:
+    """One (window, key): its accumulators and the first stream entry it holds."""
+
+    window: Window
+    key: str | None
+    accs: list
+    first_id: tuple[int, int]
+    emitted: bool = False  # a row for it is in the table
+    dirty: bool = False  # a late event changed it since its row was written
+
+
+@dataclass
+class Flush:
+    """What one commit writes: rows (`rewrite` ones replace their window's row), late events,
+    and the table properties that make the commit replayable."""
+
+    rows: list[dict]
+    rewrite: list[tuple[datetime, str | None]]  # (window_start, key) whose old row is deleted
+    late: list[dict]
+    position: str
+    replay_after: str
+    watermark: float
+    complete_before: float  # every window starting before this (an hour boundary) is final
+    max_event: float
+    max_seen_at: float
+    state: dict | None = None  # session windows: the snapshot to restore from
+
+
+def utc(t: float) -> datetime:
+    return datetime.fromtimestamp(t, timezone.utc)
+
+
+def before(position: tuple[int, int]) -> str:
+    """The stream id just before `position`: a cursor from which XREAD returns it."""
+    ms, seq = position
+    return f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}-18446744073709551615"
+
+
+class Aggregator(Generic[M]):
+    """The windows of one aggregate agent, fed stream entries in order; pure logic, no I/O.
+
+    `closed` is the watermark of the last commit; entries up to `replay_through` were processed
+    before that commit and are only put back into the windows it left open.
+    """
+
+    def __init__(self, key: Callable[[M], str | None], column: str, windows: Tumbling | Hopping | Sessions,
+                 aggs: dict[str, Aggregation], watermark: Watermark, *, keep: float = 0.0,
+                 closed: float = -math.inf, replay_through: str | None = None,
+                 hold_until: str | None = None) -> None:
+        self.key = key
+        self.column = column
+        self.windows = windows
+        self.aggs = list(aggs.values())
+        self.names = list(aggs)
+        self.watermark = watermark
+        self.keep = keep
+        self.closed = closed
+        self.slots: dict[tuple[float, str | None], Slot] = {}
+        self.late: list[dict] = []
+        self._replay_through = entry_id(replay_through) if replay_through else (-1, -1)
+        self.position: tuple[int, int] | None = self._replay_through if replay_through else None
+        # A late-table commit may have been made past `replay_through` before a crash: its
+        # entries must be judged against the same `closed`, so no flush until they are read.
+        self._hold_until = entry_id(hold_until) if hold_until else (-1, -1)
+        self.complete = self.complete_before(closed)  # the marker the last commit recorded
+
+    def add(self, stream_id: str, event: M, event_time: float) -> None:
+        pos = entry_id(stream_id)
+        self.watermark.observe(event_time, pos[0] / 1000)
+        replaying = pos <= self._replay_through
+        key = self.key(event)
+        for w in self.windows.assign(event_time):
+            if w.end <= self.closed - self.keep:
+                if not replaying:
+                    self.late.append({"stream_id": stream_id, "event": event, "event_time": event_time,
+                                      "window": w, "key": key})
+                continue
+            slot = self.slots.get((w.start, key))
+            if slot is None:
+                slot = self.slots[(w.start, key)] = Slot(w, key, [a.new() for a in self.aggs], pos)
+                slot.emitted = replaying and w.end <= self.closed
+            slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs)]
+            if w.end <= self.closed and not replaying:
+                slot.dirty = True
+        self.position = pos
+
+    def flush(self, now: float | None = None) -> Flush | None:
+        """Close what the watermark passed. `now`: the reader is caught up at this wall-clock
+        time (idle streams advance). None when there is nothing to commit."""
+        if now is not None:
+            self.watermark.tick(now)
+        if self.position is None or self.position < self._hold_until:
+            return None
+        w = self.watermark.value
+        closing = [s for s in self._slots() if not s.emitted and s.window.end <= w]
+        rewrite = [s for s in self._slots() if s.emitted and s.dirty]
+        # The completeness marker moves with the watermark: commit each hour it passes even when
+        # no window closed then.
+        new_hour = self.closed > -math.inf and self.complete_before(w) > self.complete
+        if not closing and not rewrite and not self.late and not new_hour:
+            return None
+        rows = [self._row(s) for s in closing + rewrite]
+        for s in closing + rewrite:
+            s.emitted, s.dirty = True, False
+        self._evict(w)
+        late, self.late = self.late, []
+        self.closed, self.complete = w, self.complete_before(w)
+        pos = f"{self.position[0]}-{self.position[1]}"
+        return Flush(rows=rows, rewrite=[(utc(s.window.start), s.key) for s in rewrite], late=late, position=pos,
+                     replay_after=self._replay_after(pos), watermark=w, complete_before=self.complete,
+                     max_event=self.watermark.max_event, max_seen_at=self.watermark.max_seen_at,
+                     state=self._snapshot())
+
+    def complete_before(self, watermark: float) -> float:
+        """The hour boundary before which every window start's row is final at `watermark`: a
+        window is final once its end is `keep` seconds behind the watermark."""
+        if watermark == -math.inf:
+            return -math.inf
+        step = getattr(self.windows, "step", self.windows.size)
+        first_open = (math.floor((watermark - self.keep - self.windows.size) / step) + 1) * step
+        return math.floor(first_open / 3600) * 3600
+
+    def _slots(self) -> list[Slot]:
+        return list(self.slots.values())
+
+    def _evict(self, watermark: float) -> None:
+        self.slots = {k: s for k, s in self.slots.items() if s.window.end > watermark - self.keep}
+
+    def _replay_after(self, position: str) -> str:
+        first = min((s.first_id for s in self.slots.values()), default=None)
+        return before(first) if first else position
+
+    def _snapshot(self) -> dict | None:
+        return None  # recomputed from the stream instead
+
+    def _row(self, s: Slot) -> dict:
+        row: dict[str, Any] = {"window_start": utc(s.window.start), "window_end": utc(s.window.end),
+                               self.column: s.key}
+        row.update({n: a.result(acc) for n, a, acc in zip(self.names, self.aggs, s.accs)})
+        return row
+
+
+class SessionAggregator(Aggregator[M]):
+    """Session windows per key (see the module docstring): restored from the snapshot `state`
+    the last commit wrote, reading on after `position`."""
+
+    def __init__(self, key: Callable[[M], str | None], column: str, sessions: Sessions,
+                 aggs: dict[str, Aggregation], watermark: Watermark, *, closed: float = -math.inf,
+                 position: str | None = None, hold_until: str | None = None, state: dict | None = None) -> None:
+        self.sessions = sessions
+        self.by_key: dict[str | None, list[Slot]] = {}
+        self.aggs = list(aggs.values())
+        for k, start, end, first_id, emitted, accs in (state or {}).get("sessions", []):
+            loaded = [a.load(v) for a, v in zip(self.aggs, accs)]
+            self.by_key.setdefault(k, []).append(Slot(Window(start, end), k, loaded, tuple(first_id), emitted))
+        super().__init__(key, column, sessions, aggs, watermark, closed=closed, replay_through=position,
+                         hold_until=hold_until)
+
+    def add(self, stream_id: str, event: M, event_time: float) -> None:
+        pos = entry_id(stream_id)
+        self.watermark.observe(event_time, pos[0] / 1000)
+        key = self.key(event)
+        mine = self.by_key.setdefault(key, [])
+        touching = [s for s in mine if self.sessions.touches(s.window, event_time)]
+        written = [s for s in touching if s.emitted]
+        if written or event_time + self.sessions.gap <= self.closed:
+            w = written[0].window if written else self.sessions.window(event_time, event_time)
+            self.late.append({"stream_id": stream_id, "event": event, "event_time": event_time, "window": w,
+                              "key": key})
+        else:
+            slot = Slot(self.sessions.window(event_time, event_time), key, [a.new() for a in self.aggs], pos)
+            for s in touching:  # the event bridges them: one session
+                mine.remove(s)
+                slot.window = Window(min(slot.window.start, s.window.start), max(slot.window.end, s.window.end))
+                slot.accs = [a.merge(x, y) for a, x, y in zip(self.aggs, slot.accs, s.accs)]
+                slot.first_id = min(slot.first_id, s.first_id)
+            slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs)]
+            mine.append(slot)
+        self.position = pos
+
+    def complete_before(self, watermark: float) -> float:
+        """New sessions start after `watermark - gap`, open ones where they started: everything
+        starting before both (to the hour) is final."""
+        if watermark == -math.inf:
+            return -math.inf
+        open_starts = (s.window.start for ss in self.by_key.values() for s in ss if not s.emitted)
+        return math.floor(min([watermark - self.sessions.gap, *open_starts]) / 3600) * 3600
+
+    def _slots(self) -> list[Slot]:
+        return [s for ss in self.by_key.values() for s in ss]
+
+    def _evict(self, watermark: float) -> None:
+        # A written session is kept while an on-time event could still fall within `gap` of it.
+        for k, ss in list(self.by_key.items()):
+            ss[:] = [s for s in ss if not s.emitted or s.window.end > watermark - self.sessions.gap]
+            if not ss:
+                del self.by_key[k]
+
+    def _replay_after(self, position: str) -> str:
+        return position
+
+    def _snapshot(self) -> dict:
+        return {"sessions": [[s.key, s.window.start, s.window.end, list(s.first_id), s.emitted,
+                              [a.dump(acc) for a, acc in zip(self.aggs, s.accs)]] for s in self._slots()]}
+
+
+@dataclass
+class GroupBy(Generic[M]):
+    """`stream.group_by(key, column=...)`: the events of a stream by a string key."""
+
+    stream: Stream
+    key: Callable[[M], str | None]
+    column: str
+
+    def tumbling(self, size: float, grace: float | None = None) -> Windowed[M]:
+        """Back-to-back windows of `size` seconds; `grace`: allowed lateness (default
+        `STREAMAPP_GRACE_SECONDS`)."""
+        return Windowed(self, Tumbling(size), grace)
+
+    def hopping(self, size: float, step: float, grace: float | None = None) -> Windowed[M]:
+        """Windows of `size` seconds starting every `step` seconds."""
+        return Windowed(self, Hopping(size, step), grace)
+
+    def session(self, gap: float, grace: float | None = None) -> Windowed[M]:
+        """Per key, a window of events less than `gap` seconds apart: `[first, last + gap)`."""
+        return Windowed(self, Sessions(gap), grace)
+
+
+@dataclass
+class Windowed(Generic[M]):
+    """Keyed events in event-time windows, ready to `aggregate` into a table."""
+
+    group: GroupBy[M]
+    windows: Tumbling | Hopping | Sessions
+    grace: float | None
+
+    async def aggregate(self, table: str, *, keep: float = 0.0, **aggs: Aggregation) -> None:
+        """Run until the worker stops: one row per (window, key) into `table` (created with
+        `window_start`, `window_end`, the key column and one long column per aggregation,
+        partitioned by day(window_start)), written when the watermark passes the window's end,
+        exactly once. Late events update their window for `keep` seconds after it closed, then
+        go to `events.late` (see the module docstring); session windows take no `keep`."""
+        from streamapp.aggregate_sink import run_aggregate
+
+        if not aggs:
+            raise ValueError("aggregate() needs at least one column, e.g. clicks=count()")
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        if keep and isinstance(self.windows, Sessions):
+            raise ValueError("session windows are never rewritten: late events go to events.late (keep=0)")
+        await run_aggregate(self, table, keep, aggs)

@@ -1,0 +1,131 @@
+"""Event-time windows and the watermark: which windows an event falls in, and when a window closes.
+
+Times are float epoch seconds. Windows are half-open, `[start, end)`, aligned to the epoch, so a
+60 s window starts on the minute in UTC whatever process computes it.
+
+The watermark is the event time before which no more events are expected. It is
+
+    W = max_event_time - lateness + max(0, clock - clock_when_max_event_time_was_seen)
+
+floored by its own past values (it never goes back); an event time later than the event's
+receipt counts as its receipt time (a client clock running ahead must not make everyone late).
+`clock` is processing time as seen through the stream: the Redis receive time (entry id) of each
+entry read, and the wall clock only when the reader is caught up (`tick`). So:
+
+- on a live stream, event time ~ receive time and W trails the newest event by `lateness`;
+- on an idle stream, W keeps moving with the wall clock, and a window `[s, e)` closes `lateness`
+  seconds after `e` even when no further event arrives (faust #250, quix #790 never close it);
+- backfilled history (old event times received at once) is windowed by its event times: its
+  receive times are close together, so W follows the events, not the wall clock;
+- a backlog read after a restart does not look idle: the clock is the entries' receive times,
+  so a worker that was down for an hour does not declare that hour's events late.
+
+An event is late when it arrives more than `lateness` behind that extrapolated clock; lateness
+therefore has to cover out-of-order delivery and client-side batching delays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Window:
+    """`[start, end)` in epoch seconds."""
+
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Tumbling:
+    """Back-to-back windows of `size` seconds: each event is in exactly one."""
+
+    size: float
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError("a window size must be > 0")
+
+    def assign(self, t: float) -> list[Window]:
+        start = math.floor(t / self.size) * self.size
+        return [Window(start, start + self.size)]
+
+
+@dataclass(frozen=True)
+class Hopping:
+    """Windows of `size` seconds starting every `step` seconds: each event is in every window
+    whose `[start, start + size)` holds it, i.e. size/step of them when step divides size.
+    (faust #514: hopping windows that missed or doubled events at the boundaries.)"""
+
+    size: float
+    step: float
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.step <= 0 or self.step > self.size:
+            raise ValueError("hopping windows need 0 < step <= size")
+
+    def assign(self, t: float) -> list[Window]:
+        last = math.floor(t / self.step) * self.step  # the latest window start at or before t
+        windows = []
+        k = 0
+        while (start := last - k * self.step) + self.size > t:
+            windows.append(Window(start, start + self.size))
+            k += 1
+        return windows[::-1]
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """Per key, events less than `gap` seconds apart share a session `[first, last + gap)`; an
+    event may bridge two sessions into one. Which session an event joins depends on the others,
+    so sessions are kept by `streamapp.aggregate.SessionAggregator`, not assigned here."""
+
+    gap: float
+
+    def __post_init__(self) -> None:
+        if self.gap <= 0:
+            raise ValueError("a session gap must be > 0")
+
+    def window(self, first: float, last: float) -> Window:
+        return Window(first, last + self.gap)
+
+    def touches(self, session: Window, t: float) -> bool:
+        """Is `t` less than `gap` from the session's first or last event (or between them)?"""
+        return session.start - self.gap < t < session.end
+
+
+class Watermark:
+    """The watermark of one stream (see the module docstring). `lateness` in seconds."""
+
+    def __init__(self, lateness: float, *, value: float = -math.inf, max_event: float = -math.inf,
+                 max_seen_at: float = -math.inf) -> None:
+        if lateness < 0:
+            raise ValueError("lateness must be >= 0")
+        self.lateness = lateness
+        self.max_event = max_event
+        self.max_seen_at = max_seen_at
+        self.clock = max_seen_at
+        self._value = value
+
+    def observe(self, event_time: float, received: float) -> None:
+        """An event with `event_time`, received (by Redis) at `received`. A time after its
+        receipt (a client clock ahead) counts as its receipt time here, so it cannot push the
+        watermark past every other event."""
+        self.clock = max(self.clock, received)
+        event_time = min(event_time, received)
+        if event_time > self.max_event:
+            self._value = self.value  # what the old maximum extrapolated to: W never goes back
+            self.max_event, self.max_seen_at = event_time, self.clock
+
+    def tick(self, now: float) -> None:
+        """The reader is caught up at wall-clock `now`: nothing more was received until then."""
+        self.clock = max(self.clock, now)
+
+    @property
+    def value(self) -> float:
+        if self.max_event == -math.inf:
+            return self._value
+        idle = max(0.0, self.clock - self.max_seen_at)
+        return max(self._value, self.max_event - self.lateness + idle)

@@ -1,0 +1,257 @@
+"""The aggregate's state machine with a controlled clock: when windows close, what is late, what a
+restart rebuilds. Times are seconds; an entry's id is its receive time in ms, as in Redis."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from streamapp.aggregate import Aggregator, Flush, SessionAggregator, count, distinct
+from streamapp.stream import entry_id
+from streamapp.windows import Hopping, Sessions, Tumbling, Watermark
+
+
+@dataclass
+class E:
+    page: str | None
+    user: str | None
+
+
+class Feed:
+    """Entries with increasing ids, as Redis assigns them."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def id(self, received: float) -> str:
+        self.seq += 1
+        return f"{int(received * 1000)}-{self.seq}"
+
+
+def make(windows=Tumbling(60), lateness: float = 10, keep: float = 0.0, **restore) -> Aggregator:
+    wm = Watermark(lateness, value=restore.pop("watermark", -math.inf), max_event=restore.pop("max_event", -math.inf),
+                   max_seen_at=restore.pop("max_seen_at", -math.inf))
+    return Aggregator(lambda e: e.page, "page_url", windows, {"clicks": count(), "users": distinct(lambda e: e.user)},
+                      wm, keep=keep, closed=wm.value, **restore)
+
+
+def rows(flush: Flush | None) -> dict:
+    assert flush is not None
+    return {(r["window_start"].timestamp(), r["page_url"]): (r["clicks"], r["users"]) for r in flush.rows}
+
+
+def test_a_window_closes_when_the_watermark_passes_its_end_not_before():
+    agg, feed = make(), Feed()
+    for t, page, user in [(1000, "a", "u1"), (1010, "a", "u2"), (1019, "a", "u1"), (1030, "b", None),
+                          (1079, "a", "u3")]:
+        agg.add(feed.id(t), E(page, user), t)  # live: received when it happened
+    assert rows(agg.flush()) == {(960, "a"): (3, 2)}  # W = 1069: [960, 1020) closes, [1020, 1080) not
+    agg.add(feed.id(1080), E("a", "u1"), 1079.5)
+    assert agg.flush() is None  # W = 1069.5
+    agg.add(feed.id(1090), E("a", "u9"), 1090)  # W = 1080
+    assert rows(agg.flush()) == {(1020, "a"): (2, 2), (1020, "b"): (1, 0)}
+
+
+def test_windows_before_the_first_flush_all_close_at_once():
+    agg, feed = make(), Feed()
+    for t in (950, 1000, 1019):
+        agg.add(feed.id(t), E("a", "u"), t)
+    agg.add(feed.id(1031), E("a", "u"), 1031)  # W = 1021
+    assert rows(agg.flush()) == {(900, "a"): (1, 1), (960, "a"): (2, 1)}
+    assert agg.flush() is None  # written once
+
+
+def test_an_idle_stream_closes_its_last_window_lateness_seconds_after_its_end():
+    """faust #250, quix #790: with no further event, the window still closes on time."""
+    agg, feed = make(), Feed()
+    agg.add(feed.id(1065), E("a", "u"), 1065)
+    assert agg.flush(now=1066) is None
+    assert agg.flush(now=1089.9) is None  # W = 1065 - 10 + 24.9 < 1080
+    assert rows(agg.flush(now=1090)) == {(1020, "a"): (1, 1)}  # end 1080 + lateness 10
+    agg.add(feed.id(1090.1), E("a", "u"), 1079.999)  # its window ended exactly at the watermark
+    agg.add(feed.id(1090.2), E("a", "u"), 1080)  # the next window's first instant: on time
+    f = agg.flush(now=1200)
+    assert [x["window"].start for x in f.late] == [1020]
+    assert rows(f) == {(1080, "a"): (1, 1)}
+
+
+def test_hopping_counts_each_event_in_every_window_that_holds_it():
+    agg, feed = make(windows=Hopping(60, 20)), Feed()
+    for t in (1000, 1020, 1039.999, 1040):
+        agg.add(feed.id(t), E("a", "u"), t)
+    f = agg.flush(now=10_000)
+    assert rows(f) == {(960, "a"): (1, 1), (980, "a"): (3, 1), (1000, "a"): (4, 1), (1020, "a"): (3, 1),
+                       (1040, "a"): (1, 1)}
+
+
+def test_late_events_go_to_the_late_list_by_default_with_the_window_they_missed():
+    agg, feed = make(), Feed()
+    agg.add(feed.id(1000), E("a", "u1"), 1000)
+    agg.add(feed.id(1100), E("a", "u1"), 1100)  # W = 1090: [960, 1020) closes
+    assert rows(agg.flush()) == {(960, "a"): (1, 1)}
+    late_id = feed.id(1101)
+    agg.add(late_id, E("a", "u2"), 1010)  # its window closed at the last commit
+    agg.add(feed.id(1102), E("b", "u2"), 1085)  # behind W (1090) but its window [1080, 1140) is open
+    f = agg.flush(now=1200)
+    assert [(x["stream_id"], x["window"].start, x["key"]) for x in f.late] == [(late_id, 960, "a")]
+    assert rows(f) == {(1080, "a"): (1, 1), (1080, "b"): (1, 1)}  # the late one is counted nowhere else
+
+
+def test_with_keep_a_late_event_rewrites_its_closed_window():
+    agg, feed = make(keep=300), Feed()
+    agg.add(feed.id(1000), E("a", "u1"), 1000)
+    agg.add(feed.id(1100), E("a", "u1"), 1100)
+    assert rows(agg.flush()) == {(960, "a"): (1, 1)}
+    agg.add(feed.id(1101), E("a", "u2"), 1010)
+    agg.add(feed.id(1102), E(None, "u2"), 1011)  # a key the closed window did not have yet
+    f = agg.flush()
+    assert rows(f) == {(960, "a"): (2, 2), (960, None): (1, 1)}
+    assert [(s.timestamp(), k) for s, k in f.rewrite] == [(960, "a")]  # its old row is replaced
+    assert f.late == []
+    agg.add(feed.id(1500), E("a", "u3"), 1500)  # W = 1490: [960, 1020) is past keep now
+    agg.flush()
+    agg.add(feed.id(1501), E("a", "u3"), 1012)
+    assert [x["window"].start for x in agg.flush(now=1502).late] == [960]
+
+
+def test_a_restart_rebuilds_the_open_windows_and_counts_nothing_twice():
+    """Crash after a commit: a fresh aggregator restored from that commit's properties re-reads
+    the stream after its replay cursor and ends with the same rows as one that never crashed."""
+    feed = Feed()
+    received_and_time = [(1000, 1000), (1025, 1024), (1040, 1040), (1041, 1035), (1085, 1085),
+                         (1092, 1092),  # W = 1082: [1020, 1080) closes, [1080, 1140) stays open
+                         (1100, 1010),  # late: committed at once
+                         (1101, 1081),  # read, then the worker dies before committing it
+                         (1150, 1150), (1160, 1079), (1215, 1215), (1230, 1139)]
+    entries = [(feed.id(r), E("a" if i % 3 else "b", f"u{i % 4}"), t) for i, (r, t) in enumerate(received_and_time)]
+
+    def run(agg: Aggregator, part) -> tuple[dict, list, list[Flush]]:
+        emitted, late, flushes = {}, [], []
+        for stream_id, e, t in part:
+            agg.add(stream_id, e, t)
+            if (f := agg.flush()) is not None:
+                assert not set(rows(f)) & set(emitted), "a window emitted twice"
+                emitted.update(rows(f))
+                late += [x["stream_id"] for x in f.late]
+                flushes.append(f)
+        return emitted, late, flushes
+
+    never = make()
+    reference, ref_late, _ = run(never, entries)
+    reference.update(rows(never.flush(now=10_000)))
+
+    emitted, late, flushes = run(make(), entries[:8])
+    c = flushes[-1]  # the last commit: what the table properties hold
+    assert c.position == entries[6][0] and entry_id(c.replay_after) < entry_id(entries[4][0])  # [1080, 1140) open
+    restarted = make(watermark=c.watermark, max_event=c.max_event, max_seen_at=c.max_seen_at,
+                     replay_through=c.position)
+    replayed = [x for x in entries if entry_id(x[0]) > entry_id(c.replay_after)]
+    assert len(replayed) == len(entries) - 4  # from the first entry of the open window on
+    more, more_late, _ = run(restarted, replayed)
+    assert not set(more) & set(emitted), "a window emitted twice across the restart"
+    emitted.update(more)
+    emitted.update(rows(restarted.flush(now=10_000)))
+    assert emitted == reference
+    assert sorted(late + more_late) == sorted(ref_late) == sorted(entries[i][0] for i in (6, 9, 11))
+
+
+def test_the_completeness_marker_is_the_last_hour_whose_windows_are_all_final():
+    agg, feed = make(), Feed()
+    agg.add(feed.id(3600 * 5 + 30), E("a", "u"), 3600 * 5 + 30)
+    f = agg.flush(now=3600 * 6 + 69.9)  # W = 6:00:59.9: the window [5:59, 6:00) is final
+    assert f.complete_before == 3600 * 6
+    agg2 = make(keep=300)
+    agg2.add(feed.id(3600 * 5 + 30), E("a", "u"), 3600 * 5 + 30)
+    assert agg2.flush(now=3600 * 6 + 69.9).complete_before == 3600 * 5  # kept windows may still change
+
+
+def sessions(**restore) -> SessionAggregator:
+    wm = Watermark(10, value=restore.pop("watermark", -math.inf), max_event=restore.pop("max_event", -math.inf),
+                   max_seen_at=restore.pop("max_seen_at", -math.inf))
+    return SessionAggregator(lambda e: e.page, "page_url", Sessions(30),
+                             {"clicks": count(), "users": distinct(lambda e: e.user)}, wm, closed=wm.value, **restore)
+
+
+def spans(flush: Flush | None) -> dict:
+    assert flush is not None
+    return {(r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): (r["clicks"], r["users"])
+            for r in flush.rows}
+
+
+def test_sessions_merge_bridge_and_close_gap_plus_lateness_after_their_last_event():
+    agg, feed = sessions(), Feed()
+    for t, page, user in [(1000, "a", "u1"), (1050, "a", "u2"), (1010, "b", "u1"), (1029.9, "a", "u3"),
+                          (1039.9, "b", "u2")]:
+        agg.add(feed.id(1050), E(page, user), t)  # a: 1000, 1029.9 and 1050 chain into one session
+    assert agg.flush(now=1050) is None
+    agg.add(feed.id(1080), E("a", "u1"), 1080)  # exactly `gap` after 1050: a new session
+    assert spans(agg.flush(now=1080)) == {(1010, 1069.9, "b"): (2, 2)}  # W = 1070
+    assert spans(agg.flush(now=1091)) == {(1000, 1080, "a"): (3, 3)}  # W = 1081 (idle)
+    assert spans(agg.flush(now=1121)) == {(1080, 1110, "a"): (1, 1)}
+
+
+def test_an_event_bridging_two_open_sessions_makes_one():
+    agg, feed = sessions(), Feed()
+    agg.add(feed.id(1000), E("a", "u1"), 1000)
+    agg.add(feed.id(1001), E("a", "u2"), 1050)
+    agg.add(feed.id(1002), E("a", "u1"), 1025)  # within 30 s of both
+    assert spans(agg.flush(now=10_000)) == {(1000, 1080, "a"): (3, 2)}
+
+
+def test_late_session_events_go_to_the_late_list():
+    agg, feed = sessions(), Feed()
+    agg.add(feed.id(1000), E("a", "u1"), 1000)
+    assert spans(agg.flush(now=1041)) == {(1000, 1030, "a"): (1, 1)}  # W = 1031
+    agg.add(feed.id(1042), E("a", "u2"), 1020)  # within the gap of the written session
+    agg.add(feed.id(1043), E("b", "u2"), 1000)  # its own session [1000, 1030) is behind W
+    agg.add(feed.id(1044), E("b", "u2"), 1002)  # ([1002, 1032) is not: on time)
+    f = agg.flush(now=1100)
+    assert [(x["key"], x["window"].start, x["window"].end) for x in f.late] == [("a", 1000, 1030), ("b", 1000, 1030)]
+    assert spans(f) == {(1002, 1032, "b"): (1, 1)}
+
+
+def test_sessions_restore_from_their_snapshot():
+    """What a commit's snapshot holds is enough to go on: no replay of the stream."""
+    feed = Feed()
+    entries = [(feed.id(r), E(p, u), t) for r, t, p, u in [
+        (1000, 1000, "a", "u1"), (1001, 1001, "b", "u1"), (1040, 1020, "a", "u2"), (1045, 1045, "b", "u2"),
+        (1060, 1060, "a", "u3"), (1061, 1031, "b", "u3"), (1100, 1085, "a", "u1"), (1130, 1060, "b", "u4"),
+        (1200, 1190, "a", "u2")]]
+    never, reference = sessions(), {}
+    for stream_id, e, t in entries:
+        never.add(stream_id, e, t)
+        if (f := never.flush()) is not None:
+            reference.update(spans(f))
+    reference.update(spans(never.flush(now=10_000)))
+    first, emitted = sessions(), {}
+    commit = None
+    for stream_id, e, t in entries[:6]:
+        first.add(stream_id, e, t)
+        if (f := first.flush()) is not None:
+            emitted.update(spans(f))
+            commit = f
+    assert commit is not None and commit.state["sessions"]  # open sessions in the snapshot
+    assert commit.replay_after == commit.position  # read on after the position, nothing again
+    restarted = sessions(watermark=commit.watermark, max_event=commit.max_event, max_seen_at=commit.max_seen_at,
+                         position=commit.position, state=json.loads(json.dumps(commit.state)))
+    for stream_id, e, t in entries:
+        if entry_id(stream_id) > entry_id(commit.position):
+            restarted.add(stream_id, e, t)
+            if (f := restarted.flush()) is not None:
+                assert not set(spans(f)) & set(emitted)
+                emitted.update(spans(f))
+    emitted.update(spans(restarted.flush(now=10_000)))
+    assert emitted == reference
+
+
+def test_the_session_completeness_marker_waits_for_open_sessions():
+    agg, feed = sessions(), Feed()
+    agg.add(feed.id(3600 * 5 + 3590), E("a", "u"), 3600 * 5 + 3590)  # a session from 5:59:50
+    agg.add(feed.id(3600 * 7), E("b", "u"), 3600 * 7)  # W = 6:59:50; a's session closed at 6:00:30
+    assert agg.flush().complete_before == 3600 * 6
+    for i in range(1, 200):  # b: an open session going on, from 7:00 for over an hour (to 8:06:20)
+        agg.add(feed.id(3600 * 7 + 20 * i), E("b", "u"), 3600 * 7 + 20 * i)
+    agg.add(feed.id(3600 * 8 + 390), E("c", "u"), 3600 * 8 + 390)  # W = 8:06:20
+    f = agg.flush()
+    assert f is not None and f.complete_before == 3600 * 7  # not 8:00: b's session started at 7:00

@@ -108,7 +108,7 @@ async def test_sigkill_then_restart_writes_each_window_once_with_every_event(web
     expected = recount(raw)
     assert await wait_aggregated(fast, len(expected)) == expected
     if crash_at.startswith("aggregate_after_commit"):  # windows were open: entries before the position are re-read
-        [(position, after)] = re.findall(r"position (\S+), watermark .*re-reading after (\S+)", worker.output())
+        [(position, after)] = re.findall(r'position ([^\s"]+), watermark .*re-reading after ([^\s"]+)', worker.output())
         assert entry_id(after) < entry_id(position)
     await asyncio.sleep(2)  # a double write would land now
     assert aggregated(fast) == expected

@@ -35,7 +35,8 @@
   var retryTimer = null;
   var flushTimer = null;
   var started = false;
-  var stats = {queued: 0, sent: 0, dropped: 0, retries: 0};
+  var drainTo = 0; // flush() sends until the event numbered this has left
+  var stats = {recorded: 0, sent: 0, dropped: 0, retries: 0};
   var encoder = new TextEncoder();
 
   function uuid() {
@@ -92,13 +93,24 @@
     event.user_id = config.userId || anonymousId || (anonymousId = storedId('localStorage', ANONYMOUS_KEY));
     event.page_url = location.href;
     if (target) event.target = selector(target);
-    queue.push(event);
-    stats.queued++;
-    if (queue.length > config.maxQueue) {
-      stats.dropped += queue.length - config.maxQueue;
-      queue.splice(0, queue.length - config.maxQueue); // the oldest go first
+    var json = JSON.stringify(event);
+    var size = encoder.encode(json).length + 1; // + its comma in the batch
+    stats.recorded++;
+    if (size + 2 > MAX_BATCH_BYTES) { // it could never be sent (and the server refuses it too)
+      stats.dropped++;
+      console.warn('streamapp: dropped a ' + event.type + ' event of ' + size + ' bytes');
+      return;
     }
+    // Serialized once: a retry re-sends the same bytes, event_id and timestamp included.
+    queue.push({n: stats.recorded, json: json, size: size});
+    cap();
     if (queue.length >= config.maxBatch) flush();
+  }
+
+  function cap() {
+    if (queue.length <= config.maxQueue) return;
+    stats.dropped += queue.length - config.maxQueue;
+    queue.splice(0, queue.length - config.maxQueue); // the oldest go first
   }
 
   function onClick(e) {
@@ -124,22 +136,13 @@
 
   // Take the next batch off the queue: at most maxBatch events and MAX_BATCH_BYTES of JSON.
   function takeBatch() {
-    var parts = [];
+    var count = 0;
     var bytes = 2;
-    while (parts.length < queue.length && parts.length < config.maxBatch) {
-      var part = JSON.stringify(queue[parts.length]);
-      var size = encoder.encode(part).length + 1;
-      if (bytes + size > MAX_BATCH_BYTES) {
-        if (parts.length) break;
-        queue.shift(); // one event over the limit can never be sent (the server refuses it too)
-        stats.dropped++;
-        console.warn('streamapp: dropped an event of ' + size + ' bytes');
-        continue;
-      }
-      parts.push(part);
-      bytes += size;
+    while (count < queue.length && count < config.maxBatch && bytes + queue[count].size <= MAX_BATCH_BYTES) {
+      bytes += queue[count++].size;
     }
-    return {events: queue.splice(0, parts.length), body: '[' + parts.join(',') + ']'};
+    var items = queue.splice(0, count);
+    return {items: items, body: '[' + items.map(function (i) { return i.json; }).join(',') + ']'};
   }
 
   // Seconds or an HTTP date, in milliseconds from now; 0 when absent or unreadable.
@@ -150,42 +153,45 @@
   }
 
   function retry(batch, retryAfter) {
-    // Put the batch back in front, with its event_ids: the server stores a re-sent id once.
-    queue = batch.events.concat(queue);
-    if (queue.length > config.maxQueue) {
-      stats.dropped += queue.length - config.maxQueue;
-      queue.splice(0, queue.length - config.maxQueue);
-    }
+    // Back in front, the same bytes: the server stores a re-sent event_id once.
+    queue = batch.items.concat(queue);
+    cap();
     stats.retries++;
     var backoff = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * Math.pow(2, attempt++));
-    var delay = Math.max(backoff / 2 + Math.random() * backoff / 2, retryAfterMs(retryAfter));
-    retryTimer = setTimeout(function () { retryTimer = null; flush(); }, delay);
+    var delay = Math.max(backoff / 2 + Math.random() * backoff / 2, retryAfterMs(retryAfter)); // "equal jitter"
+    retryTimer = setTimeout(function () { retryTimer = null; send(); }, delay);
   }
 
+  // Send everything recorded so far, in as many batches as it takes, one request at a time.
   function flush() {
+    drainTo = stats.recorded;
+    send();
+  }
+
+  function send() {
     if (sending || retryTimer || !queue.length) return;
     var batch = takeBatch();
-    if (!batch.events.length) return;
     sending = true;
     fetch(url(), {method: 'POST', keepalive: true, body: batch.body, headers: {'Content-Type': 'text/plain'}})
       .then(function (r) {
         if (r.status === 429 || r.status >= 500) return retry(batch, r.headers.get('Retry-After'));
         attempt = 0;
-        if (r.ok) stats.sent += batch.events.length;
-        else stats.dropped += batch.events.length;
         if (r.ok) {
+          stats.sent += batch.items.length;
           return r.json().then(function (body) {
             if (body.rejected) console.warn('streamapp: the server rejected ' + body.rejected + ' events', body.errors);
-          }, function () {});
+          });
         }
         // Another 4xx will not change on a retry; a 422 lists why each event was rejected.
+        stats.dropped += batch.items.length;
         return r.text().then(function (text) {
-          console.warn('streamapp: dropped ' + batch.events.length + ' events: HTTP ' + r.status, text);
+          console.warn('streamapp: dropped ' + batch.items.length + ' events: HTTP ' + r.status + ' ' + text);
         });
       }, function () { retry(batch, null); }) // network error: the request may or may not have landed
+      .catch(function () {}) // an unreadable response body: the status decided already
       .then(function () {
         sending = false;
-        if (queue.length >= config.maxBatch) flush();
+        if (queue.length && (queue[0].n <= drainTo || queue.length >= config.maxBatch)) send();
       });
   }
 
@@ -194,12 +200,11 @@
   function flushOnHide() {
     while (queue.length) {
       var batch = takeBatch();
-      var blob = new Blob([batch.body], {type: 'text/plain'});
-      if (!navigator.sendBeacon || !navigator.sendBeacon(url(), blob)) {
-        queue = batch.events.concat(queue); // over the browser's quota: keep it for later
+      if (!navigator.sendBeacon(url(), new Blob([batch.body], {type: 'text/plain'}))) {
+        queue = batch.items.concat(queue); // over the browser's quota: kept, for if the page comes back
         return;
       }
-      stats.sent += batch.events.length;
+      stats.sent += batch.items.length;
     }
   }
 
@@ -224,7 +229,8 @@
   window.streamapp = {
     init: init,
     flush: flush,
-    stats: function () { return {queued: stats.queued, sent: stats.sent, dropped: stats.dropped,
+    // Counters since the page loaded; `sent` counts events the server took or a beacon carried.
+    stats: function () { return {recorded: stats.recorded, sent: stats.sent, dropped: stats.dropped,
                                  retries: stats.retries, pending: queue.length}; }
   };
 })();

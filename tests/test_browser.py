@@ -4,6 +4,7 @@ against the real web server, valkey-server and worker; rows are read back from I
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import os
@@ -15,7 +16,7 @@ from datetime import datetime
 import pytest
 from playwright.async_api import async_playwright
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, running_web
 from tests.helpers import wait_rows
 
 CHROMIUM = "/usr/bin/chromium"
@@ -213,6 +214,30 @@ async def test_leaving_the_page_sends_pending_events_with_a_beacon(web, settings
     assert (click["x"], click["y"], click["target"], click["page_url"]) == (*buy, "button#buy.primary", web + "/demo")
     assert (key["key"], key["target"]) == ("x", "button#buy.primary")  # the clicked button has the focus
     assert posts.seen == []  # no fetch: the beacon carried them
+
+
+async def test_cross_origin_with_a_write_key_rows_carry_its_source(settings, spawn, page):
+    keyed = dataclasses.replace(settings, write_keys={"k-web": "website"})
+    spawn("worker", keyed)
+    posts = Posts(page)
+    async with running_web(keyed) as collector:
+        # The page is on localhost, the collector on 127.0.0.1: without the server's CORS headers
+        # the tracker could not read the answer and would retry forever.
+        await page.goto(f"http://localhost:{keyed.port}/demo")
+        await page.evaluate(f"streamapp.init({{endpoint: '{collector}/api/events', writeKey: 'k-web'}})")
+        buy = await center(page, "#buy")
+        await page.mouse.click(*buy)
+        await page.evaluate("streamapp.flush()")
+        await until(lambda: sent_all(page, 1), "the tracker to send its event")
+        assert (await stats(page))["retries"] == 0
+        await page.mouse.click(buy[0] + 1, buy[1])
+        await page.goto("about:blank")  # the beacon carries the key too
+        rows = await wait_rows(keyed, "events.clicks", 2)
+    assert [(p["url"], p["status"]) for p in posts.seen] == [(collector + "/api/events?writeKey=k-web", 202)]
+    assert sorted((r["x"], r["source"], r["page_url"]) for r in rows) == [
+        (buy[0], "website", f"http://localhost:{keyed.port}/demo"),
+        (buy[0] + 1, "website", f"http://localhost:{keyed.port}/demo"),
+    ]
 
 
 async def test_full_queue_drops_the_oldest_and_a_422_is_not_retried(web, page):

@@ -66,6 +66,10 @@ class Backlog:
                 await self.sample()
             except (RedisError, OSError) as e:
                 log.debug("backlog sample failed: %s", e)
+            # redis-py (8.1) can swallow a cancellation that lands inside a pipeline: honour it
+            # here, or the web server's shutdown waits for this task forever.
+            if asyncio.current_task().cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(SAMPLE_SECONDS)
 
     async def sample(self) -> None:

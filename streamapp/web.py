@@ -28,6 +28,7 @@ from streamapp import keys, metrics
 from streamapp.backlog import Backlog
 from streamapp.cors import Cors
 from streamapp.ingest import Batch, BodyError, ErrorReply, Ingest, IngestReply, body_kind, uuid7
+from streamapp.static import file_handler
 from streamapp.writer import Entry, StreamWriter
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,8 @@ def build(app, settings) -> web.Application:
     webapp.router.add_get("/metrics", metrics.metrics_view)
     webapp.router.add_get("/healthz", healthz)
     webapp.router.add_get("/readyz", readyz)
+    webapp.router.add_get("/tracker.js", file_handler("tracker.js", "text/javascript"))
+    webapp.router.add_get("/demo", file_handler("demo.html", "text/html"))
     for method, path, handler in app.pages:
         webapp.router.add_route(method, path, handler)
     return webapp

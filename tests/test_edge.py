@@ -5,6 +5,7 @@ description. Each test says where the events of a refused request end up: nowher
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -13,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from streamapp.backlog import retry_after
+from streamapp.backlog import Backlog, retry_after
 from tests.conftest import RedisServer, free_port, running_web, stream_entries
 from tests.test_http import CLICK, post, stored
 
@@ -143,6 +144,21 @@ async def test_backlog_over_the_limit_gives_429_until_the_worker_drains_it(setti
         async with http.get(base + "/metrics") as r:
             text = await r.text()
         assert float(re.search(r"^streamapp_drain_events_per_second (\S+)$", text, re.M)[1]) > 0
+
+
+async def test_the_backlog_sampler_stops_when_redis_py_swallows_its_cancellation():
+    backlog = Backlog(None, [], 10)
+
+    async def sample_swallowing_cancel():  # what redis-py's pipeline sometimes does
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+
+    backlog.sample = sample_swallowing_cancel
+    task = asyncio.create_task(backlog.run())
+    await asyncio.sleep(0.05)  # inside the sample
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done and task.cancelled()
 
 
 async def test_redis_out_of_memory_is_503_and_loses_nothing(settings, tmp_path, http):

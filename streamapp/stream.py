@@ -193,9 +193,11 @@ class Stream(Generic[M]):
                 if self._needs_register:
                     await self.register()
                 for raw_id, fields in await self._read(cursor, n - len(ids), block):
+                    # [b"e", payload, b"r", received_us], as the ingest script writes them
+                    e, r = (1, 3) if fields[0] == b"e" else (3, 1)
                     ids.append(raw_id.decode())
-                    payloads.append(fields[b"e"])
-                    received.append(int(fields[b"r"]))
+                    payloads.append(fields[e])
+                    received.append(int(fields[r]))
                 if ids:
                     cursor = ids[-1]
                     if deadline is None:
@@ -217,13 +219,17 @@ class Stream(Generic[M]):
     async def _read(self, cursor: str, count: int, block_ms: int) -> list:
         assert self._redis is not None
         try:
-            reply = await self._redis.xread({self.key: cursor}, count=count, block=block_ms)
+            reply = await self._redis.execute_command("XREAD", "COUNT", count, "BLOCK", block_ms,
+                                                      "STREAMS", self.key, cursor)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             log.warning("reading %s failed (%s); retrying in 1 s", self.key, e)
             self._needs_register = True
             await asyncio.sleep(1)
             return []
-        return reply[0][1] if reply else []
+        if not reply:
+            return []
+        # RESP2: [[key, entries]]; RESP3: {key: entries}. Entries: [[id, [field, value, ...]], ...]
+        return next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
 
     async def ack(self, last_id: str) -> None:
         """Move the Redis hint, from which reading resumes and below which the stream may be

@@ -601,16 +601,18 @@ def fig_fresh(procs: Procs, work: Path, args, results: dict) -> None:
             system.stop()
 
 
-def commit_series(system: str, n: int, rows: int, work: Path) -> list[float]:
+def commit_series(procs: Procs, system: str, n: int, rows: int, work: Path) -> list[float]:
     if system == "streamapp":
         cmd, cwd = [sys.executable, str(ROOT / "bench" / "commit_latency.py"), "streamapp"], ROOT
         env = clean_env(STREAMAPP_WAREHOUSE=str(work / "commits-streamapp"), STREAMAPP_LOG_LEVEL="WARNING")
     else:
         cmd, cwd = [str(SEED_VENV / "bin" / "python"), str(ROOT / "bench" / "commit_latency.py"), "seed"], SEED_DIR
         env = clean_env(STREAMAPP_WAREHOUSE=str(work / "commits-seed"))
-    out = subprocess.run([*cmd, str(n), str(rows)], cwd=cwd, env=env, stdout=subprocess.PIPE, text=True, check=True,
-                         start_new_session=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    child = procs.start([*cmd, str(n), str(rows)], cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate()
+    if child.returncode:
+        raise RuntimeError(f"commit latency child for {system} exited with {child.returncode}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def fig_commits(procs: Procs, work: Path, args, results: dict) -> None:
@@ -618,7 +620,7 @@ def fig_commits(procs: Procs, work: Path, args, results: dict) -> None:
     for name in ("streamapp", "seed"):
         log(f"commit latency {name}: {args.commits} commits of {args.commit_rows} rows")
         t = time.monotonic()
-        d = commit_series(name, args.commits, args.commit_rows, work)
+        d = commit_series(procs, name, args.commits, args.commit_rows, work)
         k = min(10, len(d) // 2)
         first, last = statistics.median(d[:k]), statistics.median(d[-k:])
         slope = statistics.linear_regression(range(len(d)), d).slope if len(d) > 2 else 0.0

@@ -207,20 +207,29 @@ class Redis:
 class Streamapp:
     name = "streamapp"
 
-    def __init__(self, procs: Procs, work: Path, **settings: str) -> None:
-        self.procs, self.warehouse = procs, work / "streamapp"
+    def __init__(self, procs: Procs, work: Path, spy: Path | None = None, **settings: str) -> None:
+        """spy: run web and worker under `py-spy record` (attaching to a running process is not
+        allowed on machines with ptrace_scope=1; a child is), raw stacks written under that dir."""
+        self.procs, self.warehouse, self.spy = procs, work / "streamapp", spy
         self.redis = Redis(procs, self.warehouse)
         self.port = free_port()
         self.env = clean_env(PORT=str(self.port), HOST="127.0.0.1", STREAMAPP_REDIS_PORT=str(self.redis.port),
                              STREAMAPP_WAREHOUSE=str(self.warehouse), STREAMAPP_LOG_LEVEL="WARNING",
                              STREAMAPP_MAX_BACKLOG=str(10**9), STREAMAPP_REDIS_MAXMEMORY="8gb",
                              STREAMAPP_WORKER_METRICS_PORT="0", **settings)
-        self.web = procs.start([sys.executable, "-m", "streamapp", "web"], cwd=ROOT, env=self.env)
+        self.web = procs.start(self.spied("web") + [sys.executable, "-m", "streamapp", "web"], cwd=ROOT, env=self.env,
+                               stderr=subprocess.DEVNULL if spy else None)
         wait_port(self.port, self.web)
         self.worker: subprocess.Popen | None = None
 
+    def spied(self, name: str) -> list[str]:
+        if self.spy is None:
+            return []
+        return [ensure_py_spy(), "record", "--nonblocking", "-r", "100", "-f", "raw", "-o", str(self.spy / f"{name}.txt"), "--"]
+
     def start_worker(self) -> subprocess.Popen:
-        self.worker = self.procs.start([sys.executable, "-m", "streamapp", "worker"], cwd=ROOT, env=self.env)
+        self.worker = self.procs.start(self.spied("worker") + [sys.executable, "-m", "streamapp", "worker"], cwd=ROOT,
+                                       env=self.env, stderr=subprocess.DEVNULL if self.spy else None)
         return self.worker
 
     def catalog(self):
@@ -281,6 +290,13 @@ def ensure_seed_venv() -> None:
         log(f"building the seed's venv in {SEED_VENV} (its setup.sh, from PyPI)")
         subprocess.run(["bash", str(SEED_DIR / "setup.sh")], env={**os.environ, "SEED_BASELINE_VENV": str(SEED_VENV)},
                        check=True)
+
+
+def ensure_py_spy() -> str:
+    found = shutil.which("py-spy")
+    if not found:
+        sys.exit("--profile needs py-spy on PATH (pip install py-spy)")
+    return found
 
 
 def ensure_tool(names: tuple[str, ...], package: str) -> str:
@@ -631,7 +647,70 @@ def fig_commits(procs: Procs, work: Path, args, results: dict) -> None:
             f"{len(d) - k + 1}-{len(d)} {last * 1000:.0f} ms ({last / first:.1f}x)")
 
 
-FIGURES = {"ingest": fig_ingest, "drain": fig_drain, "fresh": fig_fresh, "commits": fig_commits}
+def top_functions(raw: Path, n: int = 14) -> list[tuple[float, float, str]]:
+    """(inclusive %, self %, function) from py-spy's raw (collapsed) stacks, most inclusive first."""
+    incl: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        c = int(count)
+        if "_find_and_load" in stack or "_get_module_details" in stack:
+            continue  # start-up imports: not the steady state
+        total += c
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # per function, not per line
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + c
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+    skip = ("<module>", "_run_code", "run (", "_run_module", "run_forever", "_run_once", "_run (asyncio/events", "main (", "run_until",
+            "_bootstrap", "_worker (concurrent", "run (concurrent", "start_server", "run_app", "cli.py", "__main__")
+    if not total:
+        return []
+    rows = [(100 * v / total, 100 * own.get(f, 0) / total, f) for f, v in incl.items() if not any(k in f for k in skip)]
+    by_self = sorted(rows, key=lambda r: -r[1])[:n]  # where the CPU is spent
+    ours = sorted((r for r in rows if r not in by_self and ("streamapp/" in r[2] or "agents/" in r[2])),
+                  key=lambda r: -r[0])[:6]  # and which of streamapp's functions it is spent under
+    return by_self + ours
+
+
+def fig_profile(procs: Procs, work: Path, args, results: dict) -> None:
+    """Where streamapp's time goes: py-spy (100 Hz) on the web under single events and under arrays,
+    and on the worker draining a backlog. Not a figure: py-spy's sampling costs CPU on 2 cores."""
+    spy_dir = WORK / "profiles"
+    spy_dir.mkdir(parents=True, exist_ok=True)
+    results["profiles"] = {}
+    for name, body in (("web-single", SINGLE), ("web-array", ARRAY)):
+        system = Streamapp(procs, work / f"profile-{name}", spy=spy_dir / name)
+        try:
+            (spy_dir / name).mkdir(exist_ok=True)
+            time.sleep(1)
+            r = wrk(system.port, body, args.seconds)
+            log(f"profile {name}: {r['rps'] * (100 if body is ARRAY else 1):,.0f} events/s under py-spy")
+            os.kill(system.web.pid, signal.SIGINT)  # py-spy writes its file and exits
+            system.web.wait(30)
+        finally:
+            system.stop()
+        results["profiles"][name] = top_functions(spy_dir / name / "web.txt")
+    system = Streamapp(procs, work / "profile-drain", spy=spy_dir / "worker-drain")
+    try:
+        (spy_dir / "worker-drain").mkdir(exist_ok=True)
+        n = min(args.drain, 300_000)
+        asyncio.run(fill_streamapp(system.port, n))
+        procs.stop(system.web)
+        system.web = None
+        r = time_drain(system, n, args.drain_timeout)
+        log(f"profile worker-drain: {r['rows']:,} rows in {r['seconds']:.1f}s under py-spy")
+        os.kill(system.worker.pid, signal.SIGINT)
+        system.worker.wait(30)
+    finally:
+        system.stop()
+    results["profiles"]["worker-drain"] = top_functions(spy_dir / "worker-drain" / "worker.txt")
+    log(f"raw stacks in {spy_dir.relative_to(ROOT)} (flamegraph.pl or speedscope read them)")
+
+
+FIGURES = {"ingest": fig_ingest, "drain": fig_drain, "fresh": fig_fresh, "commits": fig_commits, "profile": fig_profile}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,10 +803,10 @@ def table(results: dict, args) -> list[list[str]]:
         rows.append([f"   commit {s['n'] - k + 1}-{s['n']} median (ms)", fmt(s["last"], "ms"), fmt(sd["last"], "ms"),
                      "-", "", "", "", "", f"took {s['seconds']:.0f}s / {sd['seconds']:.0f}s"])
         rows.append([f"   growth, last/first", f"{s['ratio']:.2f}x", f"{sd['ratio']:.2f}x", "-", "", "",
-                     TARGETS["commits"], ("yes" if s["ratio"] <= 2 else "no") if s["n"] >= 10_000 else
+                     TARGETS["commits"], ("yes" if s["ratio"] <= 2 else "no") if s["n"] >= 10_000 else "?" if s["n"] < 100 else
                      ("no (extrap.)" if s["at10k"] > 2 * s["first"] else "likely (extrap.)"),
                      f"linear fit: +{s['slope'] * 1e6:.0f}/+{sd['slope'] * 1e6:.0f} ms per 1,000 commits"
-                     + ("" if s["n"] >= 10_000 else
+                     + ("" if s["n"] >= 10_000 or s["n"] < 100 else
                         f"; only {s['n']} commits (--commits): 10,000th extrapolated "
                         f"{fmt(s['at10k'], 'ms')}/{fmt(sd['at10k'], 'ms')} = {s['at10k'] / s['first']:.0f}x/"
                         f"{sd['at10k'] / sd['first']:.0f}x the first")])
@@ -753,7 +832,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="small sizes for iteration (~3 min): 2 rounds of 3 s, 200k drain, 10 s freshness, 200 commits")
-    parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
+    parser.add_argument("--profile", action="store_true", help="also profile web and worker with py-spy (after the figures)")
+    parser.add_argument("--only", default="ingest,drain,fresh,commits", help=f"comma-separated subset of {','.join(FIGURES)}")
     parser.add_argument("--seconds", type=int, help="seconds per wrk round (10)")
     parser.add_argument("--rounds", type=int, help="alternating ingest rounds per side (3)")
     parser.add_argument("--drain", type=int, help="backlog for the drain figure (1,000,000)")
@@ -773,7 +853,7 @@ def main() -> None:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    only = [f.strip() for f in args.only.split(",") if f.strip()]
+    only = [f.strip() for f in args.only.split(",") if f.strip()] + (["profile"] if args.profile else [])
     if unknown := set(only) - set(FIGURES):
         parser.error(f"unknown figures {unknown}")
 
@@ -790,19 +870,28 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    interrupted = False
     try:
         for name in only:
             log(f"--- {name}")
             FIGURES[name](procs, work, args, results)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: the figures measured so far follow; bench/RESULTS.md is left alone")
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - started
 
     command = "uv run python bench/run.py " + " ".join(sys.argv[1:])
-    text = render(table(results, args))
+    rows = table(results, args)
+    text = render(rows) if len(rows) > 1 else ""
+    for name, top in results.get("profiles", {}).items():
+        text += (f"\n\npy-spy, {name}: inclusive% self% function (most self time first, then more of "
+                 f"streamapp's own functions; start-up imports left out)\n") + "\n".join(
+            f"{a:5.1f} {b:5.1f}  {f}" for a, b, f in top)
     print(f"\n{command}\nmachine: {machine()}; took {took / 60:.1f} min\n\n{text}")
-    if not args.no_write:
+    if not args.no_write and not interrupted:
         with RESULTS.open("a") as f:
             f.write(f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, issue 5 suite"
                     f"{' (--quick)' if args.quick else ''}\n\nCommand: `{command.strip()}` (took {took / 60:.1f} min)  \n"

@@ -3,6 +3,10 @@
     python bench/commit_latency.py streamapp N ROWS   (streamapp's venv, cwd = the repo root)
     python bench/commit_latency.py seed N ROWS        (the seed's venv, cwd = the seed's directory)
 
+With --stepped it commits only when a line arrives on stdin and prints each duration as it goes:
+bench/run.py runs both series at once that way, alternating commit by commit, so that the load of
+a shared machine hits both alike.
+
 `streamapp` drives `app.table("events.clicks").append(window)` (streamapp/sink.py, whatever it does
 today: snapshot expiry, manifest merging...) with windows of ROWS clicks at increasing stream
 positions. `seed` repeats the seed loader's pattern: one `table.append(pyarrow table)` per batch on a
@@ -21,7 +25,17 @@ import time
 from datetime import datetime, timezone
 
 
+STEPPED = "--stepped" in sys.argv  # wait for a line on stdin before each commit; print each duration
+
+
+def step() -> None:
+    if STEPPED and not sys.stdin.readline():
+        sys.exit(0)  # the parent went away
+
+
 def progress(name: str, i: int, n: int, seconds: float, started: float) -> None:
+    if STEPPED:
+        print(seconds, flush=True)
     if i == 1 or i == n or i % max(1, n // 20) == 0:
         print(f"  {name} commit {i}/{n}: {seconds * 1000:.0f} ms (elapsed {time.monotonic() - started:.0f}s)",
               file=sys.stderr, flush=True)
@@ -52,6 +66,7 @@ def run_streamapp(n: int, rows: int) -> list[float]:
                       for j in range(rows)]
             ids = [f"{base_ms + i}-{j}" for j in range(rows)]
             window = Window(ClickEvent, stream_key, "bench-commits", ids, events, [int(now.timestamp() * 1e6)] * rows)
+            step()
             t = time.perf_counter()
             await table.append(window)
             out.append(time.perf_counter() - t)
@@ -78,6 +93,7 @@ def run_seed(n: int, rows: int) -> list[float]:
         batch = [{"event_id": f"c-{i}-{j}", "event_time": now, "received_at": now, "user_id": None,
                   "session_id": None, "page_url": "https://example.test/", "target": None, "properties": None,
                   "x": j, "y": i, "button": 0} for j in range(rows)]
+        step()
         t = time.perf_counter()
         table.append(pa.Table.from_pylist(batch, schema=arrow_schema))
         out.append(time.perf_counter() - t)

@@ -16,7 +16,9 @@ runs on this machine, on loopback, and every figure is measured in the same run 
 
 Ingest rounds alternate bare, streamapp, seed (rotating who goes first) and report the median
 round, so the machine's drift hits every side alike. wrk and redis-benchmark are installed with
-apt-get when missing. Every process started here is stopped before exit.
+apt-get when missing. Every process started here is stopped before exit. A figure that fails
+(say, a runtime change the harness does not follow) is reported under the table and the others
+are still measured. BENCH_LOG_LEVEL=INFO shows streamapp's own logs (default WARNING).
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ class Streamapp:
         self.redis = Redis(procs, self.warehouse)
         self.port = free_port()
         self.env = clean_env(PORT=str(self.port), HOST="127.0.0.1", STREAMAPP_REDIS_PORT=str(self.redis.port),
-                             STREAMAPP_WAREHOUSE=str(self.warehouse), STREAMAPP_LOG_LEVEL="WARNING",
+                             STREAMAPP_WAREHOUSE=str(self.warehouse), STREAMAPP_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
                              STREAMAPP_MAX_BACKLOG=str(10**9), STREAMAPP_REDIS_MAXMEMORY="8gb",
                              STREAMAPP_WORKER_METRICS_PORT="0", **settings)
         self.web = procs.start(self.spied("web") + [sys.executable, "-m", "streamapp", "web"], cwd=ROOT, env=self.env,
@@ -668,7 +670,7 @@ def top_functions(raw: Path, n: int = 14) -> list[tuple[float, float, str]]:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
+        if not count.isdigit() or not stack:
             continue
         c = int(count)
         if "_find_and_load" in stack or "_get_module_details" in stack:
@@ -682,7 +684,8 @@ def top_functions(raw: Path, n: int = 14) -> list[tuple[float, float, str]]:
             "_bootstrap", "_worker (concurrent", "run (concurrent", "start_server", "run_app", "cli.py", "__main__")
     if not total:
         return []
-    rows = [(100 * v / total, 100 * own.get(f, 0) / total, f) for f, v in incl.items() if not any(k in f for k in skip)]
+    rows = [(100 * v / total, 100 * own.get(f, 0) / total, f) for f, v in incl.items()
+            if f.strip() and not any(k in f for k in skip)]
     by_self = sorted(rows, key=lambda r: -r[1])[:n]  # where the CPU is spent
     ours = sorted((r for r in rows if r not in by_self and ("streamapp/" in r[2] or "agents/" in r[2])),
                   key=lambda r: -r[0])[:6]  # and which of streamapp's functions it is spent under
@@ -885,10 +888,21 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     interrupted = False
+    failed: list[str] = []
     try:
         for name in only:
             log(f"--- {name}")
-            FIGURES[name](procs, work, args, results)
+            part: dict = {}
+            try:
+                FIGURES[name](procs, work, args, part)
+                results.update(part)
+            except (RuntimeError, OSError, ValueError, KeyError, subprocess.CalledProcessError) as e:
+                # e.g. a runtime change the harness does not follow yet: report it, measure the rest
+                import traceback
+
+                traceback.print_exc()
+                failed.append(f"{name}: {type(e).__name__}: {e}")
+                log(f"{name} failed; going on with the other figures")
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: the figures measured so far follow; bench/RESULTS.md is left alone")
@@ -900,6 +914,7 @@ def main() -> None:
     command = "uv run python bench/run.py " + " ".join(sys.argv[1:])
     rows = table(results, args)
     text = render(rows) if len(rows) > 1 else ""
+    text += "".join(f"\nFAILED {f}" for f in failed)
     for name, top in results.get("profiles", {}).items():
         text += (f"\n\npy-spy, {name}: inclusive% self% function (most self time first, then more of "
                  f"streamapp's own functions; start-up imports left out)\n") + "\n".join(

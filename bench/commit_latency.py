@@ -24,7 +24,6 @@ import sys
 import time
 from datetime import datetime, timezone
 
-
 STEPPED = "--stepped" in sys.argv  # wait for a line on stdin before each commit; print each duration
 
 

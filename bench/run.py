@@ -819,7 +819,7 @@ def table(results: dict, args) -> list[list[str]]:
                      "-", "", "", "", "", f"{args.commit_rows}-row windows, one table, one process"])
         rows.append([f"   commit {s['n'] - k + 1}-{s['n']} median (ms)", fmt(s["last"], "ms"), fmt(sd["last"], "ms"),
                      "-", "", "", "", "", f"sum of commit times {s['seconds']:.0f}s / {sd['seconds']:.0f}s; the two alternate commit by commit"])
-        rows.append([f"   growth, last/first", f"{s['ratio']:.2f}x", f"{sd['ratio']:.2f}x", "-", "", "",
+        rows.append(["   growth, last/first", f"{s['ratio']:.2f}x", f"{sd['ratio']:.2f}x", "-", "", "",
                      TARGETS["commits"], ("yes" if s["ratio"] <= 2 else "no") if s["n"] >= 10_000 else "?" if s["n"] < 100 else
                      ("no (extrap.)" if s["at10k"] > 2 * s["first"] else "likely (extrap.)"),
                      f"linear fit: +{s['slope'] * 1e6:.0f}/+{sd['slope'] * 1e6:.0f} ms per 1,000 commits"

@@ -162,7 +162,6 @@ def _count(batch: Batch, results: list[int], known: dict) -> None:
         metrics.EVENTS.labels(kind, outcome).inc(n)
 
 
-
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
     received_us = int(received_at.timestamp() * 1_000_000)
     entries = [Entry(keys.stream(a.event_type), a.event_id, a.payload, received_us) for a in batch.accepted]

@@ -164,51 +164,74 @@ class Stream(Generic[M]):
         instead, the window is not acknowledged, and the agent's restart receives it again.
         On shutdown the open window is handed out early, so nothing read is held back.
         """
-        async for window in self.read(self._acked, n, within):
+        async for window in self.read(self._acked, n, within, prefetch=True):
             yield window
             await self.ack(window.last_id)
 
-    async def read(self, after: str, n: int, within: float, *, idle: bool = False) -> AsyncIterator[Window[M]]:
+    async def read(self, after: str, n: int, within: float, *, idle: bool = False,
+                   prefetch: bool = False) -> AsyncIterator[Window[M]]:
         """Like `take`, from the entry after `after`, and acknowledging nothing (the caller
         `ack`s what it committed). `idle=True`: an empty window every `within` seconds while
-        nothing arrives, so the caller sees time pass."""
+        nothing arrives, so the caller sees time pass. `prefetch=True`: the next window is read
+        and decoded while the caller handles this one (its commit runs in a thread, so reading
+        overlaps it); only for callers whose handling does not depend on when a window was read."""
         if self._redis is None or self._stopping is None:
             raise RuntimeError("the stream is not bound: run agents with `python -m streamapp worker`")
         if n < 1 or within <= 0:
             raise ValueError("take() needs n >= 1 and within > 0")
-        loop = asyncio.get_running_loop()
         cursor = after
-        while True:
-            ids: list[str] = []
-            payloads: list[bytes] = []
-            received: list[int] = []
-            deadline: float | None = loop.time() + within if idle else None
-            while len(ids) < n and not self._stopping.is_set():
-                block = READ_BLOCK_MS
-                if deadline is not None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
-                if self._needs_register:
-                    await self.register()
-                for raw_id, fields in await self._read(cursor, n - len(ids), block):
-                    # [b"e", payload, b"r", received_us], as the ingest script writes them
-                    e, r = (1, 3) if fields[0] == b"e" else (3, 1)
-                    ids.append(raw_id.decode())
-                    payloads.append(fields[e])
-                    received.append(int(fields[r]))
+        pending: asyncio.Task | None = None
+        try:
+            while True:
+                if pending is not None:
+                    ids, events, received = await pending
+                    pending = None
+                else:
+                    ids, events, received = await self._collect(cursor, n, within, idle)
                 if ids:
                     cursor = ids[-1]
-                    if deadline is None:
-                        deadline = loop.time() + within
-            if ids or (idle and not self._stopping.is_set()):
-                events = self._decode(b"[" + b",".join(payloads) + b"]") if ids else []
-                if ids:
-                    metrics.WINDOW_EVENTS.labels(self._consumer).observe(len(ids))
-                yield Window(self.model, self.key, self._consumer, ids, events, received)
-            if self._stopping.is_set():
-                return
+                if ids or (idle and not self._stopping.is_set()):
+                    if ids:
+                        metrics.WINDOW_EVENTS.labels(self._consumer).observe(len(ids))
+                    if prefetch and ids and not self._stopping.is_set():
+                        pending = asyncio.create_task(self._collect(cursor, n, within, idle))
+                    yield Window(self.model, self.key, self._consumer, ids, events, received)
+                if self._stopping.is_set() and pending is None:
+                    return  # a window prefetched when the stop came is handed out first
+        finally:
+            if pending is not None:
+                pending.cancel()  # read, never handed out, never acked: read again after a restart
+
+    async def _collect(self, cursor: str, n: int, within: float, idle: bool) -> tuple[list[str], list[M], list[int]]:
+        """Read up to `n` entries after `cursor`, until `within` seconds after the first (or, idle,
+        after the start), or the stop; decode them."""
+        assert self._stopping is not None
+        loop = asyncio.get_running_loop()
+        ids: list[str] = []
+        payloads: list[bytes] = []
+        received: list[int] = []
+        deadline: float | None = loop.time() + within if idle else None
+        while len(ids) < n and not self._stopping.is_set():
+            block = READ_BLOCK_MS
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
+            if self._needs_register:
+                await self.register()
+            for raw_id, fields in await self._read(cursor, n - len(ids), block):
+                # [b"e", payload, b"r", received_us], as the ingest script writes them
+                e, r = (1, 3) if fields[0] == b"e" else (3, 1)
+                ids.append(raw_id.decode())
+                payloads.append(fields[e])
+                received.append(int(fields[r]))
+            if ids:
+                cursor = ids[-1]
+                if deadline is None:
+                    deadline = loop.time() + within
+        events = self._decode(b"[" + b",".join(payloads) + b"]") if ids else []
+        return ids, events, received
 
     def group_by(self, key: Callable[[M], str | None], *, column: str) -> GroupBy[M]:
         """Key the events for a windowed aggregate; `column` names the key's column in its table."""

@@ -10,7 +10,7 @@ from streamapp.settings import Settings, SettingsError
 def test_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = Settings.from_env({}, dotenv=None)
-    assert (s.port, s.redis_port, s.window_count, s.window_seconds, s.dedupe_seconds) == (8000, 6379, 10000, 10.0, 3600)
+    assert (s.port, s.redis_port, s.window_count, s.window_seconds, s.dedupe_seconds) == (8000, 6379, 50000, 10.0, 3600)
     assert s.grace_seconds == 10.0
     assert s.redis_url == "redis://127.0.0.1:6379/0" and s.embedded_redis
     assert s.warehouse == (tmp_path / "warehouse").resolve()

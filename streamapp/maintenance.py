@@ -41,9 +41,14 @@ def expire_old_snapshots(tx: Transaction, keep: int) -> None:
         ExpireSnapshots(tx).by_ids(old).commit()
 
 
-def data_files(table: Table) -> int:
+def snapshot_figure(table: Table, name: str) -> int:
+    """A count from the current snapshot's summary ("total-data-files", "added-files-size"...)."""
     snapshot = table.current_snapshot()
-    return int(snapshot.summary.get("total-data-files") or 0) if snapshot and snapshot.summary else 0
+    return int(snapshot.summary.get(name) or 0) if snapshot and snapshot.summary else 0
+
+
+def data_files(table: Table) -> int:
+    return snapshot_figure(table, "total-data-files")
 
 
 def compact(table: Table, keep_snapshots: int) -> int:

@@ -21,7 +21,7 @@ from pyiceberg.table import Table
 
 from streamapp import metrics
 from streamapp.faults import crashpoint
-from streamapp.maintenance import COMPACT_EVERY_FILES, compact, data_files, expire_old_snapshots
+from streamapp.maintenance import COMPACT_EVERY_FILES, compact, data_files, expire_old_snapshots, snapshot_figure
 from streamapp.stream import Window, entry_id
 
 if TYPE_CHECKING:
@@ -68,8 +68,7 @@ class IcebergTable:
     def _record(self, table: Table, window: Window, keep: list[int], seconds: float) -> None:
         """Metrics and the one log line per commit: rows, Parquet bytes, lag, duration."""
         lag = time.time() - min(window.received_us[i] for i in keep) / 1e6
-        snapshot = table.current_snapshot()
-        written = int(snapshot.summary.get("added-files-size") or 0) if snapshot and snapshot.summary else 0
+        written = snapshot_figure(table, "added-files-size")
         metrics.COMMIT_SECONDS.labels(self.name).observe(seconds)
         metrics.ROWS_COMMITTED.labels(self.name).inc(len(keep))
         metrics.FRESHNESS_SECONDS.labels(self.name).observe(lag)

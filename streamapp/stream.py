@@ -211,6 +211,7 @@ class Stream(Generic[M]):
         payloads: list[bytes] = []
         received: list[int] = []
         deadline: float | None = loop.time() + within if idle else None
+        per_entry = 1  # events per entry in the last read: sizes XREAD's COUNT so a window stays near n
         while len(ids) < n and not self._stopping.is_set():
             block = READ_BLOCK_MS
             if deadline is not None:
@@ -220,17 +221,30 @@ class Stream(Generic[M]):
                 block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
             if self._needs_register:
                 await self.register()
-            for raw_id, fields in await self._read(cursor, n - len(ids), block):
-                # [b"e", payload, b"r", received_us], as the ingest script writes them
-                e, r = (1, 3) if fields[0] == b"e" else (3, 1)
-                ids.append(raw_id.decode())
-                payloads.append(fields[e])
-                received.append(int(fields[r]))
-            if ids:
+            entries = await self._read(cursor, max(1, (n - len(ids)) // per_entry), block)
+            read_before = len(ids)
+            for raw_id, fields in entries:
+                if len(ids) >= n:
+                    break  # the rest is read again for the next window
+                if len(fields) == 4:  # [b"e", payload, b"r", received_us]: one event
+                    e, r = (1, 3) if fields[0] == b"e" else (3, 1)
+                    ids.append(raw_id.decode())
+                    payloads.append(fields[e])
+                    received.append(int(fields[r]))
+                    continue
+                # Several events of one request: e holds them as NDJSON, n says how many.
+                f = dict(zip(fields[::2], fields[1::2]))
+                count = int(f.get(b"n", 1))
+                ids.extend([raw_id.decode()] * count)
+                payloads.append(f[b"e"])
+                received.extend([int(f[b"r"])] * count)
+            if len(ids) > read_before:
                 cursor = ids[-1]
+                per_entry = max(1, (len(ids) - read_before) // max(1, len(entries)))
                 if deadline is None:
                     deadline = loop.time() + within
-        events = self._decode(b"[" + b",".join(payloads) + b"]") if ids else []
+        # msgspec never writes a raw newline inside JSON, so each one separates two events.
+        events = self._decode(b"[" + b",".join(payloads).replace(b"\n", b",") + b"]") if ids else []
         return ids, events, received
 
     def group_by(self, key: Callable[[M], str | None], *, column: str) -> GroupBy[M]:

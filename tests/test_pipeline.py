@@ -85,6 +85,36 @@ async def test_windows_close_by_count_and_by_time(settings, redis_server):
     assert 0.45 < closed_at[2] < 1.5  # the partial one `within` seconds after its first event
 
 
+async def test_entries_holding_several_events_are_read_whole(settings, redis_server):
+    """An entry may hold one request's events as NDJSON with their count `n`: a window counts
+    events, never splits an entry (its id is one position), and takes the rest next time."""
+    r = redis_server.client()
+    now = datetime.now(timezone.utc)
+
+    def entry(*names: str) -> None:
+        body = b"\n".join(msgspec.json.encode(ClickEvent(x=1, y=1, event_id=n, timestamp=now)) for n in names)
+        fields = {"e": body, "r": "7"} if len(names) == 1 else {"e": body, "r": "7", "n": str(len(names))}
+        r.xadd(keys.stream("click"), fields)
+
+    entry("a0", "a1", "a2")
+    entry("b0")
+    entry("c0", "c1")
+    entry("d0", "d1", "d2", "d3")
+    stream, stopping = Stream(ClickEvent), asyncio.Event()
+    client = reader_client(settings)
+    stream.bind(client, "t", stopping)
+    await stream.register()
+    windows = []
+    async for window in stream.take(3, within=0.3):
+        windows.append(([e.event_id for e in window], len(set(window.ids)), window.received_us))
+        if sum(len(w[0]) for w in windows) == 10:
+            break
+    await client.aclose()
+    assert [w[0] for w in windows] == [["a0", "a1", "a2"], ["b0", "c0", "c1"], ["d0", "d1", "d2", "d3"]]
+    assert [w[1] for w in windows] == [1, 2, 1]  # events of one entry share its id
+    assert all(set(w[2]) == {7} for w in windows)
+
+
 async def test_a_failing_agent_gets_the_same_window_again(settings, redis_server):
     """faust-streaming acks a window whose agent raised, losing it; here it is delivered again."""
     r = redis_server.client()

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 M = TypeVar("M")
 
 READ_BLOCK_MS = 1000  # longest wait inside one XREAD: bounds how late a stop or a deadline is seen
+# Most entries one XREAD asks for. A reply is parsed into Python objects in one go, and a big one
+# falls out of the CPU caches: 2.9 us of CPU per entry at COUNT 50,000, 1.1 us at 500 (redis-py
+# with hiredis, 300-byte entries, same valkey).
+READ_COUNT = 500
 
 
 def entry_id(value: str) -> tuple[int, int]:
@@ -235,7 +239,7 @@ class Stream(Generic[M]):
                 block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
             if self._needs_register:
                 await self.register()
-            entries = await self._read(cursor, max(1, (n - len(ids)) // per_entry), block)
+            entries = await self._read(cursor, max(1, min(READ_COUNT, (n - len(ids)) // per_entry)), block)
             read_before = len(ids)
             for raw_id, fields in entries:
                 if len(ids) >= n:

@@ -28,7 +28,6 @@ NULL = b"null"
 
 @dataclass(frozen=True)
 class _Plan:
-    schema: pa.Schema  # the table's
     parse: pj.ParseOptions  # the reader's: every column that comes from a JSON scalar, by JSON key
     keys: dict[str, str]  # column -> JSON key
     raw: str | None  # the column kept as JSON text, by its JSON key
@@ -63,7 +62,7 @@ def _plan(model: type, schema: pa.Schema, renames: tuple[tuple[str, str], ...], 
     renormalise = None
     if ambiguous:
         renormalise = (msgspec.json.Decoder(list[model]).decode, msgspec.json.Encoder().encode_lines)
-    return _Plan(schema, parse, keys, raw, raw_decode, fill, renormalise)
+    return _Plan(parse, keys, raw, raw_decode, fill, renormalise)
 
 
 def _json_text(raws: list[msgspec.Raw]) -> pa.Array:
@@ -90,7 +89,10 @@ def payloads_to_arrow(model: type, schema: pa.Schema, payloads: list[bytes], rec
     if plan.renormalise is not None:
         decode, encode_lines = plan.renormalise
         blob = encode_lines(decode(_as_array(blob))).rstrip(b"\n")
-    parsed = pj.read_json(pa.BufferReader(blob), parse_options=plan.parse)
+    # The reader fails on a line longer than its block (1 MiB by default); no line is longer than
+    # the longest entry.
+    block = pj.ReadOptions(block_size=max(1 << 20, max(map(len, payloads)) + 1))
+    parsed = pj.read_json(pa.BufferReader(blob), read_options=block, parse_options=plan.parse)
     if parsed.num_rows != len(received_us):
         raise ValueError(f"{len(payloads)} stream entries hold {parsed.num_rows} events, but their counts (n) "
                          f"say {len(received_us)}")

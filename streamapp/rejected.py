@@ -46,7 +46,7 @@ class Rejected(msgspec.Struct, kw_only=True):
     def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
         from streamapp.columns import payloads_to_arrow
 
-        return payloads_to_arrow(cls, _schema().as_arrow(), payloads, received_us)
+        return payloads_to_arrow(cls, _arrow_schema(), payloads, received_us)
 
     @classmethod
     def from_raw(cls, obj: Any, raw: str, reason: str, field: str | None, source: str | None = None) -> Rejected:
@@ -59,6 +59,11 @@ class Rejected(msgspec.Struct, kw_only=True):
                 if isinstance(value, str):
                     known[dst] = value[:1024]
         return cls(reason=reason, field=field, raw=raw, source=source, **known)
+
+
+@functools.cache
+def _arrow_schema() -> pa.Schema:
+    return _schema().as_arrow()
 
 
 @functools.cache

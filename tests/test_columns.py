@@ -95,6 +95,12 @@ def test_properties_absent_from_every_event_give_a_null_column():
     assert built.equals(reference(ClickEvent, events, [0] * 5))
 
 
+def test_an_event_longer_than_the_readers_block():
+    events = [ClickEvent(x=1, y=2, timestamp=T, properties={"long": "é" * (1 << 20)}, target="t" * (1 << 20)),
+              ClickEvent(x=3, y=4, timestamp=T)]
+    assert ClickEvent.to_arrow([b"\n".join(encode(e) for e in events)], [0, 1]).equals(reference(ClickEvent, events, [0, 1]))
+
+
 def test_a_field_absent_from_an_older_payload_gets_its_default():
     """Entries written before the model had `button` (and `source`) still decode to button 0."""
     old = b'{"type":"click","x":1,"y":2,"event_id":"old","timestamp":"2026-11-27T17:54:19Z","properties":null}'

@@ -40,12 +40,12 @@ def _web(settings: Settings) -> None:
     _run(main())
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, only: list[str] | None) -> None:
     from streamapp import app
     from streamapp.worker import run_worker
 
     app.configure(settings)
-    _run(run_worker(app))
+    _run(run_worker(app, only))
 
 
 def _create_tables(settings: Settings) -> None:
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("redis", help="run the embedded Redis-compatible server (valkey, append-only)")
     sub.add_parser("web", help="run the HTTP collector (POST /api/events)")
-    sub.add_parser("worker", help="run the agents: Redis streams -> Iceberg")
+    worker = sub.add_parser("worker", help="run the agents: Redis streams -> Iceberg")
+    worker.add_argument("--agent", action="append", metavar="NAME",
+                        help="run only this agent (repeatable; default: every agent in agents/)")
     sub.add_parser("create-tables", help="create the Iceberg tables (idempotent)")
     show = sub.add_parser("show", help="print a table's row count and its latest rows")
     show.add_argument("table", help='e.g. "events.clicks"')
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "web":
         _web(settings)
     elif args.command == "worker":
-        _worker(settings)
+        _worker(settings, args.agent)
     elif args.command == "create-tables":
         _create_tables(settings)
     elif args.command == "show":

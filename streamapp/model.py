@@ -67,26 +67,12 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
         return iceberg_schema(cls)
 
     @classmethod
-    def to_arrow(cls, events: list[Event], received_us: list[int]) -> pa.Table:
-        """Build the window's Arrow table column by column (not row by row: it is the hot path)."""
-        import pyarrow as pa
+    def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
+        """The window's table from the stream's payloads (see `streamapp.columns`): no event objects."""
+        from streamapp.columns import payloads_to_arrow
 
-        schema = arrow_schema(cls)
-        encode = msgspec.json.encode
-        columns: dict[str, Any] = {
-            "event_id": [e.event_id for e in events],
-            "event_time": [e.timestamp for e in events],
-            "received_at": pa.array(received_us, type=schema.field("received_at").type),
-            "user_id": [e.user_id for e in events],
-            "session_id": [e.session_id for e in events],
-            "page_url": [e.page_url for e in events],
-            "target": [e.target for e in events],
-            "properties": [None if e.properties is None else encode(e.properties).decode() for e in events],
-        }
-        for name in schema.names:
-            if name not in columns:
-                columns[name] = [getattr(e, name) for e in events]
-        return pa.Table.from_pydict(columns, schema=schema)
+        return payloads_to_arrow(cls, arrow_schema(cls), payloads, received_us,
+                                 renames=(("timestamp", "event_time"),), raw="properties")
 
 
 ENVELOPE_FIELDS = frozenset(("type",) + Event.__struct_fields__)

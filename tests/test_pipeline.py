@@ -200,6 +200,30 @@ async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, 
     assert r.xlen(keys.stream("click")) == 1  # everything below the committed position is gone
 
 
+async def test_workers_can_split_the_agents_between_them(web, http, settings, spawn, redis_server):
+    """`worker --agent NAME` runs only the agents named; one that no worker runs yet keeps its
+    place in the trim, so it loses nothing, and gets its events once a worker runs it."""
+    wrong = spawn("worker --agent clicks --agent nope", settings)
+    assert wrong.wait() != 0
+    assert "no agent named nope; the agents are clicks, clicks_per_minute, keydowns, rejected" in wrong.output()
+    spawn("worker --agent clicks --agent rejected", settings)
+    keydowns = [{"type": "keydown", "key": "a", "event_id": f"k{i}"} for i in range(5)]
+    await send(http, web, clicks("s", 10), chunk=1)  # ten entries, whatever an entry holds
+    await send(http, web, keydowns)
+    await wait_rows(settings, "events.clicks", 10)
+    r = redis_server.client()
+    assert r.hget(keys.ACKS, keys.ack_field(keys.stream("keydown"), "keydowns")) == b"0-0"
+    assert r.hget(keys.ACKS, keys.ack_field(keys.stream("click"), "clicks_per_minute")) == b"0-0"
+    client = reader_client(settings)
+    await trim_streams(client)
+    await client.aclose()
+    assert r.xlen(keys.stream("click")) == 10  # clicks_per_minute has read none of them yet
+    assert table_rows(settings, "events.keydowns") == []
+    spawn("worker --agent keydowns", settings)
+    assert_exactly_once(await wait_rows(settings, "events.keydowns", 5), {f"k{i}" for i in range(5)})
+    assert_exactly_once(table_rows(settings, "events.clicks"), {f"s{i}" for i in range(10)})
+
+
 def test_create_tables_is_idempotent(settings, spawn):
     for _ in range(2):
         proc = spawn("create-tables", settings)

@@ -53,6 +53,7 @@ REDIS_UNAVAILABLE = (
 )
 
 _encode = msgspec.json.Encoder().encode
+_encode_lines = msgspec.json.Encoder().encode_lines
 
 
 def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
@@ -145,46 +146,38 @@ async def post_events(request: web.Request) -> web.Response:
     except REDIS_UNAVAILABLE:  # the writer logged it, once per failed flush
         return _error(503, "the event store is unavailable; retry later",
                       {"Retry-After": str(settings.retry_after_seconds)})
-    accepted = _count(batch, entries, results, request.app[INGEST].models)
-    reply = IngestReply(accepted, len(batch.accepted) - accepted, len(batch.errors), batch.errors)
+    accepted, duplicates = _count(batch, results, request.app[INGEST].models)
+    reply = IngestReply(accepted, duplicates, len(batch.errors), batch.errors)
     return _json(202 if batch.accepted else 422, reply)
 
 
-def _count(batch: Batch, entries: list[Entry], results: list[tuple[int, ...]], known: dict) -> int:
-    """Count each event's outcome by type; returns how many were newly stored."""
-    accepted = 0
+def _count(batch: Batch, results: list[tuple[int, ...]], known: dict) -> tuple[int, int]:
+    """Count each event's outcome by type; returns (events newly stored, duplicates)."""
+    accepted = duplicates = 0
     outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
-    # The accepted events' entries come first, one per type; the rejected events' entry is last.
-    for e, duplicates in zip(entries[:len(entries) - bool(batch.rejected)], results):
-        kind = e.stream.rpartition(":")[2]
-        written = len(e.ids) - len(duplicates)
+    # The entries of batch.accepted come first, in its order; the rejected events' entry is last.
+    for a, dups in zip(batch.accepted, results):
+        written = len(a.ids) - len(dups)
         accepted += written
-        outcomes[kind, "accepted"] += written
-        outcomes[kind, "duplicate"] += len(duplicates)
+        duplicates += len(dups)
+        outcomes[a.event_type, "accepted"] += written
+        outcomes[a.event_type, "duplicate"] += len(dups)
     for r in batch.rejected:
         # A label value is never client-chosen: an unknown type is counted as "unknown".
         outcomes[r.event_type if r.event_type in known else "unknown", "rejected"] += 1
     for (kind, outcome), n in outcomes.items():
         if n:
             metrics.EVENTS.labels(kind, outcome).inc(n)
-    return accepted
+    return accepted, duplicates
 
 
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
     """One entry per event type of the request, then one for its rejected events."""
     received_us = int(received_at.timestamp() * 1_000_000)
-    by_type: dict[str, tuple[list[str], list[bytes]]] = {}
-    for a in batch.accepted:
-        group = by_type.get(a.event_type)
-        if group is None:
-            group = by_type[a.event_type] = ([], [])
-        group[0].append(a.event_id)
-        group[1].append(a.payload)
-    entries = [Entry(keys.stream(kind), ids, b"\n".join(payloads), received_us)
-               for kind, (ids, payloads) in by_type.items()]
+    entries = [Entry(keys.stream(a.event_type), a.ids, a.payload, received_us) for a in batch.accepted]
     if batch.rejected:
         entries.append(Entry(keys.stream("rejected"), ["rejected:" + uuid7() for _ in batch.rejected],
-                             b"\n".join(_encode(r) for r in batch.rejected), received_us))
+                             _encode_lines(batch.rejected)[:-1], received_us))
     return entries
 
 

@@ -83,7 +83,7 @@ PER_EVENT = [
     ("far-future", {**CLICK, "timestamp": "2999-01-01T00:00:00Z"}, "timestamp", "ahead of the server's clock"),
     ("epoch-seconds", {**CLICK, "timestamp": 1_764_000_000}, "timestamp", "in seconds?"),
     ("long-event-id", {**CLICK, "event_id": "e" * 129}, "event_id", "length <= 128"),
-    ("newline-event-id", {**CLICK, "event_id": "a\nb"}, "event_id", "regex"),
+    ("newline-event-id", {**CLICK, "event_id": "a\nb"}, "event_id", "control character"),
     ("properties-list", {**CLICK, "properties": [1, 2]}, "properties", "Expected `object"),
     ("claims-source", {**CLICK, "source": "admin"}, "source", "set by the server"),
     ("not-an-object", "click", None, "must be a JSON object"),

@@ -150,6 +150,9 @@ return out
 _pack = msgspec.msgpack.Encoder().encode
 
 MAX_FLUSH_EVENTS = 5000  # bounds how long one script holds Redis
+# A second flush leaves while the first runs in Redis, so that the web process prepares (and parses
+# the next requests) while Redis writes, instead of each waiting for the other.
+MAX_IN_FLIGHT = 2
 
 _NONE: tuple[int, ...] = ()
 
@@ -180,6 +183,7 @@ class StreamWriter:
         self._span_ms = max(1, math.ceil(dedupe_seconds * 1000 / DEDUPE_SPANS))
         self._clock_offset_ms = 0  # the server's clock minus ours, learned from each reply
         self._queue: list[_Pending] = []
+        self._in_flight: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -188,7 +192,7 @@ class StreamWriter:
 
     async def close(self) -> None:
         """Flush what is queued, then stop. Called after the web server stopped taking requests."""
-        while self._queue and self._task is not None and not self._task.done():
+        while (self._queue or self._in_flight) and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -209,12 +213,17 @@ class StreamWriter:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
+                if len(self._in_flight) >= MAX_IN_FLIGHT:
+                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue  # meanwhile more requests queued: they ride this flush
                 batch, size = [], 0
                 while self._queue and (not batch or size + self._queue[0].events <= MAX_FLUSH_EVENTS):
                     pending = self._queue.pop(0)
                     batch.append(pending)
                     size += pending.events
-                await self._flush(batch)
+                flush = asyncio.create_task(self._flush(batch))
+                self._in_flight.add(flush)
+                flush.add_done_callback(self._in_flight.discard)
 
     async def _flush(self, batch: list[_Pending]) -> None:
         stream_index: dict[str, int] = {}

@@ -154,3 +154,22 @@ def test_stream_events_from_xinfo():
     assert stream_events(info(2, {b"e": b"x", b"r": b"0"}, {b"e": b"y", b"r": b"0"}, added=5)) == (2, 5)
     assert stream_events(info(3, {b"n": b"4", b"c": b"10"}, {b"n": b"5", b"c": b"25"})) == (19, 25)
     assert stream_events(info(1, {b"n": b"5", b"c": b"25"}, {b"n": b"5", b"c": b"25"})) == (5, 25)
+
+
+async def test_close_waits_for_every_flush_in_flight_and_queued(client, redis_server):
+    writer = StreamWriter(client, dedupe_seconds=3600)
+    writer.start()
+    writes = [asyncio.create_task(writer.write([entry([f"s{i}-{j}" for j in range(300)])])) for i in range(40)]
+    await asyncio.sleep(0)  # all queued; the first flushes leave
+    await writer.close()
+    assert all(w.done() and w.result() == [()] for w in writes)
+    assert len(ids_in(redis_server)) == 40 * 300
+
+
+async def test_flushes_in_flight_together_still_write_an_id_once(writer, redis_server):
+    # 40 requests of 300 events are more than one flush (5,000 events at most): several leave
+    # while others run; each id is in two of them.
+    writes = [writer.write([entry([f"o{(i + k) % 40}-{j}" for j in range(150) for k in (0, 1)])]) for i in range(40)]
+    results = await asyncio.gather(*writes)
+    assert sum(300 - len(dups) for [dups] in results) == 40 * 150
+    assert sorted(ids_in(redis_server)) == sorted(f"o{i}-{j}" for i in range(40) for j in range(150))

@@ -30,6 +30,7 @@ import time
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamapp import keys, metrics
 
@@ -243,8 +244,8 @@ class StreamWriter:
             reply = await self._call(list(stream_index), args)
             if not reply[1]:  # our clock was off by more than a span: now we know the server's
                 reply = await self._call(list(stream_index), args)
-            if not reply[1]:
-                raise RuntimeError("the clock of Redis keeps jumping: dedupe sets cannot be chosen")
+            if not reply[1]:  # a ResponseError: the client is answered 503, as for any failed write
+                raise ResponseError("the clock of Redis jumped by more than a dedupe span between two calls")
             metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
         except Exception as error:  # every waiter learns the write failed; none is left hanging
             log.warning("writing %d events of %d requests to Redis failed: %s", len(ids), len(batch), error)

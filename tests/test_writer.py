@@ -173,3 +173,23 @@ async def test_flushes_in_flight_together_still_write_an_id_once(writer, redis_s
     results = await asyncio.gather(*writes)
     assert sum(300 - len(dups) for [dups] in results) == 40 * 150
     assert sorted(ids_in(redis_server)) == sorted(f"o{i}-{j}" for i in range(40) for j in range(150))
+
+
+async def test_a_flush_whose_sets_cannot_be_placed_is_refused_whole(writer, redis_server, monkeypatch):
+    """Our clock jumps an hour between the call and its retry: the script writes nothing either
+    time and the requests get the error (503 from the web view), not a partial write."""
+    import types
+
+    from redis.exceptions import ResponseError
+
+    from streamapp import writer as module
+
+    jumps = iter(range(1, 100))
+    clock = types.SimpleNamespace(perf_counter=time.perf_counter,
+                                  time_ns=lambda: time.time_ns() + next(jumps) * 3_600_000_000_000 * 10)
+    monkeypatch.setattr(module, "time", clock)
+    with pytest.raises(ResponseError, match="clock"):
+        await writer.write([entry(["j1", "j2"])])
+    monkeypatch.undo()
+    assert redis_server.client().exists(CLICKS) == 0 and redis_server.client().keys(SETS) == []
+    assert await writer.write([entry(["j1", "j2"])]) == [()]  # a client's retry is written

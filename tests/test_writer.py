@@ -84,7 +84,8 @@ async def test_thousands_of_ids_in_one_flush(writer, redis_server):
 
 
 async def test_an_id_is_a_duplicate_in_a_later_set_inside_the_window_and_new_after_it(client, redis_server):
-    writer = StreamWriter(client, dedupe_seconds=2)  # sets of 500 ms; the window is 2 to 2.5 s
+    writer = StreamWriter(client, dedupe_seconds=2)  # sets of 2 s / DEDUPE_SPANS; the window is 2 to 3 s
+    assert DEDUPE_SPANS == 2
     writer.start()
     try:
         started = time.monotonic()
@@ -96,7 +97,7 @@ async def test_an_id_is_a_duplicate_in_a_later_set_inside_the_window_and_new_aft
         assert time.monotonic() - started < 2, "the machine was too slow for this test's timing"
         assert len(r.keys(SETS)) == 2  # "w2" went to a newer set
         assert r.sismember(holder, "w") and not r.sismember(holder, "w2")
-        await asyncio.sleep(2.6 - (time.monotonic() - started))
+        await asyncio.sleep(3.1 - (time.monotonic() - started))
         assert not r.exists(holder)  # expired when it left the window: Redis holds no old ids
         assert await writer.write([entry(["w"])]) == [()]
     finally:

@@ -53,6 +53,7 @@ REDIS_UNAVAILABLE = (
 )
 
 _encode = msgspec.json.Encoder().encode
+_encode_lines = msgspec.json.Encoder().encode_lines
 
 
 def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
@@ -145,28 +146,38 @@ async def post_events(request: web.Request) -> web.Response:
     except REDIS_UNAVAILABLE:  # the writer logged it, once per failed flush
         return _error(503, "the event store is unavailable; retry later",
                       {"Retry-After": str(settings.retry_after_seconds)})
-    accepted = sum(results[:len(batch.accepted)])
-    _count(batch, results, request.app[INGEST].models)
-    reply = IngestReply(accepted, len(batch.accepted) - accepted, len(batch.errors), batch.errors)
+    accepted, duplicates = _count(batch, results, request.app[INGEST].models)
+    reply = IngestReply(accepted, duplicates, len(batch.errors), batch.errors)
     return _json(202 if batch.accepted else 422, reply)
 
 
-def _count(batch: Batch, results: list[int], known: dict) -> None:
+def _count(batch: Batch, results: list[tuple[int, ...]], known: dict) -> tuple[int, int]:
+    """Count each event's outcome by type; returns (events newly stored, duplicates)."""
+    accepted = duplicates = 0
     outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
-    for a, written in zip(batch.accepted, results):
-        outcomes[a.event_type, "accepted" if written else "duplicate"] += 1
+    # The entries of batch.accepted come first, in its order; the rejected events' entry is last.
+    for a, dups in zip(batch.accepted, results):
+        written = len(a.ids) - len(dups)
+        accepted += written
+        duplicates += len(dups)
+        outcomes[a.event_type, "accepted"] += written
+        outcomes[a.event_type, "duplicate"] += len(dups)
     for r in batch.rejected:
         # A label value is never client-chosen: an unknown type is counted as "unknown".
         outcomes[r.event_type if r.event_type in known else "unknown", "rejected"] += 1
     for (kind, outcome), n in outcomes.items():
-        metrics.EVENTS.labels(kind, outcome).inc(n)
+        if n:
+            metrics.EVENTS.labels(kind, outcome).inc(n)
+    return accepted, duplicates
 
 
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
+    """One entry per event type of the request, then one for its rejected events."""
     received_us = int(received_at.timestamp() * 1_000_000)
-    entries = [Entry(keys.stream(a.event_type), a.event_id, a.payload, received_us) for a in batch.accepted]
-    rejected_stream = keys.stream("rejected")
-    entries += [Entry(rejected_stream, "rejected:" + uuid7(), _encode(r), received_us) for r in batch.rejected]
+    entries = [Entry(keys.stream(a.event_type), a.ids, a.payload, received_us) for a in batch.accepted]
+    if batch.rejected:
+        entries.append(Entry(keys.stream("rejected"), ["rejected:" + uuid7() for _ in batch.rejected],
+                             _encode_lines(batch.rejected)[:-1], received_us))
     return entries
 
 

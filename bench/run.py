@@ -209,7 +209,8 @@ class Redis:
 class Streamapp:
     name = "streamapp"
 
-    def __init__(self, procs: Procs, work: Path, spy: Path | None = None, **settings: str) -> None:
+    def __init__(self, procs: Procs, work: Path, spy: Path | None = None, worker_args: list[str] | None = None,
+                 **settings: str) -> None:
         """spy: run web and worker under `py-spy record` (attaching to a running process is not
         allowed on machines with ptrace_scope=1; a child is), raw stacks written under that dir."""
         self.procs, self.warehouse, self.spy = procs, work / "streamapp", spy
@@ -223,6 +224,7 @@ class Streamapp:
                                stderr=subprocess.DEVNULL if spy else None)
         wait_port(self.port, self.web)
         self.worker: subprocess.Popen | None = None
+        self.worker_args = worker_args or []
 
     def spied(self, name: str) -> list[str]:
         if self.spy is None:
@@ -230,7 +232,7 @@ class Streamapp:
         return [ensure_py_spy(), "record", "--nonblocking", "-r", "100", "-f", "raw", "-o", str(self.spy / f"{name}.txt"), "--"]
 
     def start_worker(self) -> subprocess.Popen:
-        self.worker = self.procs.start(self.spied("worker") + [sys.executable, "-m", "streamapp", "worker"], cwd=ROOT,
+        self.worker = self.procs.start(self.spied("worker") + [sys.executable, "-m", "streamapp", "worker", *self.worker_args], cwd=ROOT,
                                        env=self.env, stderr=subprocess.DEVNULL if self.spy else None)
         return self.worker
 
@@ -504,13 +506,17 @@ def fill_seed(seed: Seed, n: int) -> None:
 
 
 def fig_drain(procs: Procs, work: Path, args, results: dict) -> None:
-    runs: dict[str, list[dict]] = {"streamapp": [], "seed": []}
-    order = [n for rnd in range(args.drain_rounds) for n in (("streamapp", "seed") if rnd % 2 == 0 else ("seed", "streamapp"))]
+    """streamapp's default worker runs every agent, the clicks_per_minute aggregate included, which
+    reads the same stream; "raw" is a worker running only the raw clicks sink (`--agent clicks`)."""
+    sides = ("streamapp", "raw", "seed")
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    order = [n for rnd in range(args.drain_rounds) for n in (sides if rnd % 2 == 0 else sides[::-1])]
     for i, name in enumerate(order):
-        system = (Streamapp(procs, work / f"drain-{i}") if name == "streamapp" else Seed(procs, work / f"drain-{i}"))
+        system = (Seed(procs, work / f"drain-{i}") if name == "seed" else
+                  Streamapp(procs, work / f"drain-{i}", worker_args=["--agent", "clicks"] if name == "raw" else []))
         try:
             t = time.monotonic()
-            if name == "streamapp":  # through the public API: 100-event arrays, as clients send them
+            if name != "seed":  # through the public API: 100-event arrays, as clients send them
                 asyncio.run(fill_streamapp(system.port, args.drain))
             else:
                 fill_seed(system, args.drain)
@@ -783,15 +789,22 @@ def table(results: dict, args) -> list[list[str]]:
                      "", "", "", "-c64, unpipelined / -P 16, same valkey build and config, one ~80 B event each"])
     if "drain" in results:
         d = results["drain"]
-        s, sd = d.get("streamapp"), d.get("seed")
+        s, raw, sd = d.get("streamapp"), d.get("raw"), d.get("seed")
         rows.append(["3. worker drain Redis->Iceberg (rows/s)", fmt(s and s["rate"]), fmt(sd and sd["rate"]), "-",
                      ratio(s and s["rate"], sd and sd["rate"]), "-", TARGETS["drain"],
                      "yes" if s and s["rate"] >= 200_000 else "no",
-                     f"median of {args.drain_rounds} alternating drains each, rounds s {s and s['all']} seed {sd and sd['all']}; "
+                     f"every agent in one worker (the raw sinks and the clicks_per_minute aggregate); median of "
+                     f"{args.drain_rounds} alternating drains each, rounds s {s and s['all']} raw {raw and raw['all']} "
+                     f"seed {sd and sd['all']}; "
                      + "; ".join(f"{n}: {r['rows']:,}/{r['backlog']:,} rows in {r['seconds']:.1f}s incl. start-up"
                                f"{', first commit at %.1fs, %s rows/s after' % (r['first_commit_s'], fmt(r['steady_rate'])) if 'steady_rate' in r else ''}"
                                f"{'' if r['done'] else ' (TIMED OUT: rate of what it committed)'}"
                                for n, r in d.items())])
+        if raw:
+            rows.append(["   raw clicks sink alone (--agent clicks)", fmt(raw["rate"]), fmt(sd and sd["rate"]), "-",
+                         ratio(raw["rate"], sd and sd["rate"]), "-", TARGETS["drain"],
+                         "yes" if raw["rate"] >= 200_000 else "no",
+                         "a worker running only the raw clicks sink: the path the target describes"])
     if "fresh" in results:
         f = results["fresh"]
         s, sd = f.get("streamapp"), f.get("seed")
@@ -812,10 +825,11 @@ def table(results: dict, args) -> list[list[str]]:
                      f"streamapp's valkey {results['rss_redis_ingest']['streamapp'][0]:.0f} MB"])
     if "drain" in results:
         d = results["drain"]
-        s, sd = d.get("streamapp"), d.get("seed")
+        s, raw, sd = d.get("streamapp"), d.get("raw"), d.get("seed")
         rows.append(["   worker peak RSS (VmHWM)", fmt(s and s["rss"][0], "MB"), fmt(sd and sd["rss"][0], "MB"), "-",
                      "", "", TARGETS["rss_worker"], "",
-                     f"highest at the end of a drain of {args.drain:,} events (streamapp: default windows of 10,000)"])
+                     f"highest at the end of a drain of {args.drain:,} events (streamapp: default windows of 50,000; "
+                     f"raw sink alone {raw and fmt(raw['rss'][0], 'MB')})"])
     if "commits" in results:
         c = results["commits"]
         s, sd = c["streamapp"], c["seed"]

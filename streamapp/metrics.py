@@ -48,6 +48,23 @@ WINDOW_EVENTS = Histogram("streamapp_window_events", "Events per window handed t
                           buckets=(1, 10, 100, 1000, 10_000, 100_000))
 
 
+class Children:
+    """A labelled metric's children by label values, each looked up once: `labels()` takes a lock
+    and builds the key on every call, which the ingest path would pay per request. The values
+    must come from bounded sets, as every label's do."""
+
+    def __init__(self, metric, *fixed: str) -> None:
+        self._metric = metric
+        self._fixed = fixed
+        self._children: dict[tuple, object] = {}
+
+    def __call__(self, *values):
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*self._fixed, *map(str, values))
+        return child
+
+
 async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

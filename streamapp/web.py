@@ -199,6 +199,9 @@ class IngestView:
         return _json(202 if batch.accepted else 422, reply)
 
     def _count(self, batch: Batch, results: list[int]) -> None:
+        if len(batch.accepted) == 1 and not batch.rejected:  # one event: no tally to build
+            self._events(batch.accepted[0].event_type, "accepted" if results[0] else "duplicate").inc()
+            return
         outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
         for a, written in zip(batch.accepted, results):
             outcomes[a.event_type, "accepted" if written else "duplicate"] += 1

@@ -14,11 +14,13 @@ from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,11 @@ EVENTS = Counter("streamapp_events", "Events received, by type and outcome (acce
                  ["type", "outcome"])
 REDIS_WRITE_SECONDS = Histogram("streamapp_redis_write_seconds", "Latency of one group-commit flush into Redis",
                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-BACKLOG = Gauge("streamapp_backlog_events", "Events held in the Redis streams, not yet committed and trimmed")
+# Every web process samples the same streams: with several, the most recent sample is the figure.
+BACKLOG = Gauge("streamapp_backlog_events", "Events held in the Redis streams, not yet committed and trimmed",
+                multiprocess_mode="mostrecent")
 DRAIN_RATE = Gauge("streamapp_drain_events_per_second", "Events/s the workers removed from the backlog "
-                   "(a moving average over the last 30 s)")
+                   "(a moving average over the last 30 s)", multiprocess_mode="mostrecent")
 
 # Worker: the sink.
 COMMIT_SECONDS = Histogram("streamapp_commit_seconds", "Latency of one window's Iceberg commit (Parquet write "
@@ -65,8 +69,20 @@ class Children:
         return child
 
 
+_registry = REGISTRY
+
+
+def count_across_processes() -> None:
+    """Serve the sums of every web process's metrics (streamapp.webprocs): prometheus-client's
+    multiprocess mode, whose files the parent's PROMETHEUS_MULTIPROC_DIR names. Its process_*
+    figures (memory, CPU) are per process and are not reported then."""
+    global _registry
+    _registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(_registry)
+
+
 async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=generate_latest(_registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def serve_metrics(host: str, port: int) -> web.AppRunner | None:

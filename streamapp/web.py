@@ -324,8 +324,9 @@ def build(app, settings) -> web.Application:
     return webapp
 
 
-async def serve(app, settings, stopping: asyncio.Event) -> None:
-    """Serve until `stopping` is set, then stop accepting, finish in-flight requests, flush, exit."""
+async def serve(app, settings, stopping: asyncio.Event, reuse_port: bool = False) -> None:
+    """Serve until `stopping` is set, then stop accepting, finish in-flight requests, flush, exit.
+    `reuse_port`: one of several processes on the port (streamapp.webprocs)."""
     # keepalive_timeout also closes a connection that has not sent a whole request head in that
     # long (aiohttp's timer runs from the connection's start and is not reset by partial data):
     # the slowloris bound for headers; the body has its own timeout in IngestView.
@@ -333,7 +334,7 @@ async def serve(app, settings, stopping: asyncio.Event) -> None:
                            shutdown_timeout=settings.shutdown_seconds, handle_signals=False,
                            keepalive_timeout=settings.request_timeout_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
     log.info("web: listening on http://%s:%d", settings.host, settings.port)
     try:

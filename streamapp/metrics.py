@@ -8,7 +8,9 @@ agents), never values a client chooses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 
 from aiohttp import web
 from prometheus_client import (
@@ -69,6 +71,44 @@ class Children:
         return child
 
 
+class Tally:
+    """Increments of a labelled counter kept in a dict and added to it in bulk (`flush_tallies`:
+    every second, and before each scrape and at shutdown). For the per-request counts: with
+    several web processes every `inc()` costs a getpid() syscall, a lock and an mmap write, ~5%
+    of a web process's CPU under load."""
+
+    def __init__(self, metric, *fixed: str) -> None:
+        self._children = Children(metric, *fixed)
+        self._counts: dict[tuple, int] = {}
+        _tallies.add(self)
+
+    def add(self, *values, n: int = 1) -> None:
+        self._counts[values] = self._counts.get(values, 0) + n
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for values, n in counts.items():
+            self._children(*values).inc(n)
+
+
+_tallies: weakref.WeakSet[Tally] = weakref.WeakSet()
+
+
+def flush_tallies() -> None:
+    for tally in list(_tallies):
+        tally.flush()
+
+
+async def flush_tallies_every(seconds: float) -> None:
+    """Until cancelled; flushes once more on the way out."""
+    try:
+        while True:
+            await asyncio.sleep(seconds)
+            flush_tallies()
+    finally:
+        flush_tallies()
+
+
 _registry = REGISTRY
 
 
@@ -82,6 +122,7 @@ def count_across_processes() -> None:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
+    flush_tallies()  # this process's own counts are exact; other web processes' lag by at most a second
     return web.Response(body=generate_latest(_registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -138,8 +138,8 @@ class IngestView:
         self.cors = cors
         self.writer: StreamWriter = None  # type: ignore[assignment]
         self.backlog: Backlog = None  # type: ignore[assignment]
-        self._requests = metrics.Children(metrics.HTTP_REQUESTS, INGEST_PATH)
-        self._events = metrics.Children(metrics.EVENTS)
+        self._requests = metrics.Tally(metrics.HTTP_REQUESTS, INGEST_PATH)
+        self._events = metrics.Tally(metrics.EVENTS)
         self._kinds: dict[str, str] = {}
 
     async def post(self, request: web.Request) -> web.Response:
@@ -150,7 +150,7 @@ class IngestView:
             response = await self._handle(request)
             if origin is not None:
                 response.headers.update(self.cors.headers(origin))
-        self._requests(response.status).inc()
+        self._requests.add(response.status)
         return response
 
     def _body_kind(self, content_type: str) -> str:
@@ -200,7 +200,7 @@ class IngestView:
 
     def _count(self, batch: Batch, results: list[int]) -> None:
         if len(batch.accepted) == 1 and not batch.rejected:  # one event: no tally to build
-            self._events(batch.accepted[0].event_type, "accepted" if results[0] else "duplicate").inc()
+            self._events.add(batch.accepted[0].event_type, "accepted" if results[0] else "duplicate")
             return
         outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
         for a, written in zip(batch.accepted, results):
@@ -210,7 +210,7 @@ class IngestView:
             # A label value is never client-chosen: an unknown type is counted as "unknown".
             outcomes[r.event_type if r.event_type in known else "unknown", "rejected"] += 1
         for labels, n in outcomes.items():
-            self._events(*labels).inc(n)
+            self._events.add(*labels, n=n)
 
 
 # The reply to one event, by whether it was written (1) or a duplicate (0).
@@ -294,11 +294,13 @@ def build(app, settings) -> web.Application:
         writer.start()
         backlog = Backlog(client, [keys.stream(t) for t in [*models, "rejected"]], settings.max_backlog)
         sampler = asyncio.create_task(backlog.run(), name="backlog")
+        flusher = asyncio.create_task(metrics.flush_tallies_every(1.0), name="metrics")
         webapp[REDIS], webapp[WRITER], webapp[BACKLOG] = client, writer, backlog
         view.writer, view.backlog = writer, backlog
         yield
         sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+        flusher.cancel()
+        await asyncio.gather(sampler, flusher, return_exceptions=True)
         await writer.close()  # runs after in-flight requests finished: their writes complete
         await client.aclose()
 

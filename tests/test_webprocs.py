@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -100,17 +101,26 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_add_up_every_process(settings, redis_server, spawn):
-    """40 requests on 40 connections land on both processes (all on one: odds 2 in 2^40); every
-    scrape, whichever process answers it, reports all 40."""
+    """40 requests on 40 connections land on both processes (all on one: odds 2 in 2^40); once the
+    counts are in (within a second), every scrape, whichever process answers it, reports all 40."""
     web, _ = _start(spawn, settings)
     base = f"http://127.0.0.1:{settings.port}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
         for i in range(40):
             async with http.post(base + "/api/events", data=json.dumps({**CLICK, "event_id": f"m{i}"})) as r:
                 assert r.status == 202
-        for _ in range(10):
+
+        async def scrape() -> str:
             async with http.get(base + "/metrics") as r:
-                text = await r.text()
+                return await r.text()
+
+        # Each process adds its counts to the shared files every second.
+        deadline = time.monotonic() + 5
+        while _metric(await scrape(), "streamapp_http_requests_total", route="/api/events", status="202") < 40:
+            assert time.monotonic() < deadline, "the counts never added up to 40"
+            await asyncio.sleep(0.2)
+        for _ in range(10):
+            text = await scrape()
             assert _metric(text, "streamapp_http_requests_total", route="/api/events", status="202") == 40
             assert _metric(text, "streamapp_events_total", type="click", outcome="accepted") == 40
             assert "streamapp_backlog_events" in text

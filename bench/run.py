@@ -241,7 +241,12 @@ class Streamapp:
         return SqlCatalog("streamapp", uri=uri, warehouse=f"file://{self.warehouse}")
 
     def stream_len(self) -> int:
-        return self.redis.client.xlen("streamapp:{streamapp}:events:click")
+        """Events in the clicks stream: an entry holds one request's events (field n, else one)."""
+        r, key, after, events = self.redis.client, "streamapp:{streamapp}:events:click", "-", 0
+        while page := r.xrange(key, min=after, count=10_000):
+            events += sum(int(fields.get(b"n", 1)) for _, fields in page)
+            after = "(" + page[-1][0].decode()
+        return events
 
     def stop(self) -> None:
         for p in (self.worker, self.web, self.redis.proc):

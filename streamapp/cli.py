@@ -52,12 +52,12 @@ def _web(settings: Settings, child: bool) -> None:
     _run(main())
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, only: list[str] | None) -> None:
     from streamapp import app
     from streamapp.worker import run_worker
 
     app.configure(settings)
-    _run(run_worker(app))
+    _run(run_worker(app, only))
 
 
 def _create_tables(settings: Settings) -> None:
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("redis", help="run the embedded Redis-compatible server (valkey, append-only)")
     web = sub.add_parser("web", help="run the HTTP collector (POST /api/events)")
     web.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of STREAMAPP_WEB_PROCESSES
-    sub.add_parser("worker", help="run the agents: Redis streams -> Iceberg")
+    worker = sub.add_parser("worker", help="run the agents: Redis streams -> Iceberg")
+    worker.add_argument("--agent", action="append", metavar="NAME",
+                        help="run only this agent (repeatable; default: every agent in agents/)")
     sub.add_parser("create-tables", help="create the Iceberg tables (idempotent)")
     show = sub.add_parser("show", help="print a table's row count and its latest rows")
     show.add_argument("table", help='e.g. "events.clicks"')
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "web":
         _web(settings, args.child)
     elif args.command == "worker":
-        _worker(settings)
+        _worker(settings, args.agent)
     elif args.command == "create-tables":
         _create_tables(settings)
     elif args.command == "show":

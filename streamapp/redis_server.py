@@ -29,9 +29,9 @@ def server_binary() -> str:
 
 
 def server_command(port: int, data_dir: Path, appendfsync: str = "everysec", maxmemory: str = "2gb") -> list[str]:
-    """valkey-server's command line. At `maxmemory` it evicts dedupe keys (the only keys with a TTL),
+    """valkey-server's command line. At `maxmemory` it evicts dedupe sets (the only keys with a TTL),
     soonest to expire first, and never stream entries: the events are kept, at the price of a shorter
-    dedupe window; with no dedupe key left to evict, writes fail with OOM (503)."""
+    dedupe window; with no dedupe set left to evict, writes fail with OOM (503)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
         server_binary(),

@@ -43,14 +43,10 @@ class Rejected(msgspec.Struct, kw_only=True):
         return _schema()
 
     @classmethod
-    def to_arrow(cls, records: list[Rejected], received_us: list[int]) -> pa.Table:
-        import pyarrow as pa
+    def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
+        from streamapp.columns import payloads_to_arrow
 
-        schema = _schema().as_arrow()
-        columns: dict[str, Any] = {"received_at": pa.array(received_us, type=schema.field("received_at").type)}
-        for name in schema.names[1:]:
-            columns[name] = [getattr(r, name) for r in records]
-        return pa.Table.from_pydict(columns, schema=schema)
+        return payloads_to_arrow(cls, _arrow_schema(), payloads, received_us)
 
     @classmethod
     def from_raw(cls, obj: Any, raw: str, reason: str, field: str | None, source: str | None = None) -> Rejected:
@@ -63,6 +59,11 @@ class Rejected(msgspec.Struct, kw_only=True):
                 if isinstance(value, str):
                     known[dst] = value[:1024]
         return cls(reason=reason, field=field, raw=raw, source=source, **known)
+
+
+@functools.cache
+def _arrow_schema() -> pa.Schema:
+    return _schema().as_arrow()
 
 
 @functools.cache

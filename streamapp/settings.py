@@ -46,7 +46,7 @@ class Settings:
     max_backlog: int = 1_000_000
     # Events timestamped further ahead of the server's clock than this are rejected.
     max_future_seconds: int = 86_400
-    # The embedded server's memory cap; dedupe keys (which expire) are evicted first at the cap.
+    # The embedded server's memory cap; dedupe sets (which expire) are evicted first at the cap.
     redis_maxmemory: str = "2gb"
     # Snapshots each table keeps (time travel reaches back this many commits); more makes every
     # commit slower (see streamapp.maintenance).

@@ -10,6 +10,7 @@ retried here, never by pyiceberg (whose retry would re-apply the append without 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
 import time
@@ -65,15 +66,16 @@ class IcebergTable:
         """
         return await asyncio.to_thread(self._append, window)
 
-    def _record(self, table: Table, window: Window, keep: list[int], seconds: float) -> None:
+    def _record(self, table: Table, window: Window, start: int, seconds: float) -> None:
         """Metrics and the one log line per commit: rows, Parquet bytes, lag, duration."""
-        lag = time.time() - min(window.received_us[i] for i in keep) / 1e6
+        rows = len(window) - start
+        lag = time.time() - min(window.received_us[start:]) / 1e6
         written = snapshot_figure(table, "added-files-size")
         metrics.COMMIT_SECONDS.labels(self.name).observe(seconds)
-        metrics.ROWS_COMMITTED.labels(self.name).inc(len(keep))
+        metrics.ROWS_COMMITTED.labels(self.name).inc(rows)
         metrics.FRESHNESS_SECONDS.labels(self.name).observe(lag)
-        log.info("committed %d rows to %s up to %s in %.3fs", len(keep), self.name, window.last_id, seconds,
-                 extra={"table": self.name, "rows": len(keep), "bytes": written, "lag_seconds": round(lag, 3),
+        log.info("committed %d rows to %s up to %s in %.3fs", rows, self.name, window.last_id, seconds,
+                 extra={"table": self.name, "rows": rows, "bytes": written, "lag_seconds": round(lag, 3),
                         "duration_seconds": round(seconds, 3), "position": window.last_id})
 
     def _upkeep(self, table: Table) -> None:
@@ -102,11 +104,11 @@ class IcebergTable:
             table.refresh()  # also the cure for a table object left stale by a failed commit
             committed = table.properties.get(key)
             after = entry_id(committed) if committed else (-1, -1)
-            keep = [i for i, eid in enumerate(window.ids) if entry_id(eid) > after]
-            if not keep:
+            start = bisect.bisect_right(window.ids, after, key=entry_id)  # ids are in stream order
+            if start == len(window):
                 log.info("window %s..%s already in %s; skipped", window.ids[0], window.last_id, self.name)
                 return 0
-            rows = window.to_arrow(keep)
+            rows = window.to_arrow(start)
             crashpoint(crash_at, "before_commit")
             try:
                 with table.transaction() as tx:
@@ -121,7 +123,7 @@ class IcebergTable:
                 time.sleep(delay)
                 continue
             crashpoint(crash_at, "after_commit")
-            self._record(table, window, keep, time.perf_counter() - started)
+            self._record(table, window, start, time.perf_counter() - started)
             self._upkeep(table)
-            return len(keep)
+            return len(window) - start
         raise CommitFailedException(f"{self.name}: {MAX_ATTEMPTS} commit attempts conflicted")

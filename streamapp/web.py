@@ -13,7 +13,6 @@ connection on bad input and cannot cap the decompressed size, so the server runs
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import logging
 import zlib
@@ -53,6 +52,7 @@ REDIS_UNAVAILABLE = (
 )
 
 _encode = msgspec.json.Encoder().encode
+_encode_lines = msgspec.json.Encoder().encode_lines
 
 
 def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
@@ -191,26 +191,30 @@ class IngestView:
         except REDIS_UNAVAILABLE:  # the writer logged it, once per failed flush
             return _error(503, "the event store is unavailable; retry later",
                           {"Retry-After": str(settings.retry_after_seconds)})
-        accepted = sum(results[:len(batch.accepted)])
-        self._count(batch, results)
-        if not batch.errors and len(batch.accepted) == 1:  # the common single event: the same bytes every time
+        accepted, duplicates = self._count(batch, results)
+        if accepted + duplicates == 1 and not batch.errors:  # the common single event: the same bytes every time
             return web.Response(status=202, body=_ONE_REPLY[accepted], content_type="application/json")
-        reply = IngestReply(accepted, len(batch.accepted) - accepted, len(batch.errors), batch.errors)
+        reply = IngestReply(accepted, duplicates, len(batch.errors), batch.errors)
         return _json(202 if batch.accepted else 422, reply)
 
-    def _count(self, batch: Batch, results: list[int]) -> None:
-        if len(batch.accepted) == 1 and not batch.rejected:  # one event: no tally to build
-            self._events.add(batch.accepted[0].event_type, "accepted" if results[0] else "duplicate")
-            return
-        outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
-        for a, written in zip(batch.accepted, results):
-            outcomes[a.event_type, "accepted" if written else "duplicate"] += 1
+    def _count(self, batch: Batch, results: list[tuple[int, ...]]) -> tuple[int, int]:
+        """Count each event's outcome by type; returns (events newly stored, duplicates)."""
+        accepted = duplicates = 0
+        add = self._events.add
+        # The entries of batch.accepted come first, in its order; the rejected events' entry is last.
+        for a, dups in zip(batch.accepted, results):
+            written = len(a.ids) - len(dups)
+            accepted += written
+            duplicates += len(dups)
+            if written:
+                add(a.event_type, "accepted", n=written)
+            if dups:
+                add(a.event_type, "duplicate", n=len(dups))
         known = self.ingest.models
         for r in batch.rejected:
             # A label value is never client-chosen: an unknown type is counted as "unknown".
-            outcomes[r.event_type if r.event_type in known else "unknown", "rejected"] += 1
-        for labels, n in outcomes.items():
-            self._events.add(*labels, n=n)
+            add(r.event_type if r.event_type in known else "unknown", "rejected")
+        return accepted, duplicates
 
 
 # The reply to one event, by whether it was written (1) or a duplicate (0).
@@ -218,10 +222,12 @@ _ONE_REPLY = {n: _encode(IngestReply(n, 1 - n, 0, [])) for n in (0, 1)}
 
 
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
+    """One entry per event type of the request, then one for its rejected events."""
     received_us = int(received_at.timestamp() * 1_000_000)
-    entries = [Entry(keys.stream(a.event_type), a.event_id, a.payload, received_us) for a in batch.accepted]
-    rejected_stream = keys.stream("rejected")
-    entries += [Entry(rejected_stream, "rejected:" + uuid7(), _encode(r), received_us) for r in batch.rejected]
+    entries = [Entry(keys.stream(a.event_type), a.ids, a.payload, received_us) for a in batch.accepted]
+    if batch.rejected:
+        entries.append(Entry(keys.stream("rejected"), ["rejected:" + uuid7() for _ in batch.rejected],
+                             _encode_lines(batch.rejected)[:-1], received_us))
     return entries
 
 

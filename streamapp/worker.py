@@ -68,11 +68,20 @@ async def _trimmer(redis: Redis, stopping: asyncio.Event) -> None:
             pass
 
 
-async def run_worker(app: App) -> None:
+async def run_worker(app: App, only: list[str] | None = None) -> None:
+    """Run every agent, or those named in `only` (so that agents can share the load across
+    processes: each worker is a process with its own interpreter lock)."""
     settings = app.settings
     agents = app.discover_agents()
     if not agents:
         raise SystemExit(f"no agents found in package {app.agents_package!r}")
+    others = []
+    if only:
+        unknown = sorted(set(only) - set(agents))
+        if unknown:
+            raise SystemExit(f"no agent named {', '.join(unknown)}; the agents are {', '.join(agents)}")
+        others = [agent for name, agent in agents.items() if name not in only]
+        agents = {name: agent for name, agent in agents.items() if name in only}
     app.catalog = open_catalog(settings)
     tables = await asyncio.to_thread(create_tables, app)
     committed = committed_positions(await asyncio.to_thread(all_tables, app))
@@ -87,6 +96,10 @@ async def run_worker(app: App) -> None:
     metrics_server = (await serve_metrics(settings.host, settings.worker_metrics_port)
                       if settings.worker_metrics_port else None)
     redis = reader_client(settings)
+    # The agents another worker runs hold their place in the trim from here on, even before that
+    # worker first starts: this one's trimmer must not drop what they have not read.
+    for agent in others:
+        await redis.hsetnx(keys.ACKS, keys.ack_field(agent.stream.key, agent.name), "0-0")
     tasks = []
     for agent in agents.values():
         agent.stream.bind(redis, agent.name, stopping, committed.get(agent.stream.key))

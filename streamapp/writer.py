@@ -1,12 +1,23 @@
 """Group commit into Redis: every request arriving while a write is in flight rides the next one.
 
-One Lua script per flush deduplicates by `event_id` (SET NX with the dedupe TTL) and XADDs the
-new events, atomically, so a duplicate is never half-written. Awaiting one XADD per request caps
-ingest at a round trip per request; a flush costs one round trip for all of them.
+One Lua script per flush deduplicates by `event_id` and appends the new events, atomically, so a
+duplicate is never half-written. Awaiting one XADD per request caps ingest at a round trip per
+request; a flush costs one round trip for all of them.
 
-Every entry carries a dedupe key (server-assigned ids included), which makes a flush idempotent:
-when a connection drops after Redis ran the script but before its reply arrived, the client's
-automatic retry writes nothing twice (the entries it already wrote come back as duplicates).
+Each request adds one stream entry per event type it holds: `e` its events as NDJSON, `n` how many,
+`r` when it was received, `c` how many events the stream has had so far (so that the backlog is
+counted in events from the first and last entries alone, see `streamapp.backlog`). One entry per
+event cost Redis three times as much per event.
+
+Dedupe: the ids first written in one span of `dedupe_seconds / DEDUPE_SPANS` (by the server's clock)
+are members of one set, which expires when it leaves the window; an id is a duplicate when any of
+the DEDUPE_SPANS + 1 youngest sets holds it. So an id is remembered for at least `dedupe_seconds`
+and at most one span longer. That replaced a key per id (SET NX EX): a set member costs less memory,
+and one SMISMEMBER per set checks a whole flush.
+
+Every event carries a dedupe id (server-assigned ids and rejected events included), which makes a
+flush idempotent: when a connection drops after Redis ran the script but before its reply arrived,
+the client's automatic retry writes nothing twice (what it wrote comes back as duplicates).
 """
 
 from __future__ import annotations
@@ -14,32 +25,125 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamapp import keys, metrics
 
 log = logging.getLogger(__name__)
 
-# ARGV: ttl, seen-key prefix, and one MessagePack array of (stream index into KEYS, dedupe key,
-# payload, received_at_us)*: one argument instead of four per entry, since packing arguments one by
-# one in redis-py was 30% of the web process's time on 100-event arrays.
-# Returns 1 per entry written, 0 per duplicate. The `#!lua` line makes Redis refuse the whole script
-# with an OOM error when it is over maxmemory, instead of failing on the write that crosses it
-# halfway through a flush.
+# How many spans the dedupe window is cut into. Each flush checks DEDUPE_SPANS + 1 sets: with sets of
+# 500,000 ids, 4 spans cost valkey 3.1-3.6 us of CPU per event, 2 spans 2.1-2.3. An id is remembered
+# up to 1/DEDUPE_SPANS longer than asked, which costs memory; at maxmemory the oldest set is evicted
+# whole.
+DEDUPE_SPANS = 2
+
+# KEYS: the streams, then DEDUPE_SPANS + 3 dedupe sets of consecutive spans, oldest first, around
+# the writer's idea of the server's clock (one span either side of it).
+# ARGV: span in ms, the sets to check (DEDUPE_SPANS + 1), the span number of the first set in KEYS,
+# the ids (MessagePack array, one per event, in entry order), the entries (MessagePack array of
+# (stream index into KEYS, events, received_us)*), then each entry's events as NDJSON: payloads
+# are passed as they are and XADDed whole unless one of their events is a duplicate.
+# Returns {server time in ms, 1, the 1-based positions in ids of the duplicates...}, or {server time
+# in ms, 0} without writing when the writer's clock is more than a span off (it retries).
+# The `#!lua` line makes Redis refuse the whole script with an OOM error when it is over maxmemory,
+# instead of failing on the write that crosses it halfway through a flush.
 _INGEST_LUA = """#!lua
-local ttl = tonumber(ARGV[1])
-local seen = ARGV[2]
-local entries = cmsgpack.unpack(ARGV[3])
-local out = {}
-for i = 1, #entries, 4 do
-  if redis.call('SET', seen .. entries[i + 1], '1', 'NX', 'EX', ttl) then
-    redis.call('XADD', KEYS[entries[i]], '*', 'e', entries[i + 2], 'r', entries[i + 3])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
+local span, check, first = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local bucket = math.floor(now / span)
+local streams = #KEYS - check - 2
+local cur = streams + 1 + bucket - first
+if cur - check < streams or cur > #KEYS then
+  return {now, 0}
+end
+local ids = cmsgpack.unpack(ARGV[4])
+local n = #ids
+local dup, ndup = {}, 0
+-- unpack() is limited by Lua's C stack (8000): ids go to Redis in slices
+for b = cur - check + 1, cur do
+  for s = 1, n, 4000 do
+    local found = redis.call('SMISMEMBER', KEYS[b], unpack(ids, s, math.min(n, s + 3999)))
+    for i = 1, #found do
+      if found[i] == 1 and not dup[s + i - 1] then
+        dup[s + i - 1] = true
+        ndup = ndup + 1
+      end
+    end
+  end
+end
+local fresh = ids
+if ndup > 0 then
+  fresh = {}
+  for i = 1, n do
+    if not dup[i] then fresh[#fresh + 1] = ids[i] end
+  end
+end
+local added = 0
+for s = 1, #fresh, 4000 do
+  added = added + redis.call('SADD', KEYS[cur], unpack(fresh, s, math.min(#fresh, s + 3999)))
+end
+if added < #fresh then
+  -- an id twice in this flush (one request or two): the first is written, the others are duplicates
+  local seen = {}
+  for i = 1, n do
+    if not dup[i] then
+      if seen[ids[i]] then
+        dup[i] = true
+        ndup = ndup + 1
+      else
+        seen[ids[i]] = true
+      end
+    end
+  end
+end
+if added > 0 then
+  redis.call('PEXPIREAT', KEYS[cur], (bucket + check) * span)
+end
+local entries = cmsgpack.unpack(ARGV[5])
+local count = {}
+local pos = 0
+for g = 1, #entries, 3 do
+  local key, events = KEYS[entries[g]], entries[g + 1]
+  local payload = ARGV[5 + (g + 2) / 3]
+  local kept = events
+  if ndup > 0 then
+    local parts, from = {}, 1
+    for j = 1, events do
+      local to = string.find(payload, '\\n', from, true) or (#payload + 1)
+      if not dup[pos + j] then parts[#parts + 1] = string.sub(payload, from, to - 1) end
+      from = to + 1
+    end
+    kept = #parts
+    payload = table.concat(parts, '\\n')
+  end
+  if kept > 0 then
+    local c = count[key]
+    if c == nil then
+      c = 0
+      local tail = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+      if tail then
+        local f = tail[2]
+        for i = 1, #f, 2 do
+          if f[i] == 'c' then c = tonumber(f[i + 1]) end
+        end
+      end
+    end
+    c = c + kept
+    count[key] = c
+    redis.call('XADD', key, '*', 'e', payload, 'n', kept, 'r', entries[g + 2], 'c', string.format('%.0f', c))
+  end
+  pos = pos + events
+end
+local out = {now, 1}
+if ndup > 0 then
+  for i = 1, n do
+    if dup[i] then out[#out + 1] = i end
   end
 end
 return out
@@ -47,21 +151,29 @@ return out
 
 _pack = msgspec.msgpack.Encoder().encode
 
-MAX_FLUSH_ENTRIES = 5000  # bounds how long one script holds Redis
+MAX_FLUSH_EVENTS = 5000  # bounds how long one script holds Redis
+# A second flush leaves while the first runs in Redis, so that the web process prepares (and parses
+# the next requests) while Redis writes, instead of each waiting for the other.
+MAX_IN_FLIGHT = 2
+
+_NONE: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(slots=True)
 class Entry:
+    """The events of one request for one stream: they become one stream entry."""
+
     stream: str  # Redis stream key
-    dedupe_key: str  # the event_id; a fresh unique id for rejected events
-    payload: bytes
+    ids: list[str]  # one dedupe id per event: the event_id; a fresh unique id for rejected events
+    payload: bytes  # the events' JSON, separated by "\n"
     received_us: int
 
 
 @dataclasses.dataclass(slots=True)
 class _Pending:
     entries: list[Entry]
-    future: asyncio.Future[list[int]]
+    events: int
+    future: asyncio.Future[list[tuple[int, ...]]]
 
 
 class StreamWriter:
@@ -70,8 +182,10 @@ class StreamWriter:
     def __init__(self, redis: Redis, dedupe_seconds: int) -> None:
         self._redis = redis
         self._script = redis.register_script(_INGEST_LUA)
-        self._ttl = str(dedupe_seconds)
+        self._span_ms = max(1, math.ceil(dedupe_seconds * 1000 / DEDUPE_SPANS))
+        self._clock_offset_ms = 0  # the server's clock minus ours, learned from each reply
         self._queue: list[_Pending] = []
+        self._in_flight: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -80,18 +194,19 @@ class StreamWriter:
 
     async def close(self) -> None:
         """Flush what is queued, then stop. Called after the web server stopped taking requests."""
-        while self._queue and self._task is not None and not self._task.done():
+        while (self._queue or self._in_flight) and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def write(self, entries: list[Entry]) -> list[int]:
-        """1 for each entry written, 0 for each duplicate. Raises the Redis error if the flush failed."""
+    async def write(self, entries: list[Entry]) -> list[tuple[int, ...]]:
+        """For each entry, the positions (0-based, within the entry) of its events that were
+        duplicates, usually none. Raises the Redis error if the flush failed."""
         if not entries:
             return []
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(entries, future))
+        future: asyncio.Future[list[tuple[int, ...]]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(entries, sum(len(e.ids) for e in entries), future))
         self._wakeup.set()
         return await future
 
@@ -100,36 +215,70 @@ class StreamWriter:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
+                if len(self._in_flight) >= MAX_IN_FLIGHT:
+                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue  # meanwhile more requests queued: they ride this flush
                 batch, size = [], 0
-                while self._queue and (not batch or size + len(self._queue[0].entries) <= MAX_FLUSH_ENTRIES):
+                while self._queue and (not batch or size + self._queue[0].events <= MAX_FLUSH_EVENTS):
                     pending = self._queue.pop(0)
                     batch.append(pending)
-                    size += len(pending.entries)
-                await self._flush(batch)
+                    size += pending.events
+                flush = asyncio.create_task(self._flush(batch))
+                self._in_flight.add(flush)
+                flush.add_done_callback(self._in_flight.discard)
 
     async def _flush(self, batch: list[_Pending]) -> None:
         stream_index: dict[str, int] = {}
-        flat: list[int | str | bytes] = []
+        ids: list[str] = []
+        groups: list[int | str] = []
+        payloads: list[bytes] = []
         for pending in batch:
             for e in pending.entries:
                 idx = stream_index.setdefault(e.stream, len(stream_index) + 1)
-                # str, not bytes: the Lua cmsgpack of Redis and Valkey reads no bin type; the time
-                # as str never passes through a Lua float.
-                flat += (idx, e.dedupe_key, e.payload.decode(), str(e.received_us))
-        args = [self._ttl, keys.SEEN, _pack(flat)]
+                ids += e.ids
+                # str: the time as a Lua number would be written as 1.7e+15
+                groups += (idx, len(e.ids), str(e.received_us))
+                payloads.append(e.payload)
+        args = [_pack(ids), _pack(groups), *payloads]
         started = time.perf_counter()
         try:
-            results = await self._script(keys=list(stream_index), args=args)
+            reply = await self._call(list(stream_index), args)
+            if not reply[1]:  # our clock was off by more than a span: now we know the server's
+                reply = await self._call(list(stream_index), args)
+            if not reply[1]:  # a ResponseError: the client is answered 503, as for any failed write
+                raise ResponseError("the clock of Redis jumped by more than a dedupe span between two calls")
             metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
         except Exception as error:  # every waiter learns the write failed; none is left hanging
-            log.warning("writing %d events of %d requests to Redis failed: %s", len(flat) // 4, len(batch), error)
+            log.warning("writing %d events of %d requests to Redis failed: %s", len(ids), len(batch), error)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
-        offset = 0
+        dups = reply[2:]
+        offset = d = 0
         for pending in batch:
-            n = len(pending.entries)
+            out = [_NONE] * len(pending.entries)
+            if d < len(dups):
+                for i, e in enumerate(pending.entries):
+                    end = offset + len(e.ids)
+                    mine = []
+                    while d < len(dups) and dups[d] <= end:
+                        mine.append(dups[d] - 1 - offset)
+                        d += 1
+                    if mine:
+                        out[i] = tuple(mine)
+                    offset = end
+            else:
+                offset += pending.events
             if not pending.future.done():
-                pending.future.set_result([int(r) for r in results[offset:offset + n]])
-            offset += n
+                pending.future.set_result(out)
+
+    async def _call(self, streams: list[str], args: list) -> list[int]:
+        span = self._span_ms
+        check = DEDUPE_SPANS + 1
+        current = (time.time_ns() // 1_000_000 + self._clock_offset_ms) // span
+        first = current - check
+        sets = [keys.dedupe_bucket(b * span) for b in range(first, current + 2)]
+        reply = await self._script(keys=streams + sets, args=[span, check, first, *args])
+        self._clock_offset_ms = reply[0] - time.time_ns() // 1_000_000
+        return reply

@@ -214,7 +214,13 @@ def table_rows(settings: Settings, table: str) -> list[dict]:
     return t.scan().to_arrow().to_pylist()
 
 
-def stream_entries(redis_server: RedisServer, type_name: str) -> list[tuple[bytes, dict]]:
+def stream_events(redis_server: RedisServer, type_name: str) -> list[bytes]:
+    """The JSON of each event in the stream of `type_name`, in order (an entry holds several)."""
     from streamapp import keys
 
-    return redis_server.client().xrange(keys.stream(type_name))
+    out: list[bytes] = []
+    for _, fields in redis_server.client().xrange(keys.stream(type_name)):
+        events = fields[b"e"].split(b"\n")
+        assert len(events) == int(fields.get(b"n", 1))
+        out += events
+    return out

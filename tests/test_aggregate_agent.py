@@ -99,7 +99,7 @@ async def test_sigkill_then_restart_writes_each_window_once_with_every_event(web
     small = dataclasses.replace(fast, window_count=60)  # several commits while windows are open
     events = history("k", 300, minutes=4, seed=len(crash_at))
     events.sort(key=lambda e: e["timestamp"])  # in order: each commit closes some, leaves others open
-    await send(http, web, events, chunk=300)
+    await send(http, web, events, chunk=20)  # a request is one entry: 3 per window of 60
     doomed = spawn("worker", small, STREAMAPP_CRASH_AT=crash_at)
     assert await asyncio.to_thread(doomed.wait, 60) == -signal.SIGKILL, doomed.output()
     worker = spawn("worker", small)

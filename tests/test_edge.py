@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from streamapp.backlog import Backlog, retry_after
-from tests.conftest import RedisServer, free_port, running_web, stream_entries
+from tests.conftest import RedisServer, free_port, running_web, stream_events
 from tests.test_http import CLICK, post, stored
 
 KEYS = {"k-web-123": "website", "k-ios-456": "ios"}
@@ -179,7 +179,7 @@ async def test_redis_out_of_memory_is_503_and_loses_nothing(settings, tmp_path, 
                     break
             else:
                 raise AssertionError("3 MB of maxmemory never filled")
-        in_redis = [fields[b"e"] for _, fields in stream_entries(tight, "click")]
+        in_redis = stream_events(tight, "click")
         kept = {json.loads(e)["event_id"] for e in in_redis}
         assert kept == {k for k, v in answered.items() if v == 202}  # all or nothing per request
         assert len(in_redis) == len(kept)

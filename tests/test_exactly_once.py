@@ -29,7 +29,7 @@ N = 300
 ])
 async def test_sigkill_at_each_point_of_a_window_then_restart(web, http, settings, spawn, crash_at):
     small = dataclasses.replace(settings, window_count=50)
-    await send(http, web, clicks("e", N))
+    await send(http, web, clicks("e", N), chunk=50)  # a request is one entry, and a window never splits one
     doomed = spawn("worker", small, STREAMAPP_CRASH_AT=crash_at)
     assert await asyncio.to_thread(doomed.wait, 60) == -signal.SIGKILL, doomed.output()
     before = len(table_rows(settings, "events.clicks"))

@@ -106,8 +106,8 @@ _eventish = st.dictionaries(_field, st.sampled_from(["click", "keydown"]) | _jso
 def test_any_json_batch_is_answered_event_by_event(ingest, items):
     """Whatever the JSON, every item is either accepted or has one error; nothing else escapes."""
     batch = ingest.parse(json.dumps(items).encode(), CONTENT_JSON, NOW)
-    assert len(batch.accepted) + len(batch.errors) == len(items)
-    assert sorted([a.index for a in batch.accepted] + [e.index for e in batch.errors]) == list(range(len(items)))
+    assert batch.accepted_events + len(batch.errors) == len(items)
+    assert sorted([i for a in batch.accepted for i in a.indexes] + [e.index for e in batch.errors]) == list(range(len(items)))
     assert len(batch.rejected) == len(batch.errors)
 
 
@@ -118,3 +118,36 @@ def test_any_bytes_get_a_batch_or_a_body_error(ingest, body, kind):
         ingest.parse(body, kind, NOW)
     except BodyError as e:
         assert e.status in (400, 413)
+
+
+def test_an_array_of_mixed_types_is_one_group_per_type_in_request_order(ingest):
+    events = [{"type": "click", "x": 1, "y": 1, "event_id": "c1"}, {"type": "keydown", "key": "a", "event_id": "k1"},
+              {"type": "click", "x": 2, "y": 2, "event_id": "c2"}]
+    for body, kind in ((json.dumps(events), CONTENT_JSON), ("\n".join(map(json.dumps, events)), CONTENT_NDJSON)):
+        clicks, keydowns = ingest.parse(body.encode(), kind, NOW).accepted
+        assert (clicks.event_type, list(clicks.indexes), clicks.ids) == ("click", [0, 2], ["c1", "c2"])
+        assert (keydowns.event_type, list(keydowns.indexes), keydowns.ids) == ("keydown", [1], ["k1"])
+        assert [json.loads(line)["x"] for line in clicks.payload.split(b"\n")] == [1, 2]
+
+
+def test_the_size_limit_is_per_event_not_per_group():
+    small = Ingest(App().discover_models(), max_events=500, max_event_bytes=400)
+    fits = {"type": "click", "x": 1, "y": 1, "properties": {"pad": "x" * 100}}
+    batch = small.parse(json.dumps([fits] * 5).encode(), CONTENT_JSON, NOW)
+    assert batch.accepted_events == 5 and len(batch.accepted[0].payload) > 400
+    batch = small.parse(json.dumps([fits, {**fits, "properties": {"pad": "x" * 400}}, fits]).encode(), CONTENT_JSON, NOW)
+    assert list(batch.accepted[0].indexes) == [0, 2] and [e.index for e in batch.errors] == [1]
+    assert "the limit is 400" in batch.errors[0].message
+
+
+@pytest.mark.parametrize("kind", [CONTENT_JSON, CONTENT_NDJSON])
+def test_one_bad_event_id_in_a_batch_is_refused_alone(ingest, kind):
+    events = [{"type": "click", "x": 1, "y": 1, "event_id": f"ok{i}"} for i in range(3)]
+    events[1]["event_id"] = "tab\there"
+    body = json.dumps(events) if kind == CONTENT_JSON else "\n".join(map(json.dumps, events))
+    batch = ingest.parse(body.encode(), kind, NOW)
+    assert batch.accepted[0].ids == ["ok0", "ok2"]
+    [error] = batch.errors
+    assert (error.index, error.event_id, error.field) == (1, "tab\there", "event_id")
+    assert error.message == "contains a control character (U+0000 to U+001F or U+007F)"
+    assert json.loads(batch.rejected[0].raw)["event_id"] == "tab\there"  # kept as sent

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import pytest
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import pyarrow as iceberg_arrow
@@ -26,8 +27,8 @@ DAY1 = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
 def _window(n: int, size: int = 4) -> Window:
     """Window n: `size` clicks on two days, stream ids n-0.. (positions grow with n)."""
     events = [ClickEvent(x=n, y=j, event_id=f"w{n}-{j}", timestamp=DAY1 + timedelta(days=j % 2)) for j in range(size)]
-    return Window(ClickEvent, "stream", "agent", [f"{n + 1}-{j}" for j in range(size)], events,
-                  [int(DAY1.timestamp() * 1e6)] * size)
+    return Window(ClickEvent, "stream", "agent", [f"{n + 1}-{j}" for j in range(size)],
+                  [msgspec.json.encode(e) for e in events], [int(DAY1.timestamp() * 1e6)] * size)
 
 
 @pytest.fixture

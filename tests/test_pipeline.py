@@ -15,6 +15,7 @@ import pyarrow as pa
 from models.click import ClickEvent
 from streamapp import keys
 from streamapp.app import Agent
+from streamapp.backlog import stream_events
 from streamapp.catalog import open_catalog
 from streamapp.redis_client import reader_client
 from streamapp.stream import Stream
@@ -187,17 +188,42 @@ async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, 
     # Clicks from a minute long past, so that clicks_per_minute, the stream's other consumer,
     # closes their window within a second or two and holds nothing back either.
     events = [{**c, "timestamp": "2026-11-27T10:00:59Z"} for c in clicks("x", 30)]
-    await send(http, web, events)
+    await send(http, web, events, chunk=10)  # three entries
     await wait_rows(settings, "events.clicks", 30)
     await wait_rows(settings, "events.clicks_per_minute", 1)
     await asyncio.sleep(0.5)
     client = reader_client(settings)
     await trim_streams(client)
-    assert r.xlen(keys.stream("click")) == 30  # the laggard still needs them all
+    assert stream_events(r.xinfo_stream(keys.stream("click")))[0] == 30  # the laggard still needs them all
     r.hdel(keys.ACKS, keys.ack_field(keys.stream("click"), "laggard"))
     await trim_streams(client)
     await client.aclose()
-    assert r.xlen(keys.stream("click")) == 1  # everything below the committed position is gone
+    # Everything below the committed position is gone: the last entry, 10 events, is at it.
+    assert stream_events(r.xinfo_stream(keys.stream("click")))[0] == 10
+
+
+async def test_workers_can_split_the_agents_between_them(web, http, settings, spawn, redis_server):
+    """`worker --agent NAME` runs only the agents named; one that no worker runs yet keeps its
+    place in the trim, so it loses nothing, and gets its events once a worker runs it."""
+    wrong = spawn("worker --agent clicks --agent nope", settings)
+    assert wrong.wait() != 0
+    assert "no agent named nope; the agents are clicks, clicks_per_minute, keydowns, rejected" in wrong.output()
+    spawn("worker --agent clicks --agent rejected", settings)
+    keydowns = [{"type": "keydown", "key": "a", "event_id": f"k{i}"} for i in range(5)]
+    await send(http, web, clicks("s", 10), chunk=1)  # ten entries, whatever an entry holds
+    await send(http, web, keydowns)
+    await wait_rows(settings, "events.clicks", 10)
+    r = redis_server.client()
+    assert r.hget(keys.ACKS, keys.ack_field(keys.stream("keydown"), "keydowns")) == b"0-0"
+    assert r.hget(keys.ACKS, keys.ack_field(keys.stream("click"), "clicks_per_minute")) == b"0-0"
+    client = reader_client(settings)
+    await trim_streams(client)
+    await client.aclose()
+    assert r.xlen(keys.stream("click")) == 10  # clicks_per_minute has read none of them yet
+    assert table_rows(settings, "events.keydowns") == []
+    spawn("worker --agent keydowns", settings)
+    assert_exactly_once(await wait_rows(settings, "events.keydowns", 5), {f"k{i}" for i in range(5)})
+    assert_exactly_once(table_rows(settings, "events.clicks"), {f"s{i}" for i in range(10)})
 
 
 def test_create_tables_is_idempotent(settings, spawn):

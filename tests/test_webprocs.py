@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import stream_entries, wait_until
+from tests.conftest import stream_events, wait_until
 from tests.test_http import CLICK
 
 
@@ -86,7 +86,7 @@ async def test_a_graceful_stop_of_several_processes_loses_no_accepted_event(sett
     assert await asyncio.to_thread(web.wait, 30) == 0, web.output()
     assert all(ticks >= 5 for ticks in busy.values()), f"a process served nothing: CPU ticks {busy}"
     assert _children(web.proc.pid) == []
-    stored = [json.loads(fields[b"e"])["event_id"] for _, fields in stream_entries(redis_server, "click")]
+    stored = [json.loads(e)["event_id"] for e in stream_events(redis_server, "click")]
     assert len(accepted) > 200, "the load was too light to stop during it"
     assert len(stored) == len(set(stored)), "an event was stored twice"
     assert set(accepted) <= set(stored), f"accepted but lost: {sorted(set(accepted) - set(stored))[:10]}"

@@ -1,4 +1,5 @@
-"""CORS for the ingest endpoint only: pages on other origins may POST events, nothing else.
+"""CORS for the ingest endpoint only (applied by streamapp.web.IngestView): pages on other origins may
+POST events, nothing else.
 
 Every answer of `/api/events` carries the CORS headers (errors included, so a tracker can read a
 422's per-event errors and a 429's `Retry-After`). An origin outside `STREAMAPP_CORS_ORIGINS` gets
@@ -7,8 +8,6 @@ sends without asking first, so refusing only preflights would not keep them out.
 """
 
 from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -19,10 +18,9 @@ MAX_AGE = "7200"  # Chromium's cap: longer is ignored
 
 
 class Cors:
-    def __init__(self, origins: tuple[str, ...], path: str) -> None:
+    def __init__(self, origins: tuple[str, ...]) -> None:
         self.any = "*" in origins
         self.origins = frozenset(origins)
-        self.path = path
 
     def allowed(self, origin: str | None) -> bool:
         """No Origin header (server to server, curl) is not a browser request: CORS does not apply."""
@@ -48,15 +46,3 @@ class Cors:
         headers.update({"Access-Control-Allow-Methods": ALLOW_METHODS, "Access-Control-Allow-Headers": ALLOW_HEADERS,
                         "Access-Control-Max-Age": MAX_AGE})
         return web.Response(status=204, headers=headers)
-
-    @web.middleware
-    async def middleware(self, request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.path != self.path or request.method == "OPTIONS":
-            return await handler(request)
-        origin = request.headers.get("Origin")
-        if not self.allowed(origin):
-            return self.refuse(origin or "")
-        response = await handler(request)
-        response.headers.update(self.headers(origin))
-        return response

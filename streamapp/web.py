@@ -13,7 +13,6 @@ connection on bad input and cannot cap the decompressed size, so the server runs
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import logging
 import zlib
@@ -90,6 +89,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit and encoding in ("identity", ""):
         raise BodyError(413, f"the body is {request.content_length} bytes; the limit is {limit}")
     inflate = zlib.decompressobj(wbits=31) if encoding in ("gzip", "x-gzip") else None
+    if inflate is None and request.content.is_eof():  # all here already (a small body): take it at once
+        body = request.content.read_nowait()
+        if len(body) > limit:  # chunked: no Content-Length was checked above
+            raise BodyError(413, f"the body is over the limit of {limit} bytes")
+        return body
     out = bytearray()
     received = 0
     async for chunk in request.content.iter_any():
@@ -118,57 +122,103 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(out)
 
 
-async def post_events(request: web.Request) -> web.Response:
-    """Validate, then append. 202 once every accepted event is in Redis (durable), never before."""
-    settings = request.app[SETTINGS]
-    received_at = datetime.now(timezone.utc)
-    try:
-        source = _source(request, settings.write_keys)
-        backlog = request.app[BACKLOG]
-        if backlog.over:
-            return _error(429, f"{backlog.events} events are waiting to be written to Iceberg (the limit is "
-                               f"{backlog.limit}); retry later", {"Retry-After": str(backlog.retry_after())})
-        kind = body_kind(request.headers.get("Content-Type", ""))
+class IngestView:
+    """`POST /api/events`: validate, then append. 202 once every accepted event is in Redis
+    (durable), never before.
+
+    CORS and the request count are done here rather than in middlewares (which cost every request
+    a few wrapper calls), and what a request would otherwise recompute is cached: the metric
+    children, the parser a Content-Type selects. The writer and backlog are set when the
+    application starts (they need its event loop).
+    """
+
+    def __init__(self, settings, ingest: Ingest, cors: Cors) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.cors = cors
+        self.writer: StreamWriter = None  # type: ignore[assignment]
+        self.backlog: Backlog = None  # type: ignore[assignment]
+        self._requests = metrics.Tally(metrics.HTTP_REQUESTS, INGEST_PATH)
+        self._events = metrics.Tally(metrics.EVENTS)
+        self._kinds: dict[str, str] = {}
+
+    async def post(self, request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin")
+        if not self.cors.allowed(origin):
+            response = self.cors.refuse(origin or "")
+        else:
+            response = await self._handle(request)
+            if origin is not None:
+                response.headers.update(self.cors.headers(origin))
+        self._requests.add(response.status)
+        return response
+
+    def _body_kind(self, content_type: str) -> str:
+        kind = self._kinds.get(content_type)
+        if kind is None:
+            kind = body_kind(content_type)  # raises BodyError: a refused type is never cached
+            if len(self._kinds) < 64:  # the header is the client's: bound what it can make us keep
+                self._kinds[content_type] = kind
+        return kind
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        settings = self.settings
+        received_at = datetime.now(timezone.utc)
         try:
-            async with asyncio.timeout(settings.request_timeout_seconds):
+            source = _source(request, settings.write_keys)
+            backlog = self.backlog
+            if backlog.over:
+                return _error(429, f"{backlog.events} events are waiting to be written to Iceberg (the limit is "
+                                   f"{backlog.limit}); retry later", {"Retry-After": str(backlog.retry_after())})
+            kind = self._body_kind(request.headers.get("Content-Type", ""))
+            if request.content.is_eof():  # the whole body is already here: no wait to time out
                 body = await read_body(request, settings.max_body_bytes)
-        except TimeoutError:
-            raise BodyError(408, f"the body did not arrive within {settings.request_timeout_seconds:g} s") from None
-        batch = request.app[INGEST].parse(body, kind, received_at, source)
-    except BodyError as e:
-        return _error(e.status, e.message)
-    entries = _entries(batch, received_at)
-    try:
-        results = await request.app[WRITER].write(entries)
-    except redis.exceptions.OutOfMemoryError:
-        return _error(503, "the event store is out of memory (Redis maxmemory); retry later",
-                      {"Retry-After": str(max(settings.retry_after_seconds, request.app[BACKLOG].retry_after()))})
-    except REDIS_UNAVAILABLE:  # the writer logged it, once per failed flush
-        return _error(503, "the event store is unavailable; retry later",
-                      {"Retry-After": str(settings.retry_after_seconds)})
-    accepted, duplicates = _count(batch, results, request.app[INGEST].models)
-    reply = IngestReply(accepted, duplicates, len(batch.errors), batch.errors)
-    return _json(202 if batch.accepted else 422, reply)
+            else:
+                try:
+                    async with asyncio.timeout(settings.request_timeout_seconds):
+                        body = await read_body(request, settings.max_body_bytes)
+                except TimeoutError:
+                    raise BodyError(408, f"the body did not arrive within {settings.request_timeout_seconds:g} s") from None
+            batch = self.ingest.parse(body, kind, received_at, source)
+        except BodyError as e:
+            return _error(e.status, e.message)
+        entries = _entries(batch, received_at)
+        try:
+            results = await self.writer.write(entries)
+        except redis.exceptions.OutOfMemoryError:
+            return _error(503, "the event store is out of memory (Redis maxmemory); retry later",
+                          {"Retry-After": str(max(settings.retry_after_seconds, self.backlog.retry_after()))})
+        except REDIS_UNAVAILABLE:  # the writer logged it, once per failed flush
+            return _error(503, "the event store is unavailable; retry later",
+                          {"Retry-After": str(settings.retry_after_seconds)})
+        accepted, duplicates = self._count(batch, results)
+        if accepted + duplicates == 1 and not batch.errors:  # the common single event: the same bytes every time
+            return web.Response(status=202, body=_ONE_REPLY[accepted], content_type="application/json")
+        reply = IngestReply(accepted, duplicates, len(batch.errors), batch.errors)
+        return _json(202 if batch.accepted else 422, reply)
+
+    def _count(self, batch: Batch, results: list[tuple[int, ...]]) -> tuple[int, int]:
+        """Count each event's outcome by type; returns (events newly stored, duplicates)."""
+        accepted = duplicates = 0
+        add = self._events.add
+        # The entries of batch.accepted come first, in its order; the rejected events' entry is last.
+        for a, dups in zip(batch.accepted, results):
+            written = len(a.ids) - len(dups)
+            accepted += written
+            duplicates += len(dups)
+            if written:
+                add(a.event_type, "accepted", n=written)
+            if dups:
+                add(a.event_type, "duplicate", n=len(dups))
+        known = self.ingest.models
+        for r in batch.rejected:
+            # A label value is never client-chosen: an unknown type is counted as "unknown".
+            add(r.event_type if r.event_type in known else "unknown", "rejected")
+        return accepted, duplicates
 
 
-def _count(batch: Batch, results: list[tuple[int, ...]], known: dict) -> tuple[int, int]:
-    """Count each event's outcome by type; returns (events newly stored, duplicates)."""
-    accepted = duplicates = 0
-    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
-    # The entries of batch.accepted come first, in its order; the rejected events' entry is last.
-    for a, dups in zip(batch.accepted, results):
-        written = len(a.ids) - len(dups)
-        accepted += written
-        duplicates += len(dups)
-        outcomes[a.event_type, "accepted"] += written
-        outcomes[a.event_type, "duplicate"] += len(dups)
-    for r in batch.rejected:
-        # A label value is never client-chosen: an unknown type is counted as "unknown".
-        outcomes[r.event_type if r.event_type in known else "unknown", "rejected"] += 1
-    for (kind, outcome), n in outcomes.items():
-        if n:
-            metrics.EVENTS.labels(kind, outcome).inc(n)
-    return accepted, duplicates
+# The reply to one event, by whether it was written (1) or a duplicate (0).
+_ONE_REPLY = {n: _encode(IngestReply(n, 1 - n, 0, [])) for n in (0, 1)}
 
 
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
@@ -199,19 +249,33 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(200, {"status": "ready"})
 
 
-@web.middleware
-async def count_requests(request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """streamapp_http_requests by route (the registered pattern, never the raw path) and status."""
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    try:
-        response = await handler(request)
-    except web.HTTPException as e:
-        metrics.HTTP_REQUESTS.labels(route, str(e.status)).inc()
-        raise
-    metrics.HTTP_REQUESTS.labels(route, str(response.status)).inc()
-    return response
+def _counted(route: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """`handler`, counting streamapp_http_requests by route (the registered pattern, never the raw
+    path) and status. Per route rather than a middleware, which the ingest route would pay for."""
+    requests = metrics.Children(metrics.HTTP_REQUESTS, route)
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            requests(e.status).inc()
+            raise
+        requests(response.status).inc()
+        return response
+
+    return counted
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """Whatever no route takes: aiohttp's own 404, or 405 with Allow when the path exists. A
+    catch-all route (registered last, so it never shadows one) rather than a middleware."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def build(app, settings) -> web.Application:
@@ -221,12 +285,14 @@ def build(app, settings) -> web.Application:
     from streamapp.redis_client import writer_client
 
     models = app.discover_models()
-    cors = Cors(settings.cors_origins, INGEST_PATH)
-    webapp = web.Application(middlewares=[count_requests, cors.middleware])
+    cors = Cors(settings.cors_origins)
+    ingest = Ingest(models, max_events=settings.max_events_per_request,
+                    max_event_bytes=settings.max_event_bytes, max_future_seconds=settings.max_future_seconds)
+    view = IngestView(settings, ingest, cors)
+    webapp = web.Application()
     webapp[SETTINGS] = settings
     webapp[OPENAPI] = _encode(document(models, settings))
-    webapp[INGEST] = Ingest(models, max_events=settings.max_events_per_request,
-                            max_event_bytes=settings.max_event_bytes, max_future_seconds=settings.max_future_seconds)
+    webapp[INGEST] = ingest
 
     async def lifecycle(webapp: web.Application):
         client = writer_client(settings)
@@ -234,37 +300,49 @@ def build(app, settings) -> web.Application:
         writer.start()
         backlog = Backlog(client, [keys.stream(t) for t in [*models, "rejected"]], settings.max_backlog)
         sampler = asyncio.create_task(backlog.run(), name="backlog")
+        flusher = asyncio.create_task(metrics.flush_tallies_every(1.0), name="metrics")
         webapp[REDIS], webapp[WRITER], webapp[BACKLOG] = client, writer, backlog
+        view.writer, view.backlog = writer, backlog
         yield
         sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+        flusher.cancel()
+        await asyncio.gather(sampler, flusher, return_exceptions=True)
         await writer.close()  # runs after in-flight requests finished: their writes complete
         await client.aclose()
 
+    def add(method: str, path: str, handler, head: bool = False) -> None:
+        resource = webapp.router.add_resource(path)
+        handler = _counted(resource.canonical, handler)
+        if head:
+            resource.add_route("HEAD", handler)
+        resource.add_route(method, handler)
+
     webapp.cleanup_ctx.append(lifecycle)
-    webapp.router.add_post(INGEST_PATH, post_events)
-    webapp.router.add_route("OPTIONS", INGEST_PATH, cors.preflight)
-    webapp.router.add_get("/api/openapi.json", openapi_view)
-    webapp.router.add_get("/metrics", metrics.metrics_view)
-    webapp.router.add_get("/healthz", healthz)
-    webapp.router.add_get("/readyz", readyz)
-    webapp.router.add_get("/tracker.js", file_handler("tracker.js", "text/javascript"))
-    webapp.router.add_get("/demo", file_handler("demo.html", "text/html"))
+    webapp.router.add_post(INGEST_PATH, view.post)  # counts its own requests
+    add("OPTIONS", INGEST_PATH, cors.preflight)
+    add("GET", "/api/openapi.json", openapi_view, head=True)
+    add("GET", "/metrics", metrics.metrics_view, head=True)
+    add("GET", "/healthz", healthz, head=True)
+    add("GET", "/readyz", readyz, head=True)
+    add("GET", "/tracker.js", file_handler("tracker.js", "text/javascript"), head=True)
+    add("GET", "/demo", file_handler("demo.html", "text/html"), head=True)
     for method, path, handler in app.pages:
-        webapp.router.add_route(method, path, handler)
+        add(method, path, handler)
+    webapp.router.add_route("*", "/{path:.*}", _counted("unmatched", unmatched))
     return webapp
 
 
-async def serve(app, settings, stopping: asyncio.Event) -> None:
-    """Serve until `stopping` is set, then stop accepting, finish in-flight requests, flush, exit."""
+async def serve(app, settings, stopping: asyncio.Event, reuse_port: bool = False) -> None:
+    """Serve until `stopping` is set, then stop accepting, finish in-flight requests, flush, exit.
+    `reuse_port`: one of several processes on the port (streamapp.webprocs)."""
     # keepalive_timeout also closes a connection that has not sent a whole request head in that
     # long (aiohttp's timer runs from the connection's start and is not reset by partial data):
-    # the slowloris bound for headers; the body has its own timeout in post_events.
+    # the slowloris bound for headers; the body has its own timeout in IngestView.
     runner = web.AppRunner(build(app, settings), auto_decompress=False, access_log=None,
                            shutdown_timeout=settings.shutdown_seconds, handle_signals=False,
                            keepalive_timeout=settings.request_timeout_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
     log.info("web: listening on http://%s:%d", settings.host, settings.port)
     try:

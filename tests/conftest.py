@@ -97,6 +97,7 @@ def settings(tmp_path, redis_server) -> Settings:
         window_seconds=0.3,
         shutdown_seconds=10,
         worker_metrics_port=free_port(),
+        web_processes=1,  # the web's pid is the server (tests measure its CPU and memory)
     )
 
 
@@ -119,6 +120,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STREAMAPP_SHUTDOWN_SECONDS": str(settings.shutdown_seconds),
         "STREAMAPP_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
         "STREAMAPP_GRACE_SECONDS": str(settings.grace_seconds),
+        "STREAMAPP_WEB_PROCESSES": str(settings.web_processes),
     })
     env.update(extra)
     return env

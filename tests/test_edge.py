@@ -259,6 +259,39 @@ async def test_web_metrics_count_requests_and_events(web, http):
     assert "streamapp_backlog_events" in after and "process_resident_memory_bytes" in after
 
 
+async def test_web_metrics_count_every_route_and_what_no_route_takes(settings, redis_server, http):
+    """Requests are counted per route without a middleware: ingest counts its own (a refused origin
+    included), the other routes through a wrapper, and a catch-all route answers aiohttp's own 404,
+    or 405 with Allow, counted as "unmatched"."""
+    listed = dataclasses.replace(settings, cors_origins=("https://shop.example",))
+    async with running_web(listed) as base:
+        async with http.get(base + "/metrics") as r:
+            before = await r.text()
+        assert (await post(http, base, {**CLICK, "event_id": "x"}, Origin="https://evil.example"))[0] == 403
+        async with http.get(base + "/healthz") as r:
+            assert r.status == 200
+        async with http.head(base + "/healthz") as r:
+            assert r.status == 200
+        async with http.get(base + "/nowhere/at/all") as r:
+            assert r.status == 404 and "Not Found" in await r.text()
+        async with http.get(base + "/api/events") as r:
+            assert r.status == 405 and set(r.headers["Allow"].split(",")) == {"POST", "OPTIONS"}
+        async with http.post(base + "/healthz") as r:
+            assert r.status == 405 and set(r.headers["Allow"].split(",")) == {"GET", "HEAD"}
+        async with http.get(base + "/metrics") as r:
+            after = await r.text()
+
+    def grew(**labels: str) -> float:
+        name = "streamapp_http_requests_total"
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert grew(route="/api/events", status="403") == 1
+    assert grew(route="/healthz", status="200") == 2
+    assert grew(route="unmatched", status="404") == 1
+    assert grew(route="unmatched", status="405") == 2
+    assert grew(route="/metrics", status="200") == 1  # the scrape before, counted once it was answered
+
+
 async def test_worker_metrics_and_json_commit_log(settings, web, http, spawn):
     worker = spawn("worker", settings)
     await post(http, web, [{**CLICK, "event_id": f"w{i}"} for i in range(25)])

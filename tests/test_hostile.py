@@ -8,6 +8,7 @@ and how much the server's peak resident memory grew."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import http.client
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import stream_events, wait_until
+from tests.conftest import running_web, stream_events, wait_until
 from tests.test_http import CLICK
 
 OK = {**CLICK, "event_id": "fine"}
@@ -137,6 +138,24 @@ async def test_malformed_http_is_refused_by_the_server(settings, web, redis_serv
     writer.close()
     assert reply.split(b" ", 2)[1] == str(status).encode(), reply[:200]
     assert needle.lower() in reply.lower(), reply[:400]
+    assert redis_server.client().keys("streamapp:*events*") == []
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_when_it_arrives_at_once(settings, redis_server):
+    """No Content-Length to check up front, and the body already all buffered (the path that
+    takes it without waiting): its size is still checked."""
+    small = dataclasses.replace(settings, max_body_bytes=100)
+    body = json.dumps([{**CLICK, "event_id": f"c{i}"} for i in range(3)]).encode()
+    request = (b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    async with running_web(small):
+        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+        writer.write(request)  # one write: the whole body is in the server's buffer before the view runs
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(65536), timeout=5)
+        writer.close()
+    assert reply.split(b" ", 2)[1] == b"413", reply[:300]
+    assert b"over the limit of 100 bytes" in reply
     assert redis_server.client().keys("streamapp:*events*") == []
 
 

@@ -42,6 +42,8 @@ def test_redis_url_and_port():
     ("STREAMAPP_GRACE_SECONDS", "-1", "STREAMAPP_GRACE_SECONDS"),
     ("STREAMAPP_GRACE_SECONDS", "ten", "STREAMAPP_GRACE_SECONDS='ten'"),
     ("STREAMAPP_REDIS_APPENDFSYNC", "sometimes", "STREAMAPP_REDIS_APPENDFSYNC"),
+    ("STREAMAPP_WEB_PROCESSES", "-1", "STREAMAPP_WEB_PROCESSES must be >= 0"),
+    ("STREAMAPP_WEB_PROCESSES", "two", "STREAMAPP_WEB_PROCESSES='two'"),
 ])
 def test_bad_values_name_the_variable(name, value, needle):
     with pytest.raises(SettingsError, match=needle):

@@ -38,6 +38,17 @@ class Window:
     end: float
 
 
+def _start_at_or_before(t: float, step: float) -> float:
+    """The latest multiple of `step` at or before `t`. floor(t / step) alone can be off by one
+    where the division rounds: -5e-324 / 2 underflows to -0.0, whose floor is 0, after t."""
+    start = math.floor(t / step) * step
+    if start > t:
+        start -= step
+    elif start + step <= t:
+        start += step
+    return start
+
+
 @dataclass(frozen=True)
 class Tumbling:
     """Back-to-back windows of `size` seconds: each event is in exactly one."""
@@ -49,7 +60,7 @@ class Tumbling:
             raise ValueError("a window size must be > 0")
 
     def assign(self, t: float) -> list[Window]:
-        start = math.floor(t / self.size) * self.size
+        start = _start_at_or_before(t, self.size)
         return [Window(start, start + self.size)]
 
 
@@ -67,7 +78,7 @@ class Hopping:
             raise ValueError("hopping windows need 0 < step <= size")
 
     def assign(self, t: float) -> list[Window]:
-        last = math.floor(t / self.step) * self.step  # the latest window start at or before t
+        last = _start_at_or_before(t, self.step)
         windows = []
         k = 0
         while (start := last - k * self.step) + self.size > t:

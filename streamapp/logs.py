@@ -11,7 +11,6 @@ import sys
 from datetime import datetime, timezone
 
 import msgspec
-from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _encode = msgspec.json.Encoder(enc_hook=str).encode
@@ -36,7 +35,13 @@ class ClientErrorFilter(logging.Filter):
     traceback: anyone could fill the error log. Keep it as one INFO line naming the problem."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
+        if not record.exc_info:
+            return True
+        # Imported here: a record of aiohttp.server means aiohttp is loaded; the processes that
+        # never serve HTTP (the web supervisor, commands) need not load it for this filter.
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1]
         if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
             record.levelno, record.levelname = logging.INFO, "INFO"
             reason = (error.message or "").strip().splitlines()

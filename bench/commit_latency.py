@@ -44,6 +44,7 @@ def run_streamapp(n: int, rows: int) -> list[float]:
     import asyncio
 
     sys.path.insert(0, os.getcwd())
+    import msgspec
     from models.click import ClickEvent
     from streamapp import Window, app, keys
     from streamapp.catalog import open_catalog
@@ -64,7 +65,8 @@ def run_streamapp(n: int, rows: int) -> list[float]:
             events = [ClickEvent(event_id=f"c-{i}-{j}", timestamp=now, page_url="https://example.test/", x=j, y=i)
                       for j in range(rows)]
             ids = [f"{base_ms + i}-{j}" for j in range(rows)]
-            window = Window(ClickEvent, stream_key, "bench-commits", ids, events, [int(now.timestamp() * 1e6)] * rows)
+            payloads = [msgspec.json.encode(e) for e in events]  # a window holds the stream's JSON
+            window = Window(ClickEvent, stream_key, "bench-commits", ids, payloads, [int(now.timestamp() * 1e6)] * rows)
             step()
             t = time.perf_counter()
             await table.append(window)

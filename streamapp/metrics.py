@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import weakref
 
 from aiohttp import web
@@ -134,7 +135,19 @@ async def serve_metrics(host: str, port: int) -> web.AppRunner | None:
     runner = web.AppRunner(webapp, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        # Bound and listening here, not by TCPSite: two workers starting together can both bind
+        # (SO_REUSEADDR, neither listening yet), and uvloop swallows the loser's failed listen(),
+        # which then crashed aiohttp with an AttributeError instead of an OSError.
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        await web.SockSite(runner, sock).start()
     except OSError as e:
         log.error("worker metrics: cannot listen on %s:%d (%s); metrics are off in this worker. "
                   "Set STREAMAPP_WORKER_METRICS_PORT to a free port, or 0 to turn them off.", host, port, e)

@@ -317,6 +317,22 @@ async def test_worker_metrics_and_json_commit_log(settings, web, http, spawn):
         assert c["level"] == "INFO" and c["bytes"] > 0 and c["duration_seconds"] > 0 and c["lag_seconds"] >= 0
 
 
+async def test_a_second_worker_on_a_taken_metrics_port_runs_without_metrics(caplog, http):
+    """Two workers on one machine: the one that does not get the port logs it and goes on."""
+    from streamapp.metrics import serve_metrics
+
+    port = free_port()
+    first = await serve_metrics("127.0.0.1", port)
+    assert first is not None
+    try:
+        assert await serve_metrics("127.0.0.1", port) is None
+        assert "metrics are off in this worker" in caplog.text
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200  # the first one still serves
+    finally:
+        await first.cleanup()
+
+
 async def test_openapi_is_generated_from_the_models(web, http):
     async with http.get(web + "/api/openapi.json") as r:
         assert r.status == 200

@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from streamapp.stream import ndjson_array
+
 NULL = b"null"
 
 
@@ -71,12 +73,6 @@ def _json_text(raws: list[msgspec.Raw]) -> pa.Array:
     return pa.array(texts, type=pa.binary()).cast(pa.string())
 
 
-def _as_array(ndjson: bytes) -> bytes:
-    """NDJSON as one JSON array: msgspec never writes a raw newline inside JSON, so each one
-    separates two events."""
-    return b"[" + ndjson.replace(b"\n", b",") + b"]"
-
-
 def payloads_to_arrow(model: type, schema: pa.Schema, payloads: list[bytes], received_us: list[int], *,
                       renames: tuple[tuple[str, str], ...] = (), raw: str | None = None) -> pa.Table:
     """The table of `payloads` (the stream's `e` values: one event's JSON, or several as NDJSON)
@@ -88,7 +84,7 @@ def payloads_to_arrow(model: type, schema: pa.Schema, payloads: list[bytes], rec
     blob = b"\n".join(payloads)
     if plan.renormalise is not None:
         decode, encode_lines = plan.renormalise
-        blob = encode_lines(decode(_as_array(blob))).rstrip(b"\n")
+        blob = encode_lines(decode(ndjson_array(blob))).rstrip(b"\n")
     # The reader fails on a line longer than its block (1 MiB by default); no line is longer than
     # the longest entry.
     block = pj.ReadOptions(block_size=max(1 << 20, max(map(len, payloads)) + 1))
@@ -105,7 +101,7 @@ def payloads_to_arrow(model: type, schema: pa.Schema, payloads: list[bytes], rec
             # An object anywhere shows as "key":{ (inside a string its quotes would be escaped); without one
             # the field is null in every event, the common case, and the second parse is skipped.
             if b'"' + key.encode() + b'":{' in blob:
-                column = _json_text([getattr(o, key) for o in plan.raw_decode(_as_array(blob))])
+                column = _json_text([getattr(o, key) for o in plan.raw_decode(ndjson_array(blob))])
             else:
                 column = pa.nulls(len(received_us), field.type)
         else:

@@ -97,8 +97,7 @@ class Window(Sequence[M]):
 
     @functools.cached_property
     def events(self) -> list[M]:
-        # msgspec never writes a raw newline inside JSON, so each one separates two events.
-        events = _decoder(self.model)(b"[" + b",".join(self.payloads).replace(b"\n", b",") + b"]")
+        events = _decoder(self.model)(ndjson_array(b"\n".join(self.payloads)))
         if len(events) != len(self.ids):
             raise ValueError(f"{self!r}: its entries hold {len(events)} events, but their counts (n) say {len(self.ids)}")
         return events
@@ -123,6 +122,12 @@ class Window(Sequence[M]):
 
     def __repr__(self) -> str:
         return f"<Window {self.stream_key} {len(self)} events {self.ids[0]}..{self.last_id}>"
+
+
+def ndjson_array(ndjson: bytes) -> bytes:
+    """Events stored as NDJSON, as one JSON array: msgspec never writes a raw newline inside JSON,
+    so each one separates two events."""
+    return b"[" + ndjson.replace(b"\n", b",") + b"]"
 
 
 @functools.cache

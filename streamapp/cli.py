@@ -13,6 +13,7 @@ from typing import Any
 
 from streamapp import logs
 from streamapp.settings import Settings, SettingsError
+from streamapp.webprocs import CHILD_FLAG
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("redis", help="run the embedded Redis-compatible server (valkey, append-only)")
     web = sub.add_parser("web", help="run the HTTP collector (POST /api/events)")
-    web.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of STREAMAPP_WEB_PROCESSES
+    web.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)  # one of STREAMAPP_WEB_PROCESSES
     worker = sub.add_parser("worker", help="run the agents: Redis streams -> Iceberg")
     worker.add_argument("--agent", action="append", metavar="NAME",
                         help="run only this agent (repeatable; default: every agent in agents/)")

@@ -33,15 +33,15 @@ import msgspec  # noqa: E402
 import redis  # noqa: E402
 
 from models.click import ClickEvent  # noqa: E402
-from streamapp import count, distinct, keys  # noqa: E402
-from streamapp.aggregate import Aggregator  # noqa: E402
-from streamapp.app import App  # noqa: E402
-from streamapp.catalog import ensure_table, open_catalog  # noqa: E402
+from streamapp import count, distinct, names  # noqa: E402
+from streamapp.engine.aggregator import Aggregator  # noqa: E402
+from streamapp.engine.app import App  # noqa: E402
+from streamapp.engine.windows import Tumbling, Watermark  # noqa: E402
+from streamapp.lake.catalog import ensure_table, open_catalog  # noqa: E402
+from streamapp.names import position_property  # noqa: E402
 from streamapp.redis_client import reader_client  # noqa: E402
 from streamapp.redis_server import server_command  # noqa: E402
 from streamapp.settings import Settings  # noqa: E402
-from streamapp.sink import position_property  # noqa: E402
-from streamapp.windows import Tumbling, Watermark  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 START = 1_795_000_000.0
@@ -60,11 +60,11 @@ def prefill(port: int, events: list[ClickEvent]) -> str:
     pipe = r.pipeline(transaction=False)
     received = str(int(time.time() * 1_000_000))
     for i, e in enumerate(events):
-        pipe.xadd(keys.stream("click"), {"e": msgspec.json.encode(e), "r": received})
+        pipe.xadd(names.stream("click"), {"e": msgspec.json.encode(e), "r": received})
         if i % 5000 == 4999:
             pipe.execute()
     pipe.execute()
-    [(last, _)] = r.xrevrange(keys.stream("click"), count=1)
+    [(last, _)] = r.xrevrange(names.stream("click"), count=1)
     return last.decode()
 
 
@@ -77,10 +77,10 @@ async def drain(settings: Settings, name: str, agent_fn, table: str, last_id: st
     app.agent(stream, name=name)(agent_fn(app))
     client = reader_client(settings)
     stopping = asyncio.Event()
-    stream.bind(client, name, stopping)
+    stream.bind(client, name, stopping, settings=settings, catalog=app.catalog)
     started = time.perf_counter()
     task = asyncio.create_task(app.agents[name].run(stopping))
-    prop = position_property(keys.stream("click"), name)
+    prop = position_property(names.stream("click"), name)
     while True:
         await asyncio.sleep(0.2)
         try:

@@ -7,7 +7,7 @@ With --stepped it commits only when a line arrives on stdin and prints each dura
 bench/run.py runs both series at once that way, alternating commit by commit, so that the load of
 a shared machine hits both alike.
 
-`streamapp` drives `app.table("events.clicks").append(window)` (streamapp/sink.py, whatever it does
+`streamapp` drives `app.table("events.clicks").append(window)` (streamapp/lake/sink.py, whatever it does
 today: snapshot expiry, manifest merging...) with windows of ROWS clicks at increasing stream
 positions. `seed` repeats the seed loader's pattern: one `table.append(pyarrow table)` per batch on a
 table object loaded once. Both write to $STREAMAPP_WAREHOUSE. Progress goes to stderr; the last
@@ -46,16 +46,16 @@ def run_streamapp(n: int, rows: int) -> list[float]:
     sys.path.insert(0, os.getcwd())
     import msgspec
     from models.click import ClickEvent
-    from streamapp import Window, app, keys
-    from streamapp.catalog import open_catalog
+    from streamapp import Window, app, names
+    from streamapp.engine.worker import create_tables
+    from streamapp.lake.catalog import open_catalog
     from streamapp.settings import Settings
-    from streamapp.worker import create_tables
 
     app.configure(Settings.from_env(dotenv=None))
     app.catalog = open_catalog(app.settings)
-    create_tables(app)
+    create_tables(app, app.catalog)
     table = app.table(ClickEvent.table)
-    stream_key = keys.stream(ClickEvent.type_name())
+    stream_key = names.stream(ClickEvent.type_name())
     base_ms = int(time.time() * 1000)
 
     async def loop() -> list[float]:

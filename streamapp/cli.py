@@ -11,9 +11,9 @@ from collections.abc import Coroutine
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from streamapp import logs
+from streamapp import logs, names
 from streamapp.settings import Settings, SettingsError
-from streamapp.webprocs import CHILD_FLAG
+from streamapp.web.processes import CHILD_FLAG
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -28,11 +28,11 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 def _web(settings: Settings, child: bool) -> None:
     if not child and settings.web_process_count > 1:
-        from streamapp.webprocs import supervise
+        from streamapp.web.processes import supervise
 
         sys.exit(supervise(settings.web_process_count))
     from streamapp import app, metrics
-    from streamapp.web import serve
+    from streamapp.web.server import serve
 
     app.configure(settings)
     if child:
@@ -55,7 +55,7 @@ def _web(settings: Settings, child: bool) -> None:
 
 def _worker(settings: Settings, only: list[str] | None) -> None:
     from streamapp import app
-    from streamapp.worker import run_worker
+    from streamapp.engine.worker import run_worker
 
     app.configure(settings)
     _run(run_worker(app, only))
@@ -63,15 +63,16 @@ def _worker(settings: Settings, only: list[str] | None) -> None:
 
 def _create_tables(settings: Settings) -> None:
     from streamapp import app
-    from streamapp.worker import create_tables
+    from streamapp.engine.worker import create_tables
+    from streamapp.lake.catalog import open_catalog
 
     app.configure(settings)
-    for table in create_tables(app):
+    for table in create_tables(app, open_catalog(settings)):
         print(f"table {'.'.join(table.name())} ready")
 
 
 def _show(settings: Settings, table: str, limit: int) -> None:
-    from streamapp.catalog import open_catalog
+    from streamapp.lake.catalog import open_catalog
 
     t = open_catalog(settings).load_table(table)
     rows = t.scan().to_arrow()
@@ -95,10 +96,9 @@ def _period_end(period: str) -> datetime:
 def _complete(settings: Settings, table: str, period: str, end: datetime) -> int:
     """Is every window of `period` final in `table`? One metadata read: the marker the aggregate
     agent commits with its rows."""
-    from streamapp.aggregate_sink import COMPLETE_BEFORE
-    from streamapp.catalog import open_catalog
+    from streamapp.lake.catalog import open_catalog
 
-    marker = open_catalog(settings).load_table(table).properties.get(COMPLETE_BEFORE, "")
+    marker = open_catalog(settings).load_table(table).properties.get(names.COMPLETE_BEFORE, "")
     final_before = datetime.fromisoformat(marker) if marker else None
     if final_before is not None and final_before >= end:
         print(f"{period} is complete in {table}: every window starting before {final_before.isoformat()} is final")

@@ -114,7 +114,7 @@ _registry = REGISTRY
 
 
 def count_across_processes() -> None:
-    """Serve the sums of every web process's metrics (streamapp.webprocs): prometheus-client's
+    """Serve the sums of every web process's metrics (`streamapp.web.processes`): prometheus-client's
     multiprocess mode, whose files the parent's PROMETHEUS_MULTIPROC_DIR names. Its process_*
     figures (memory, CPU) are per process and are not reported then."""
     global _registry

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
 import msgspec
 import msgspec.inspect as mi
@@ -26,12 +26,37 @@ if TYPE_CHECKING:  # imported where used: the web process validates events and n
     from pyiceberg.schema import Schema
     from pyiceberg.types import IcebergType
 
+
+class TableSchema(Protocol):
+    """What `streamapp.lake.catalog.ensure_table` needs to create and evolve a table: a model class
+    (`ClickEvent`, `Rejected`) or a table spec (an aggregate's)."""
+
+    table: str  # "namespace.table"
+    partition_column: str  # the table is partitioned by the day of this timestamp column
+
+    def iceberg_schema(self) -> Schema: ...
+
+
+class TableModel(TableSchema, Protocol):
+    """A model class whose events have a Redis stream and a table: every `Event` subclass, and
+    `Rejected`. The reader reads its stream (`type_name`), a raw sink builds its rows (`to_arrow`)."""
+
+    def type_name(self) -> str:
+        """Its `type` on the wire, which names its Redis stream."""
+        ...
+
+    def to_arrow(self, payloads: list[bytes], received_us: list[int]) -> pa.Table:
+        """The rows of these stream payloads (NDJSON, see `streamapp.entries`) in the table's
+        schema; `received_us` holds one receive time per event."""
+        ...
+
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 Int32 = Annotated[int, msgspec.Meta(ge=INT32_MIN, le=INT32_MAX)]
 """A JSON integer in int32 range; stored as an Iceberg `int`."""
 
-# No control characters either: checked by streamapp.ingest, since a `pattern` here runs Python's
+# No control characters either: checked by streamapp.web.ingest, since a `pattern` here runs Python's
 # `re` per event inside msgspec (2-4 times the cost of decoding an array); the schema still says so.
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
                                       extra_json_schema={"pattern": r"^[^\x00-\x1f\x7f]+$"})]
@@ -63,7 +88,10 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
 
     @classmethod
     def type_name(cls) -> str:
-        return cls.__struct_config__.tag  # type: ignore[return-value]
+        tag = cls.__struct_config__.tag
+        if not isinstance(tag, str):
+            raise TypeError(f"{cls.__name__} declares no event type: subclass Event with tag=\"...\"")
+        return tag
 
     @classmethod
     def iceberg_schema(cls) -> Schema:
@@ -71,8 +99,8 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
 
     @classmethod
     def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
-        """The window's table from the stream's payloads (see `streamapp.columns`): no event objects."""
-        from streamapp.columns import payloads_to_arrow
+        """The window's table from the stream's payloads (see `streamapp.lake.columns`): no event objects."""
+        from streamapp.lake.columns import payloads_to_arrow  # pyarrow: the web process never loads it (web RSS)
 
         return payloads_to_arrow(cls, arrow_schema(cls), payloads, received_us,
                                  renames=(("timestamp", "event_time"),), raw="properties")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -30,3 +31,14 @@ def reader_client(settings: Settings) -> Redis:
 
 def _as_parsed(response, **options):
     return response
+
+
+# What an unreachable, restarting or full Redis raises: the client should retry later (503).
+UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ResponseError,  # OOM, MISCONF (disk full for the AOF), cluster moves
+    OSError,
+)

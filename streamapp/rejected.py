@@ -11,17 +11,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
+from streamapp.names import REJECTED_TABLE
+
 if TYPE_CHECKING:  # the web process never writes tables: it does not load pyarrow or pyiceberg
     import pyarrow as pa
     from pyiceberg.schema import Schema
 
-TABLE = "events.rejected"
-
-
 class Rejected(msgspec.Struct, kw_only=True):
     """What is known of a rejected event, as stored in the Redis stream and the table."""
 
-    table: ClassVar[str] = TABLE
+    table: ClassVar[str] = REJECTED_TABLE
     partition_column: ClassVar[str] = "received_at"
 
     reason: str
@@ -44,7 +43,7 @@ class Rejected(msgspec.Struct, kw_only=True):
 
     @classmethod
     def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
-        from streamapp.columns import payloads_to_arrow
+        from streamapp.lake.columns import payloads_to_arrow  # pyarrow: the web process never loads it (web RSS)
 
         return payloads_to_arrow(cls, _arrow_schema(), payloads, received_us)
 

@@ -42,14 +42,14 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     # write key -> source name. Empty: no key needed and `source` stays null.
     write_keys: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Ingest answers 429 while Redis holds more unprocessed events than this (see streamapp.backlog).
+    # Ingest answers 429 while Redis holds more unprocessed events than this (see streamapp.web.backlog).
     max_backlog: int = 1_000_000
     # Events timestamped further ahead of the server's clock than this are rejected.
     max_future_seconds: int = 86_400
     # The embedded server's memory cap; dedupe sets (which expire) are evicted first at the cap.
     redis_maxmemory: str = "2gb"
     # Snapshots each table keeps (time travel reaches back this many commits); more makes every
-    # commit slower (see streamapp.maintenance).
+    # commit slower (see streamapp.lake.upkeep).
     keep_snapshots: int = 10
     # The worker's /metrics port; 0 turns it off.
     worker_metrics_port: int = 9100

@@ -18,10 +18,10 @@ import pytest
 import redis as redis_sync
 
 from streamapp import app as default_app
-from streamapp.catalog import open_catalog
+from streamapp.lake.catalog import open_catalog
 from streamapp.redis_server import server_command
 from streamapp.settings import Settings
-from streamapp.web import serve
+from streamapp.web.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,10 +216,10 @@ def table_rows(settings: Settings, table: str) -> list[dict]:
 
 def stream_events(redis_server: RedisServer, type_name: str) -> list[bytes]:
     """The JSON of each event in the stream of `type_name`, in order (an entry holds several)."""
-    from streamapp import keys
+    from streamapp import names
 
     out: list[bytes] = []
-    for _, fields in redis_server.client().xrange(keys.stream(type_name)):
+    for _, fields in redis_server.client().xrange(names.stream(type_name)):
         events = fields[b"e"].split(b"\n")
         assert len(events) == int(fields.get(b"n", 1))
         out += events

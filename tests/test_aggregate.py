@@ -7,9 +7,11 @@ import json
 import math
 from dataclasses import dataclass
 
-from streamapp.aggregate import Aggregator, Flush, SessionAggregator, count, distinct
-from streamapp.stream import entry_id
-from streamapp.windows import Hopping, Sessions, Tumbling, Watermark
+from streamapp.engine.aggregations import count, distinct
+from streamapp.engine.aggregator import Aggregator, SessionAggregator
+from streamapp.engine.windows import Hopping, Sessions, Tumbling, Watermark
+from streamapp.entries import entry_id
+from streamapp.lake.aggregate_sink import Flush
 
 
 @dataclass
@@ -38,7 +40,7 @@ def make(windows=Tumbling(60), lateness: float = 10, keep: float = 0.0, **restor
 
 def rows(flush: Flush | None) -> dict:
     assert flush is not None
-    return {(r["window_start"].timestamp(), r["page_url"]): (r["clicks"], r["users"]) for r in flush.rows}
+    return {(r["window_start"], r["page_url"]): (r["clicks"], r["users"]) for r in flush.rows}
 
 
 def test_a_window_closes_when_the_watermark_passes_its_end_not_before():
@@ -72,7 +74,7 @@ def test_an_idle_stream_closes_its_last_window_lateness_seconds_after_its_end():
     agg.add(feed.id(1090.1), E("a", "u"), 1079.999)  # its window ended exactly at the watermark
     agg.add(feed.id(1090.2), E("a", "u"), 1080)  # the next window's first instant: on time
     f = agg.flush(now=1200)
-    assert [x["window"].start for x in f.late] == [1020]
+    assert [x.window_start for x in f.late] == [1020]
     assert rows(f) == {(1080, "a"): (1, 1)}
 
 
@@ -94,7 +96,7 @@ def test_late_events_go_to_the_late_list_by_default_with_the_window_they_missed(
     agg.add(late_id, E("a", "u2"), 1010)  # its window closed at the last commit
     agg.add(feed.id(1102), E("b", "u2"), 1085)  # behind W (1090) but its window [1080, 1140) is open
     f = agg.flush(now=1200)
-    assert [(x["stream_id"], x["window"].start, x["key"]) for x in f.late] == [(late_id, 960, "a")]
+    assert [(x.stream_id, x.window_start, x.key) for x in f.late] == [(late_id, 960, "a")]
     assert rows(f) == {(1080, "a"): (1, 1), (1080, "b"): (1, 1)}  # the late one is counted nowhere else
 
 
@@ -107,12 +109,12 @@ def test_with_keep_a_late_event_rewrites_its_closed_window():
     agg.add(feed.id(1102), E(None, "u2"), 1011)  # a key the closed window did not have yet
     f = agg.flush()
     assert rows(f) == {(960, "a"): (2, 2), (960, None): (1, 1)}
-    assert [(s.timestamp(), k) for s, k in f.rewrite] == [(960, "a")]  # its old row is replaced
+    assert f.rewrite == [(960, "a")]  # its old row is replaced
     assert f.late == []
     agg.add(feed.id(1500), E("a", "u3"), 1500)  # W = 1490: [960, 1020) is past keep now
     agg.flush()
     agg.add(feed.id(1501), E("a", "u3"), 1012)
-    assert [x["window"].start for x in agg.flush(now=1502).late] == [960]
+    assert [x.window_start for x in agg.flush(now=1502).late] == [960]
 
 
 def test_a_restart_rebuilds_the_open_windows_and_counts_nothing_twice():
@@ -133,7 +135,7 @@ def test_a_restart_rebuilds_the_open_windows_and_counts_nothing_twice():
             if (f := agg.flush()) is not None:
                 assert not set(rows(f)) & set(emitted), "a window emitted twice"
                 emitted.update(rows(f))
-                late += [x["stream_id"] for x in f.late]
+                late += [x.stream_id for x in f.late]
                 flushes.append(f)
         return emitted, late, flushes
 
@@ -175,7 +177,7 @@ def sessions(**restore) -> SessionAggregator:
 
 def spans(flush: Flush | None) -> dict:
     assert flush is not None
-    return {(r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): (r["clicks"], r["users"])
+    return {(r["window_start"], r["window_end"], r["page_url"]): (r["clicks"], r["users"])
             for r in flush.rows}
 
 
@@ -207,7 +209,7 @@ def test_late_session_events_go_to_the_late_list():
     agg.add(feed.id(1043), E("b", "u2"), 1000)  # its own session [1000, 1030) is behind W
     agg.add(feed.id(1044), E("b", "u2"), 1002)  # ([1002, 1032) is not: on time)
     f = agg.flush(now=1100)
-    assert [(x["key"], x["window"].start, x["window"].end) for x in f.late] == [("a", 1000, 1030), ("b", 1000, 1030)]
+    assert [(x.key, x.window_start, x.window_end) for x in f.late] == [("a", 1000, 1030), ("b", 1000, 1030)]
     assert spans(f) == {(1002, 1032, "b"): (1, 1)}
 
 

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from streamapp.catalog import open_catalog
-from streamapp.stream import entry_id
+from streamapp.lake.catalog import open_catalog
+from streamapp.entries import entry_id
 from tests.conftest import table_rows, wait_until
 from tests.helpers import assert_exactly_once, send, wait_rows
 

@@ -16,12 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.click import ClickEvent
-from streamapp.aggregate import Aggregator, SessionAggregator, count, distinct
-from streamapp.aggregate_sink import LATE_TABLE, AggregateSink, aggregate_spec
-from streamapp.catalog import open_catalog
+from streamapp.engine.aggregations import count, distinct
+from streamapp.engine.aggregator import Aggregator, SessionAggregator
+from streamapp.engine.windows import Hopping, Sessions, Tumbling, Watermark
+from streamapp.entries import entry_id
+from streamapp.lake.aggregate_sink import AggregateSink, aggregate_spec
+from streamapp.lake.catalog import open_catalog
+from streamapp.names import LATE_TABLE
 from streamapp.settings import Settings
-from streamapp.stream import entry_id
-from streamapp.windows import Hopping, Sessions, Tumbling, Watermark
 
 LATENESS = 10.0
 GAP = 30.0
@@ -57,10 +59,10 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
 
     with tempfile.TemporaryDirectory() as tmp:
         catalog = open_catalog(Settings(warehouse=tmp))
-        spec = aggregate_spec("events.agg", "page_url", ["clicks", "users"])
+        spec = aggregate_spec("events.agg", "page_url", {"clicks": (int, False), "users": (int, False)})
 
         def start():
-            sink = AggregateSink(catalog, spec, STREAM, "prop")
+            sink = AggregateSink(catalog, spec, STREAM, "prop", keep_snapshots=10)
             r = sink.open()
             wm = Watermark(LATENESS, value=r.watermark, max_event=r.max_event, max_seen_at=r.max_seen_at)
             aggs = {"clicks": count(), "users": distinct(lambda e: e.user_id)}
@@ -95,7 +97,7 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
                 flushes += 1
                 crash = crashes.get(flushes)
                 if crash == "after_late" and flush.late:
-                    sink._commit_late(flush)
+                    sink.commit_late(flush)
                 if crash is None or crash == "after_commit":
                     sink.commit(flush)
                 if crash is not None:
@@ -150,7 +152,8 @@ def test_rewriting_a_window_keeps_the_null_key_row_of_the_same_window(tmp_path):
     copy-on-write delete took (window, null) with it."""
     T0 = 1_795_000_020  # on a minute
     catalog = open_catalog(Settings(warehouse=tmp_path))
-    sink = AggregateSink(catalog, aggregate_spec("events.agg", "page_url", ["clicks", "users"]), STREAM, "prop")
+    sink = AggregateSink(catalog, aggregate_spec("events.agg", "page_url", {"clicks": (int, False), "users": (int, False)}),
+                         STREAM, "prop", keep_snapshots=10)
     sink.open()
     agg = Aggregator(lambda e: e.page_url, "page_url", Tumbling(60), {"clicks": count(), "users": count()},
                      Watermark(0), keep=600)

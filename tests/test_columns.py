@@ -1,4 +1,4 @@
-"""Tables built from the stream's JSON (`streamapp.columns`) are the tables the event objects
+"""Tables built from the stream's JSON (`streamapp.lake.columns`) are the tables the event objects
 give: same schema, values, nulls and column order, for every model and the awkward values."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 
 from models.click import ClickEvent
 from models.keydown import KeydownEvent
-from streamapp.columns import payloads_to_arrow
+from streamapp.lake.columns import payloads_to_arrow
 from streamapp.model import INT32_MAX, INT32_MIN, arrow_schema
 from streamapp.rejected import Rejected
-from streamapp.stream import Window
+from streamapp.entries import Window
 
 encode = msgspec.json.Encoder().encode
 T = datetime(2026, 11, 27, 17, 54, 19, 123456, tzinfo=timezone.utc)

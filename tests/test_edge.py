@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from streamapp.backlog import Backlog, retry_after
+from streamapp.web.backlog import Backlog, retry_after
 from tests.conftest import RedisServer, free_port, running_web, stream_events
 from tests.test_http import CLICK, post, stored
 

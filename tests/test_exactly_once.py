@@ -10,9 +10,9 @@ import signal
 
 import pytest
 
-from streamapp import keys
-from streamapp.catalog import open_catalog
-from streamapp.sink import position_property
+from streamapp import names
+from streamapp.lake.catalog import open_catalog
+from streamapp.names import position_property
 from tests.conftest import table_rows
 from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 
@@ -88,6 +88,6 @@ async def test_two_workers_racing_on_one_table_still_write_each_event_once(web, 
     # The race was real: a worker lost a commit race or found its window already committed.
     assert "conflicted" in logs or "already in events.clicks; skipped" in logs
     table = open_catalog(settings).load_table("events.clicks")
-    position = table.properties[position_property(keys.stream("click"), "clicks")]
-    [(last_id, _)] = redis_server.client().xrevrange(keys.stream("click"), count=1)
+    position = table.properties[position_property(names.stream("click"), "clicks")]
+    [(last_id, _)] = redis_server.client().xrevrange(names.stream("click"), count=1)
     assert position == last_id.decode()

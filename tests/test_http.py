@@ -186,8 +186,8 @@ async def test_concurrent_requests_share_flushes_and_all_land(web, http, redis_s
 async def test_app_page_serves_a_project_route(settings, redis_server, http):
     from aiohttp import web as aioweb
 
-    from streamapp.app import App
-    from streamapp.web import serve
+    from streamapp.engine.app import App
+    from streamapp.web.server import serve
 
     app = App()
 

@@ -12,13 +12,13 @@ from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import pyarrow as iceberg_arrow
 
 from models.click import ClickEvent
-from streamapp import maintenance
-from streamapp.app import App
-from streamapp.catalog import ensure_table, open_catalog
-from streamapp.maintenance import compact, data_files
+from streamapp.entries import Window
+from streamapp.lake import upkeep
+from streamapp.lake.catalog import ensure_table, open_catalog
+from streamapp.lake.sink import TableSink
+from streamapp.lake.upkeep import compact, data_files
+from streamapp.names import position_property
 from streamapp.settings import Settings
-from streamapp.sink import position_property
-from streamapp.stream import Window
 from tests.helpers import assert_exactly_once
 
 DAY1 = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
@@ -32,12 +32,15 @@ def _window(n: int, size: int = 4) -> Window:
 
 
 @pytest.fixture
-def sink(tmp_path):
-    app = App()
-    app.configure(Settings(warehouse=tmp_path / "wh", keep_snapshots=5))
-    app.catalog = open_catalog(app.settings)
-    ensure_table(app.catalog, ClickEvent)
-    return app.table("events.clicks")
+def settings(tmp_path) -> Settings:
+    return Settings(warehouse=tmp_path / "wh", keep_snapshots=5)
+
+
+@pytest.fixture
+def sink(settings):
+    catalog = open_catalog(settings)
+    ensure_table(catalog, ClickEvent)
+    return TableSink(catalog, "events.clicks", keep_snapshots=settings.keep_snapshots)
 
 
 def _ids(table) -> list[str]:
@@ -46,8 +49,8 @@ def _ids(table) -> list[str]:
 
 def test_commits_keep_rows_position_and_few_snapshots_and_files(sink):
     for n in range(250):
-        assert sink._append(_window(n)) == 4
-    table = sink._load(sink.app.catalog)
+        assert sink.write(_window(n)) == 4
+    table = sink.table
     table.refresh()
     assert_exactly_once([{"event_id": i} for i in _ids(table)], {f"w{n}-{j}" for n in range(250) for j in range(4)})
     assert table.properties[position_property("stream", "agent")] == "250-3"
@@ -55,16 +58,16 @@ def test_commits_keep_rows_position_and_few_snapshots_and_files(sink):
     # Without compaction: 500 files (a window writes one per day); compaction ran at 100 and 200.
     assert data_files(table) < 60, data_files(table)
     assert len({t.file.partition for t in table.scan().plan_files()}) == 2
-    assert sink._append(_window(249)) == 0  # a window delivered again still writes nothing
+    assert sink.write(_window(249)) == 0  # a window delivered again still writes nothing
 
 
-def test_compaction_that_loses_a_race_changes_nothing(sink, monkeypatch):
+def test_compaction_that_loses_a_race_changes_nothing(sink, settings, monkeypatch):
     for n in range(30):
-        sink._append(_window(n))
-    table = sink._load(sink.app.catalog)
+        sink.write(_window(n))
+    table = sink.table
     table.refresh()
     before = data_files(table)
-    other = open_catalog(sink.app.settings).load_table("events.clicks")
+    other = open_catalog(settings).load_table("events.clicks")
     real_scan = iceberg_arrow.ArrowScan.to_table
 
     def scan_then_someone_commits(self, tasks):
@@ -75,7 +78,7 @@ def test_compaction_that_loses_a_race_changes_nothing(sink, monkeypatch):
                 tx.append(_window(1000).to_arrow())
         return rows
 
-    monkeypatch.setattr(maintenance.ArrowScan, "to_table", scan_then_someone_commits)
+    monkeypatch.setattr(upkeep.ArrowScan, "to_table", scan_then_someone_commits)
     with pytest.raises(CommitFailedException):
         compact(table, keep_snapshots=5)
     table.refresh()
@@ -97,13 +100,13 @@ def test_keep_snapshots_setting_is_checked():
 
 
 def test_a_tagged_snapshot_outlives_expiry(sink):
-    sink._append(_window(0))
-    table = sink._load(sink.app.catalog)
+    sink.write(_window(0))
+    table = sink.table
     table.refresh()
     tagged = table.current_snapshot().snapshot_id
     table.manage_snapshots().create_tag(tagged, "release-1").commit()
     for n in range(1, 20):
-        sink._append(_window(n))
+        sink.write(_window(n))
     table.refresh()
     ids = {s.snapshot_id for s in table.metadata.snapshots}
     assert tagged in ids and len(ids) == 6  # the newest 5 and the tagged one

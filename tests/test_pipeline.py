@@ -13,13 +13,13 @@ import msgspec
 import pyarrow as pa
 
 from models.click import ClickEvent
-from streamapp import keys
-from streamapp.app import Agent
-from streamapp.backlog import stream_events
-from streamapp.catalog import open_catalog
+from streamapp import names
+from streamapp.engine.app import Agent
+from streamapp.entries import stream_events
+from streamapp.lake.catalog import open_catalog
 from streamapp.redis_client import reader_client
-from streamapp.stream import Stream
-from streamapp.worker import trim_streams
+from streamapp.engine.stream import Stream
+from streamapp.engine.worker import trim_streams
 from tests.conftest import table_rows, wait_until
 from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 
@@ -68,10 +68,10 @@ async def test_windows_close_by_count_and_by_time(settings, redis_server):
     r = redis_server.client()
     for i in range(7):
         ev = ClickEvent(x=i, y=i, event_id=f"w{i}", timestamp=datetime.now(timezone.utc))
-        r.xadd(keys.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"})
+        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"})
     stream, stopping = Stream(ClickEvent), asyncio.Event()
     client = reader_client(settings)
-    stream.bind(client, "t", stopping)
+    stream.bind(client, "t", stopping, settings=settings)
     await stream.register()
     windows, closed_at = [], []
     start = time.monotonic()
@@ -92,10 +92,10 @@ async def test_entries_holding_several_events_are_read_whole(settings, redis_ser
     r = redis_server.client()
     now = datetime.now(timezone.utc)
 
-    def entry(*names: str) -> None:
-        body = b"\n".join(msgspec.json.encode(ClickEvent(x=1, y=1, event_id=n, timestamp=now)) for n in names)
-        fields = {"e": body, "r": "7"} if len(names) == 1 else {"e": body, "r": "7", "n": str(len(names))}
-        r.xadd(keys.stream("click"), fields)
+    def entry(*ids: str) -> None:
+        body = b"\n".join(msgspec.json.encode(ClickEvent(x=1, y=1, event_id=i, timestamp=now)) for i in ids)
+        fields = {"e": body, "r": "7"} if len(ids) == 1 else {"e": body, "r": "7", "n": str(len(ids))}
+        r.xadd(names.stream("click"), fields)
 
     entry("a0", "a1", "a2")
     entry("b0")
@@ -103,7 +103,7 @@ async def test_entries_holding_several_events_are_read_whole(settings, redis_ser
     entry("d0", "d1", "d2", "d3")
     stream, stopping = Stream(ClickEvent), asyncio.Event()
     client = reader_client(settings)
-    stream.bind(client, "t", stopping)
+    stream.bind(client, "t", stopping, settings=settings)
     await stream.register()
     windows = []
     async for window in stream.take(3, within=0.3):
@@ -121,7 +121,7 @@ async def test_a_failing_agent_gets_the_same_window_again(settings, redis_server
     r = redis_server.client()
     for i in range(4):
         ev = ClickEvent(x=i, y=i, event_id=f"f{i}", timestamp=datetime.now(timezone.utc))
-        r.xadd(keys.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"})
+        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"})
     seen: list[list[str]] = []
     stopping = asyncio.Event()
 
@@ -135,7 +135,7 @@ async def test_a_failing_agent_gets_the_same_window_again(settings, redis_server
 
     stream = Stream(ClickEvent)
     client = reader_client(settings)
-    stream.bind(client, "flaky", stopping)
+    stream.bind(client, "flaky", stopping, settings=settings)
     await asyncio.wait_for(Agent("flaky", flaky, stream).run(stopping), 20)
     await client.aclose()
     assert seen == [["f0", "f1"], ["f0", "f1"], ["f2", "f3"]]
@@ -182,7 +182,7 @@ async def test_a_restart_after_everything_was_committed_writes_nothing_again(web
 
 async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, http, settings, spawn, redis_server):
     r = redis_server.client()
-    r.hset(keys.ACKS, keys.ack_field(keys.stream("click"), "laggard"), "0-0")  # a consumer that never commits
+    r.hset(names.ACKS, names.ack_field(names.stream("click"), "laggard"), "0-0")  # a consumer that never commits
     quick = dataclasses.replace(settings, grace_seconds=0.5)
     spawn("worker", quick)
     # Clicks from a minute long past, so that clicks_per_minute, the stream's other consumer,
@@ -194,12 +194,12 @@ async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, 
     await asyncio.sleep(0.5)
     client = reader_client(settings)
     await trim_streams(client)
-    assert stream_events(r.xinfo_stream(keys.stream("click")))[0] == 30  # the laggard still needs them all
-    r.hdel(keys.ACKS, keys.ack_field(keys.stream("click"), "laggard"))
+    assert stream_events(r.xinfo_stream(names.stream("click")))[0] == 30  # the laggard still needs them all
+    r.hdel(names.ACKS, names.ack_field(names.stream("click"), "laggard"))
     await trim_streams(client)
     await client.aclose()
     # Everything below the committed position is gone: the last entry, 10 events, is at it.
-    assert stream_events(r.xinfo_stream(keys.stream("click")))[0] == 10
+    assert stream_events(r.xinfo_stream(names.stream("click")))[0] == 10
 
 
 async def test_workers_can_split_the_agents_between_them(web, http, settings, spawn, redis_server):
@@ -214,12 +214,12 @@ async def test_workers_can_split_the_agents_between_them(web, http, settings, sp
     await send(http, web, keydowns)
     await wait_rows(settings, "events.clicks", 10)
     r = redis_server.client()
-    assert r.hget(keys.ACKS, keys.ack_field(keys.stream("keydown"), "keydowns")) == b"0-0"
-    assert r.hget(keys.ACKS, keys.ack_field(keys.stream("click"), "clicks_per_minute")) == b"0-0"
+    assert r.hget(names.ACKS, names.ack_field(names.stream("keydown"), "keydowns")) == b"0-0"
+    assert r.hget(names.ACKS, names.ack_field(names.stream("click"), "clicks_per_minute")) == b"0-0"
     client = reader_client(settings)
     await trim_streams(client)
     await client.aclose()
-    assert r.xlen(keys.stream("click")) == 10  # clicks_per_minute has read none of them yet
+    assert r.xlen(names.stream("click")) == 10  # clicks_per_minute has read none of them yet
     assert table_rows(settings, "events.keydowns") == []
     spawn("worker --agent keydowns", settings)
     assert_exactly_once(await wait_rows(settings, "events.keydowns", 5), {f"k{i}" for i in range(5)})
@@ -239,8 +239,9 @@ def test_workers_starting_together_create_the_tables_once(settings):
     constraint error. Eight starts at the same instant must all succeed."""
     import threading
 
-    from streamapp.app import App
-    from streamapp.worker import create_tables
+    from streamapp.engine.app import App
+    from streamapp.engine.worker import create_tables
+    from streamapp.lake.catalog import open_catalog
 
     barrier = threading.Barrier(8)
     errors: list[BaseException] = []
@@ -250,7 +251,7 @@ def test_workers_starting_together_create_the_tables_once(settings):
         app.configure(settings)
         barrier.wait()
         try:
-            create_tables(app)
+            create_tables(app, open_catalog(settings))
         except BaseException as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
@@ -274,7 +275,7 @@ async def test_a_replaced_redis_with_a_clock_behind_loses_nothing(web, http, set
     r.flushall()
     for i in range(3):  # what a server whose clock is an hour behind writes
         ev = ClickEvent(x=i, y=i, event_id=f"late{i}", timestamp=datetime.now(timezone.utc))
-        r.xadd(keys.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
+        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
     worker = spawn("worker", settings)
     rows = await wait_rows(settings, "events.clicks", 8)
     assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)})
@@ -291,7 +292,7 @@ async def test_a_replaced_redis_with_a_clock_behind_loses_nothing(web, http, set
     r = redis_server.client()
     for i in range(2):
         ev = ClickEvent(x=i, y=i, event_id=f"later{i}", timestamp=datetime.now(timezone.utc))
-        r.xadd(keys.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
+        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
     worker.signal(signal.SIGCONT)
     rows = await wait_rows(settings, "events.clicks", 10)
     assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)} | {f"later{i}" for i in range(2)})
@@ -302,7 +303,7 @@ async def test_source_column_is_added_to_a_v1_table_by_schema_evolution(settings
     """A table created before write keys existed gains `source` at the end; old rows read null."""
     from pyiceberg.schema import Schema
 
-    from streamapp.catalog import TABLE_PROPERTIES
+    from streamapp.lake.catalog import TABLE_PROPERTIES
     from streamapp.model import day_partition
     from tests.conftest import running_web
 

@@ -8,23 +8,23 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from streamapp.windows import Hopping, Sessions, Tumbling, Watermark, Window
+from streamapp.engine.windows import Hopping, Interval, Sessions, Tumbling, Watermark
 
 
 def test_tumbling_windows_are_half_open_and_epoch_aligned():
     w = Tumbling(60)
-    assert w.assign(0) == [Window(0, 60)]
-    assert w.assign(59.999) == [Window(0, 60)]
-    assert w.assign(60) == [Window(60, 120)]  # the end belongs to the next window
-    assert w.assign(1_795_776_030.5) == [Window(1_795_776_000, 1_795_776_060)]
-    assert w.assign(-0.5) == [Window(-60, 0)]
+    assert w.assign(0) == [Interval(0, 60)]
+    assert w.assign(59.999) == [Interval(0, 60)]
+    assert w.assign(60) == [Interval(60, 120)]  # the end belongs to the next window
+    assert w.assign(1_795_776_030.5) == [Interval(1_795_776_000, 1_795_776_060)]
+    assert w.assign(-0.5) == [Interval(-60, 0)]
 
 
 def test_hopping_windows_at_the_boundaries():
     w = Hopping(60, 20)
-    assert w.assign(65) == [Window(20, 80), Window(40, 100), Window(60, 120)]
-    assert w.assign(60) == [Window(20, 80), Window(40, 100), Window(60, 120)]  # not [0, 60)
-    assert w.assign(59.999) == [Window(0, 60), Window(20, 80), Window(40, 100)]
+    assert w.assign(65) == [Interval(20, 80), Interval(40, 100), Interval(60, 120)]
+    assert w.assign(60) == [Interval(20, 80), Interval(40, 100), Interval(60, 120)]  # not [0, 60)
+    assert w.assign(59.999) == [Interval(0, 60), Interval(20, 80), Interval(40, 100)]
     assert Hopping(60, 60).assign(60) == Tumbling(60).assign(60)
     with pytest.raises(ValueError):
         Hopping(20, 60)
@@ -39,7 +39,7 @@ def test_hopping_puts_each_event_in_exactly_the_windows_that_hold_it(t, size, st
         size, step = step, size
     got = Hopping(size, step).assign(t)
     k0 = math.floor(t / step)
-    reference = [Window(k * step, k * step + size) for k in range(k0 - size // step - 2, k0 + 2)
+    reference = [Interval(k * step, k * step + size) for k in range(k0 - size // step - 2, k0 + 2)
                  if k * step <= t < k * step + size]
     assert got == reference
     if size % step == 0:
@@ -132,7 +132,7 @@ def test_restored_watermark_continues_from_the_commit():
 def test_a_session_takes_events_less_than_gap_apart():
     s = Sessions(30)
     w = s.window(100, 140)
-    assert w == Window(100, 170)
+    assert w == Interval(100, 170)
     assert s.touches(w, 120) and s.touches(w, 70.001) and s.touches(w, 169.999)
     assert not s.touches(w, 70) and not s.touches(w, 170)  # exactly `gap` away: a new session
     with pytest.raises(ValueError):

@@ -11,13 +11,14 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from streamapp import keys
-from streamapp.backlog import Backlog, stream_events
-from streamapp.writer import DEDUPE_SPANS, Entry, StreamWriter
+from streamapp import names
+from streamapp.entries import stream_events
+from streamapp.web.backlog import Backlog
+from streamapp.web.writer import DEDUPE_SPANS, Entry, StreamWriter
 from tests.conftest import stream_events as stored
 
-CLICKS = keys.stream("click")
-SETS = f"{keys.PREFIX}:dedupe:*"
+CLICKS = names.stream("click")
+SETS = f"{names.PREFIX}:dedupe:*"
 
 
 def entry(ids: list[str], stream: str = CLICKS, received_us: int = 1_764_000_000_123_456) -> Entry:
@@ -44,14 +45,14 @@ async def writer(client):
 
 
 async def test_one_entry_per_request_and_stream_with_its_count(writer, redis_server):
-    assert await writer.write([entry(["a", "b", "c"]), entry(["r1"], keys.stream("rejected"))]) == [(), ()]
+    assert await writer.write([entry(["a", "b", "c"]), entry(["r1"], names.stream("rejected"))]) == [(), ()]
     assert await writer.write([entry(["d"])]) == [()]
     r = redis_server.client()
     [(_, first), (_, second)] = r.xrange(CLICKS)
     assert first == {b"e": b'{"event_id": "a"}\n{"event_id": "b"}\n{"event_id": "c"}', b"n": b"3",
                      b"r": b"1764000000123456", b"c": b"3"}
     assert (second[b"n"], second[b"c"]) == (b"1", b"4")  # c: the stream's events so far
-    [(_, rejected)] = r.xrange(keys.stream("rejected"))
+    [(_, rejected)] = r.xrange(names.stream("rejected"))
     assert (rejected[b"n"], rejected[b"c"]) == (b"1", b"1")
 
 
@@ -105,11 +106,16 @@ async def test_an_id_is_a_duplicate_in_a_later_set_inside_the_window_and_new_aft
     assert ids_in(redis_server) == ["w", "w2", "w"]
 
 
-async def test_dedupe_follows_the_servers_clock_not_the_writers(writer, redis_server):
+async def test_dedupe_follows_the_servers_clock_not_the_writers(writer, redis_server, monkeypatch):
     """A writer whose clock is an hour ahead of Redis's: its first flush finds the sets it would
     pick are not the server's, learns the server's clock from the reply and tries again."""
+    import types
+
+    from streamapp.web import writer as module
+
     await writer.write([entry(["k"])])
-    writer._clock_offset_ms = 3_600_000
+    ahead = types.SimpleNamespace(perf_counter=time.perf_counter, time_ns=lambda: time.time_ns() + 3_600_000_000_000)
+    monkeypatch.setattr(module, "time", ahead)
     assert await writer.write([entry(["k", "k2"])]) == [(0,)]
     server_ms = int(redis_server.client().time()[0]) * 1000
     starts = [int(k.rpartition(b":")[2]) for k in redis_server.client().keys(SETS)]
@@ -128,7 +134,7 @@ async def test_the_backlog_counts_events_not_entries(writer, client, redis_serve
     # Entries written before entries held several events: one event each, no count.
     for i in range(3):
         r.xadd(CLICKS, {"e": json.dumps({"event_id": f"old{i}"}), "r": "0"})
-    backlog = Backlog(client, [CLICKS, keys.stream("keydown")], limit=100)
+    backlog = Backlog(client, [CLICKS, names.stream("keydown")], limit=100)
     await backlog.sample()
     assert backlog.events == 3
     for n in (10, 20, 30):
@@ -183,7 +189,7 @@ async def test_a_flush_whose_sets_cannot_be_placed_is_refused_whole(writer, redi
 
     from redis.exceptions import ResponseError
 
-    from streamapp import writer as module
+    from streamapp.web import writer as module
 
     jumps = iter(range(1, 100))
     clock = types.SimpleNamespace(perf_counter=time.perf_counter,

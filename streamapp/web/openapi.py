@@ -14,8 +14,10 @@ from typing import Any, Union
 
 import msgspec
 
-from streamapp.ingest import EARLIEST_MS, ErrorReply, IngestReply
+from streamapp.model import Event
 from streamapp.settings import Settings
+from streamapp.web.ingest import EARLIEST_MS
+from streamapp.web.wire import ErrorReply, IngestReply
 
 REF = "#/components/schemas/{name}"
 _YEAR_2000_ON = r"^([2-9][0-9]{3})-"  # RFC 3339 date-times from 2000 on
@@ -42,7 +44,7 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     return response
 
 
-def document(models: dict[str, type], settings: Settings) -> dict[str, Any]:
+def document(models: dict[str, type[Event]], settings: Settings) -> dict[str, Any]:
     """The OpenAPI document for these event models and limits."""
     union = Union[tuple(models.values())]  # noqa: UP007 - a runtime union of the declared types
     (event, reply, error), components = msgspec.json.schema_components([union, IngestReply, ErrorReply],

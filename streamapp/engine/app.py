@@ -25,16 +25,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
+from streamapp.engine.stream import Stream
+from streamapp.model import Event, TableModel, event_types
 from streamapp.settings import Settings
-from streamapp.stream import Stream
 
 if TYPE_CHECKING:
-    from streamapp.sink import IcebergTable
+    from pyiceberg.catalog import Catalog
+
+    from streamapp.lake.sink import TableSink
 
 log = logging.getLogger(__name__)
 
-AgentFn = Callable[[Stream], Awaitable[None]]
+AgentFn = Callable[[Stream[Any]], Awaitable[None]]
 F = TypeVar("F", bound=AgentFn)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
 MAX_RESTART_DELAY = 30.0
 
 
@@ -42,7 +47,7 @@ MAX_RESTART_DELAY = 30.0
 class Agent:
     name: str
     fn: AgentFn
-    stream: Stream
+    stream: Stream[Any]
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Run the agent until the worker stops, restarting it with backoff when it raises.
@@ -91,10 +96,10 @@ class App:
         self.models_package = models
         self.agents_package = agents
         self.agents: dict[str, Agent] = {}
-        self.pages: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = []
-        self._tables: dict[str, IcebergTable] = {}
+        self.pages: list[tuple[str, str, Handler]] = []
+        self._tables: dict[str, TableSink] = {}
         self._settings: Settings | None = None
-        self.catalog: Any = None  # the Iceberg catalog, opened by the worker
+        self.catalog: Catalog | None = None  # the Iceberg catalog, opened by the worker
 
     @property
     def settings(self) -> Settings:
@@ -106,11 +111,11 @@ class App:
     def configure(self, settings: Settings) -> None:
         self._settings = settings
 
-    def stream(self, model: type) -> Stream:
+    def stream(self, model: TableModel) -> Stream[Any]:
         """The stream of one event type (or of `Rejected`), for an agent to consume."""
-        return Stream(model, self)
+        return Stream(model)
 
-    def agent(self, stream: Stream, *, name: str | None = None) -> Callable[[F], F]:
+    def agent(self, stream: Stream[Any], *, name: str | None = None) -> Callable[[F], F]:
         """Register an async function that consumes `stream`. Its name is its consumer identity:
         the committed position is kept per (stream, name), so renaming an agent starts it over."""
 
@@ -123,26 +128,28 @@ class App:
 
         return register
 
-    def table(self, name: str) -> IcebergTable:
+    def table(self, name: str) -> TableSink:
         """The Iceberg table `name` ("namespace.table"), to `append(window)` to."""
-        from streamapp.sink import IcebergTable  # pyiceberg: loaded by the worker, not the web
-
         if name not in self._tables:
-            self._tables[name] = IcebergTable(self, name)
+            if self.catalog is None:
+                raise RuntimeError("no catalog is open: run agents with `python -m streamapp worker`")
+            from streamapp.lake.sink import TableSink  # pyiceberg: the web process never loads it (web RSS)
+
+            self._tables[name] = TableSink(self.catalog, name, keep_snapshots=self.settings.keep_snapshots,
+                                           crash_at=self.settings.crash_at)
         return self._tables[name]
 
-    def page(self, path: str, method: str = "GET") -> Callable:
+    def page(self, path: str, method: str = "GET") -> Callable[[H], H]:
         """Register an aiohttp handler on the web server, as Faust's `app.page` does."""
 
-        def register(handler: Callable) -> Callable:
+        def register(handler: H) -> H:
             self.pages.append((method, path, handler))
             return handler
 
         return register
 
-    def discover_models(self) -> dict[str, type]:
-        from streamapp.model import event_types
-
+    def discover_models(self) -> dict[str, type[Event]]:
+        """Every event type the models package declares, by its wire `type`."""
         import_all(self.models_package)
         return event_types()
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Window:
-    """`[start, end)` in epoch seconds."""
+class Interval:
+    """One event-time window, `[start, end)` in epoch seconds (a `Window` is something else: the
+    batch of stream entries an agent takes, see `streamapp.entries`)."""
 
     start: float
     end: float
@@ -59,9 +60,9 @@ class Tumbling:
         if self.size <= 0:
             raise ValueError("a window size must be > 0")
 
-    def assign(self, t: float) -> list[Window]:
+    def assign(self, t: float) -> list[Interval]:
         start = _start_at_or_before(t, self.size)
-        return [Window(start, start + self.size)]
+        return [Interval(start, start + self.size)]
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,12 @@ class Hopping:
         if self.size <= 0 or self.step <= 0 or self.step > self.size:
             raise ValueError("hopping windows need 0 < step <= size")
 
-    def assign(self, t: float) -> list[Window]:
+    def assign(self, t: float) -> list[Interval]:
         last = _start_at_or_before(t, self.step)
         windows = []
         k = 0
         while (start := last - k * self.step) + self.size > t:
-            windows.append(Window(start, start + self.size))
+            windows.append(Interval(start, start + self.size))
             k += 1
         return windows[::-1]
 
@@ -91,7 +92,7 @@ class Hopping:
 class Sessions:
     """Per key, events less than `gap` seconds apart share a session `[first, last + gap)`; an
     event may bridge two sessions into one. Which session an event joins depends on the others,
-    so sessions are kept by `streamapp.aggregate.SessionAggregator`, not assigned here."""
+    so sessions are kept by `streamapp.engine.aggregator.SessionAggregator`, not assigned here."""
 
     gap: float
 
@@ -99,10 +100,10 @@ class Sessions:
         if self.gap <= 0:
             raise ValueError("a session gap must be > 0")
 
-    def window(self, first: float, last: float) -> Window:
-        return Window(first, last + self.gap)
+    def window(self, first: float, last: float) -> Interval:
+        return Interval(first, last + self.gap)
 
-    def touches(self, session: Window, t: float) -> bool:
+    def touches(self, session: Interval, t: float) -> bool:
         """Is `t` less than `gap` from the session's first or last event (or between them)?"""
         return session.start - self.gap < t < session.end
 

@@ -1,4 +1,5 @@
-"""The Iceberg catalog and the tables the models declare: created idempotently, evolved by name."""
+"""The Iceberg catalog and its tables: opened and created idempotently, evolved by name, and the
+stream positions they hold."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
 from pyiceberg.table import Table, TableProperties
 from sqlalchemy.exc import DBAPIError
 
-from streamapp.model import day_partition
+from streamapp import names
+from streamapp.entries import entry_id
+from streamapp.model import TableSchema, day_partition
 from streamapp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,13 +66,13 @@ def _ensure_namespace(catalog: Catalog, namespace: str) -> None:
             raise
 
 
-def ensure_table(catalog: Catalog, model: type) -> Table:
+def ensure_table(catalog: Catalog, model: TableSchema) -> Table:
     """Create `model.table` if missing; add columns the model gained since. Safe to run concurrently:
     a step that lost a race to another process is retried against what that process committed."""
     return _retry_lost_race(lambda: _ensure_table(catalog, model), CommitFailedException)
 
 
-def _ensure_table(catalog: Catalog, model: type) -> Table:
+def _ensure_table(catalog: Catalog, model: TableSchema) -> Table:
     name = model.table
     schema = model.iceberg_schema()
     _ensure_namespace(catalog, name.rsplit(".", 1)[0])
@@ -91,3 +94,19 @@ def _ensure_table(catalog: Catalog, model: type) -> Table:
         with table.transaction() as tx:
             tx.set_properties(TABLE_PROPERTIES)
     return table
+
+
+def all_tables(catalog: Catalog) -> list[Table]:
+    """Every table of the catalog, those aggregate agents created included."""
+    return [catalog.load_table(t) for ns in catalog.list_namespaces() for t in catalog.list_tables(ns)]
+
+
+def committed_positions(tables: list[Table]) -> dict[str, str]:
+    """The highest position committed per stream key, over every consumer of these tables."""
+    highest: dict[str, str] = {}
+    for table in tables:
+        for prop, value in table.properties.items():
+            stream = names.position_stream(prop)
+            if stream is not None and (stream not in highest or entry_id(value) > entry_id(highest[stream])):
+                highest[stream] = value
+    return highest

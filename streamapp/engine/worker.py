@@ -7,35 +7,29 @@ import asyncio
 import logging
 import signal
 
+from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from streamapp import keys
-from streamapp.app import App
-from streamapp.catalog import ensure_table, open_catalog
+from streamapp import names
+from streamapp.engine.app import App
+from streamapp.entries import entry_id
+from streamapp.lake.catalog import all_tables, committed_positions, ensure_table, open_catalog
 from streamapp.metrics import serve_metrics
+from streamapp.model import TableModel
 from streamapp.redis_client import reader_client
 from streamapp.rejected import Rejected
-from streamapp.sink import committed_positions
-from streamapp.stream import entry_id
 
 log = logging.getLogger(__name__)
 
 TRIM_EVERY_SECONDS = 5.0
 
 
-def create_tables(app: App) -> list[Table]:
+def create_tables(app: App, catalog: Catalog) -> list[Table]:
     """Create (or evolve) the table of every declared model and of rejected events."""
-    catalog = app.catalog or open_catalog(app.settings)
-    return [ensure_table(catalog, model) for model in [*app.discover_models().values(), Rejected]]
-
-
-def all_tables(app: App) -> list[Table]:
-    """Every table of the catalog, those aggregate agents created included: each may hold a
-    committed stream position."""
-    catalog = app.catalog
-    return [catalog.load_table(t) for ns in catalog.list_namespaces() for t in catalog.list_tables(ns)]
+    models: list[TableModel] = [*app.discover_models().values(), Rejected]
+    return [ensure_table(catalog, model) for model in models]
 
 
 async def trim_streams(redis: Redis) -> dict[str, str]:
@@ -45,7 +39,7 @@ async def trim_streams(redis: Redis) -> dict[str, str]:
     keeps everything, which is the safe side of a forgotten agent.
     """
     lowest: dict[str, str] = {}
-    for field, value in (await redis.hgetall(keys.ACKS)).items():
+    for field, value in (await redis.hgetall(names.ACKS)).items():
         stream, _, _consumer = field.decode().rpartition("|")
         pos = value.decode()
         if stream not in lowest or entry_id(pos) < entry_id(lowest[stream]):
@@ -82,9 +76,10 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
             raise SystemExit(f"no agent named {', '.join(unknown)}; the agents are {', '.join(agents)}")
         others = [agent for name, agent in agents.items() if name not in only]
         agents = {name: agent for name, agent in agents.items() if name in only}
-    app.catalog = open_catalog(settings)
-    tables = await asyncio.to_thread(create_tables, app)
-    committed = committed_positions(await asyncio.to_thread(all_tables, app))
+    app.catalog = catalog = open_catalog(settings)
+    tables = await asyncio.to_thread(create_tables, app, catalog)
+    # Every table may hold a committed position, those aggregate agents created included.
+    committed = committed_positions(await asyncio.to_thread(all_tables, catalog))
     log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables),
              ", ".join(agents))
 
@@ -99,10 +94,11 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     # The agents another worker runs hold their place in the trim from here on, even before that
     # worker first starts: this one's trimmer must not drop what they have not read.
     for agent in others:
-        await redis.hsetnx(keys.ACKS, keys.ack_field(agent.stream.key, agent.name), "0-0")
+        await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
     tasks = []
     for agent in agents.values():
-        agent.stream.bind(redis, agent.name, stopping, committed.get(agent.stream.key))
+        agent.stream.bind(redis, agent.name, stopping, committed=committed.get(agent.stream.key), settings=settings,
+                          catalog=catalog)
         tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
     tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
     try:

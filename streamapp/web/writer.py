@@ -6,7 +6,7 @@ request; a flush costs one round trip for all of them.
 
 Each request adds one stream entry per event type it holds: `e` its events as NDJSON, `n` how many,
 `r` when it was received, `c` how many events the stream has had so far (so that the backlog is
-counted in events from the first and last entries alone, see `streamapp.backlog`). One entry per
+counted in events from the first and last entries alone; the format is `streamapp.entries`). One entry per
 event cost Redis three times as much per event.
 
 Dedupe: the ids first written in one span of `dedupe_seconds / DEDUPE_SPANS` (by the server's clock)
@@ -26,13 +26,15 @@ import asyncio
 import dataclasses
 import logging
 import math
+import string
 import time
 
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamapp import keys, metrics
+from streamapp import metrics, names
+from streamapp.entries import COUNT, EVENTS, RECEIVED, RUNNING_COUNT
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ DEDUPE_SPANS = 2
 # in ms, 0} without writing when the writer's clock is more than a span off (it retries).
 # The `#!lua` line makes Redis refuse the whole script with an OOM error when it is over maxmemory,
 # instead of failing on the write that crosses it halfway through a flush.
-_INGEST_LUA = """#!lua
+_INGEST_LUA = string.Template("""#!lua
 local span, check, first = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -130,13 +132,14 @@ for g = 1, #entries, 3 do
       if tail then
         local f = tail[2]
         for i = 1, #f, 2 do
-          if f[i] == 'c' then c = tonumber(f[i + 1]) end
+          if f[i] == '$RUNNING_COUNT' then c = tonumber(f[i + 1]) end
         end
       end
     end
     c = c + kept
     count[key] = c
-    redis.call('XADD', key, '*', 'e', payload, 'n', kept, 'r', entries[g + 2], 'c', string.format('%.0f', c))
+    redis.call('XADD', key, '*', '$EVENTS', payload, '$COUNT', kept, '$RECEIVED', entries[g + 2], '$RUNNING_COUNT',
+               string.format('%.0f', c))
   end
   pos = pos + events
 end
@@ -147,7 +150,7 @@ if ndup > 0 then
   end
 end
 return out
-"""
+""").substitute(EVENTS=EVENTS, COUNT=COUNT, RECEIVED=RECEIVED, RUNNING_COUNT=RUNNING_COUNT)
 
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -278,7 +281,7 @@ class StreamWriter:
         check = DEDUPE_SPANS + 1
         current = (time.time_ns() // 1_000_000 + self._clock_offset_ms) // span
         first = current - check
-        sets = [keys.dedupe_bucket(b * span) for b in range(first, current + 2)]
+        sets = [names.dedupe_bucket(b * span) for b in range(first, current + 2)]
         reply = await self._script(keys=streams + sets, args=[span, check, first, *args])
         self._clock_offset_ms = reply[0] - time.time_ns() // 1_000_000
         return reply

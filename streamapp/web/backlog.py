@@ -4,7 +4,7 @@ The backlog is what the Redis streams hold: events not yet committed to Iceberg,
 committed in the last few seconds that the worker has not trimmed yet (it trims every 5 s). That is
 the memory ingest costs Redis, which is what the limit protects. The drain rate is measured, not
 guessed: events added minus growth of the streams, over the last 30 s (each entry carries its
-stream's running count of events, see `streamapp.writer`), so `Retry-After` tells a client when the
+stream's running count of events, see `streamapp.entries`), so `Retry-After` tells a client when the
 backlog should be back under the limit at the rate the workers are going.
 """
 
@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamapp import metrics
+from streamapp.entries import stream_events
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +29,6 @@ HORIZON_SECONDS = 30.0
 RESUME_FRACTION = 0.9  # Retry-After aims at the backlog being 10% under the limit
 MAX_RETRY_AFTER = 60
 NO_DRAIN_RETRY_AFTER = 30  # no worker is draining: come back later, not in a tight loop
-
-
-def stream_events(info: dict) -> tuple[int, int]:
-    """(events the stream holds, events ever added to it) from its XINFO STREAM.
-
-    An entry holds `n` events (one without `n`: written before entries held several) and `c`, the
-    stream's running count of events up to and including it. Entries without `c` count as one event
-    each: when the first entry has no `c` and the last has, the older entries are counted as one
-    each on top of the newer ones' events, which can only overcount (by the newer entries)."""
-    length = info["length"]
-    first, last = info.get("first-entry"), info.get("last-entry")
-    if not length or not last or b"c" not in last[1]:
-        return length, info.get("entries-added", length)
-    total = int(last[1][b"c"])
-    if first and b"c" in first[1]:
-        return total - int(first[1][b"c"]) + int(first[1].get(b"n", 1)), total
-    return length + total, total
 
 
 def retry_after(backlog: int, limit: int, drain_per_second: float) -> int:

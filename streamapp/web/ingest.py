@@ -1,9 +1,10 @@
-"""Turn a request body into accepted events, rejections and per-event errors. Pure: no I/O.
+"""Validation: a request body into accepted events, rejections and per-event errors. Pure: no I/O,
+no HTTP.
 
-The web view decodes transport (gzip, size limits) and hands the bytes here; this module knows the
-body formats (one JSON object, a JSON array, NDJSON) and the event models. Valid events are
-normalised (server-assigned `event_id` when absent, `timestamp` made an aware UTC datetime) and
-encoded once, ready for the Redis stream.
+The web layer decodes transport (content type, gzip, size limits, see `streamapp.web.wire`) and
+hands the bytes here; this module knows the body formats (one JSON object, a JSON array, NDJSON)
+and the event models. Valid events are normalised (server-assigned `event_id` when absent,
+`timestamp` made an aware UTC datetime) and encoded once, ready for the Redis stream.
 """
 
 from __future__ import annotations
@@ -22,13 +23,21 @@ from streamapp.model import ENVELOPE_FIELDS, Event
 from streamapp.rejected import Rejected
 
 
-class BodyError(Exception):
-    """The request as a whole is unusable; `status` is the HTTP status to answer with."""
+class InvalidBody(ValueError):
+    """The body as a whole cannot be read as events: not JSON or NDJSON, or empty (HTTP 400)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.message = message
+
+
+class TooManyEvents(InvalidBody):
+    """More events in one body than the limit (HTTP 413)."""
+
+
+# The body formats `Ingest.parse` reads.
+JSON = "json"  # one event, or an array of events
+NDJSON = "ndjson"  # one event per line
 
 
 @dataclasses.dataclass(slots=True)
@@ -52,21 +61,6 @@ class EventError(msgspec.Struct):
     event_id: str | None
     field: str | None
     message: str
-
-
-class IngestReply(msgspec.Struct):
-    """The answer to `POST /api/events`: 202 when any event was accepted, else 422."""
-
-    accepted: int  # events newly stored
-    duplicates: int  # events whose event_id was already stored inside the dedupe window
-    rejected: int  # events refused: each is in `errors` and in events.rejected
-    errors: list[EventError]
-
-
-class ErrorReply(msgspec.Struct):
-    """The answer when a request is refused as a whole; `error` says why."""
-
-    error: str
 
 
 @dataclasses.dataclass(slots=True)
@@ -121,36 +115,15 @@ _UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def _not_json(error: Exception, what: str = "the body", data: bytes = b"") -> BodyError:
+def _not_json(error: Exception, what: str = "the body", data: bytes = b"") -> InvalidBody:
     if isinstance(error, RecursionError):
-        return BodyError(400, f"{what} is not valid JSON: it is nested too deeply")
+        return InvalidBody(f"{what} is not valid JSON: it is nested too deeply")
     if isinstance(error, UnicodeDecodeError):
-        return BodyError(400, f"{what} is not valid UTF-8: {error.reason} (byte 0x{error.object[error.start]:02x})")
+        return InvalidBody(f"{what} is not valid UTF-8: {error.reason} (byte 0x{error.object[error.start]:02x})")
     if "truncated" in str(error) and _SURROGATE.search(data):
         # msgspec reports an unpaired surrogate escape as truncated input, which misleads.
-        return BodyError(400, f"{what} is not valid JSON: a string holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)")
-    return BodyError(400, f"{what} is not valid JSON: {error}")
-
-
-CONTENT_JSON = "json"
-CONTENT_NDJSON = "ndjson"
-_JSON_TYPES = {"application/json", "text/plain", ""}
-_NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
-
-
-def body_kind(content_type: str) -> str:
-    """Which parser a Content-Type selects; 415 for anything else or a non-UTF-8 charset."""
-    media, _, params = content_type.partition(";")
-    media = media.strip().lower()
-    charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.I)
-    if charset and charset[1].lower() not in ("utf-8", "utf8"):
-        raise BodyError(415, f"charset {charset[1]!r} is not supported; send UTF-8")
-    if media in _JSON_TYPES:
-        return CONTENT_JSON
-    if media in _NDJSON_TYPES:
-        return CONTENT_NDJSON
-    raise BodyError(415, f"Content-Type {media!r} is not supported; send application/json, "
-                         "text/plain (JSON) or application/x-ndjson")
+        return InvalidBody(f"{what} is not valid JSON: a string holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)")
+    return InvalidBody(f"{what} is not valid JSON: {error}")
 
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -191,13 +164,14 @@ class Ingest:
         self._allowed = {name: ENVELOPE_FIELDS | set(m.__struct_fields__) for name, m in models.items()}
 
     def parse(self, body: bytes, kind: str, received_at: datetime, source: str | None = None) -> Batch:
-        """Validate every event in `body`. Raises BodyError for a body that is not JSON/NDJSON."""
+        """Validate every event in `body`, of format `kind` (JSON or NDJSON). Raises InvalidBody for a
+        body that is not JSON/NDJSON or holds no event, TooManyEvents over the limit."""
         if not body.strip():
-            raise BodyError(400, "the body is empty; send one event, an array of events or NDJSON")
+            raise InvalidBody("the body is empty; send one event, an array of events or NDJSON")
         if body.startswith(b"\xef\xbb\xbf"):
             body = body[3:]  # a UTF-8 byte order mark, which RFC 8259 lets a parser ignore
         batch = Batch(received_at, source)
-        if kind == CONTENT_NDJSON:
+        if kind == NDJSON:
             return self._parse_ndjson(body, batch)
         first = body.lstrip()[:1]
         # Fast path: a fully valid body decodes straight into the models.
@@ -246,9 +220,9 @@ class Ingest:
 
     def _check_count(self, n: int) -> None:
         if n > self.max_events:
-            raise BodyError(413, f"{n} events in one request; the limit is {self.max_events}")
+            raise TooManyEvents(f"{n} events in one request; the limit is {self.max_events}")
         if n == 0:
-            raise BodyError(400, "the body contains no events")
+            raise InvalidBody("the body contains no events")
 
     def _examine(self, batch: Batch, index: int, obj: Any) -> None:
         """The slow path for one event: find the first thing wrong with it, or accept it."""

@@ -31,118 +31,28 @@ or when it falls within `gap` of a session already written; sessions have no `ke
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from streamapp.stream import entry_id
-from streamapp.windows import Hopping, Sessions, Tumbling, Watermark, Window
-
-if TYPE_CHECKING:
-    from streamapp.stream import Stream
+from streamapp.engine.aggregations import Aggregation
+from streamapp.engine.windows import Hopping, Interval, Sessions, Tumbling, Watermark
+from streamapp.entries import BEFORE_ALL, EntryId, entry_id, format_id, id_before
+from streamapp.lake.aggregate_sink import Flush, LateEvent
 
 M = TypeVar("M")
-
-
-class Count:
-    """How many events the window holds."""
-
-    def new(self) -> int:
-        return 0
-
-    def add(self, acc: int, event: Any) -> int:
-        return acc + 1
-
-    def result(self, acc: int) -> int:
-        return acc
-
-    def merge(self, a: int, b: int) -> int:
-        return a + b
-
-    def dump(self, acc: int) -> int:
-        return acc
-
-    def load(self, value: int) -> int:
-        return value
-
-
-class Distinct:
-    """How many distinct non-null `fn(event)` values the window holds (e.g. unique users)."""
-
-    def __init__(self, fn: Callable[[Any], Hashable | None]) -> None:
-        self.fn = fn
-
-    def new(self) -> set:
-        return set()
-
-    def add(self, acc: set, event: Any) -> set:
-        value = self.fn(event)
-        if value is not None:
-            acc.add(value)
-        return acc
-
-    def result(self, acc: set) -> int:
-        return len(acc)
-
-    def merge(self, a: set, b: set) -> set:
-        return a | b
-
-    def dump(self, acc: set) -> list:
-        return sorted(acc, key=str)  # values must be JSON (str, int) to be snapshotted
-
-    def load(self, value: list) -> set:
-        return set(value)
-
-
-Aggregation = Count | Distinct
-
-
-def count() -> Count:
-    return Count()
-
-
-def distinct(fn: Callable[[Any], Hashable | None]) -> Distinct:
-    return Distinct(fn)
 
 
 @dataclass
 class Slot:
     """One (window, key): its accumulators and the first stream entry it holds."""
 
-    window: Window
+    window: Interval
     key: str | None
-    accs: list
-    first_id: tuple[int, int]
+    accs: list[Any]
+    first_id: EntryId
     emitted: bool = False  # a row for it is in the table
     dirty: bool = False  # a late event changed it since its row was written
-
-
-@dataclass
-class Flush:
-    """What one commit writes: rows (`rewrite` ones replace their window's row), late events,
-    and the table properties that make the commit replayable."""
-
-    rows: list[dict]
-    rewrite: list[tuple[datetime, str | None]]  # (window_start, key) whose old row is deleted
-    late: list[dict]
-    position: str
-    replay_after: str
-    watermark: float
-    complete_before: float  # every window starting before this (an hour boundary) is final
-    max_event: float
-    max_seen_at: float
-    state: dict | None = None  # session windows: the snapshot to restore from
-
-
-def utc(t: float) -> datetime:
-    return datetime.fromtimestamp(t, timezone.utc)
-
-
-def before(position: tuple[int, int]) -> str:
-    """The stream id just before `position`: a cursor from which XREAD returns it."""
-    ms, seq = position
-    return f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}-18446744073709551615"
 
 
 class Aggregator(Generic[M]):
@@ -153,7 +63,7 @@ class Aggregator(Generic[M]):
     """
 
     def __init__(self, key: Callable[[M], str | None], column: str, windows: Tumbling | Hopping | Sessions,
-                 aggs: dict[str, Aggregation], watermark: Watermark, *, keep: float = 0.0,
+                 aggs: dict[str, Aggregation[Any]], watermark: Watermark, *, keep: float = 0.0,
                  closed: float = -math.inf, replay_through: str | None = None,
                  hold_until: str | None = None) -> None:
         self.key = key
@@ -165,12 +75,12 @@ class Aggregator(Generic[M]):
         self.keep = keep
         self.closed = closed
         self.slots: dict[tuple[float, str | None], Slot] = {}
-        self.late: list[dict] = []
-        self._replay_through = entry_id(replay_through) if replay_through else (-1, -1)
-        self.position: tuple[int, int] | None = self._replay_through if replay_through else None
+        self.late: list[LateEvent] = []
+        self._replay_through = entry_id(replay_through) if replay_through else BEFORE_ALL
+        self.position: EntryId | None = self._replay_through if replay_through else None
         # A late-table commit may have been made past `replay_through` before a crash: its
         # entries must be judged against the same `closed`, so no flush until they are read.
-        self._hold_until = entry_id(hold_until) if hold_until else (-1, -1)
+        self._hold_until = entry_id(hold_until) if hold_until else BEFORE_ALL
         self.complete = self.complete_before(closed)  # the marker the last commit recorded
 
     def add(self, stream_id: str, event: M, event_time: float) -> None:
@@ -181,8 +91,7 @@ class Aggregator(Generic[M]):
         for w in self.windows.assign(event_time):
             if w.end <= self.closed - self.keep:
                 if not replaying:
-                    self.late.append({"stream_id": stream_id, "event": event, "event_time": event_time,
-                                      "window": w, "key": key})
+                    self.late.append(LateEvent(stream_id, event, event_time, w.start, w.end, key))
                 continue
             slot = self.slots.get((w.start, key))
             if slot is None:
@@ -214,8 +123,8 @@ class Aggregator(Generic[M]):
         self._evict(w)
         late, self.late = self.late, []
         self.closed, self.complete = w, self.complete_before(w)
-        pos = f"{self.position[0]}-{self.position[1]}"
-        return Flush(rows=rows, rewrite=[(utc(s.window.start), s.key) for s in rewrite], late=late, position=pos,
+        pos = format_id(self.position)
+        return Flush(rows=rows, rewrite=[(s.window.start, s.key) for s in rewrite], late=late, position=pos,
                      replay_after=self._replay_after(pos), watermark=w, complete_before=self.complete,
                      max_event=self.watermark.max_event, max_seen_at=self.watermark.max_seen_at,
                      state=self._snapshot())
@@ -237,14 +146,13 @@ class Aggregator(Generic[M]):
 
     def _replay_after(self, position: str) -> str:
         first = min((s.first_id for s in self.slots.values()), default=None)
-        return before(first) if first else position
+        return id_before(first) if first else position
 
-    def _snapshot(self) -> dict | None:
+    def _snapshot(self) -> dict[str, Any] | None:
         return None  # recomputed from the stream instead
 
-    def _row(self, s: Slot) -> dict:
-        row: dict[str, Any] = {"window_start": utc(s.window.start), "window_end": utc(s.window.end),
-                               self.column: s.key}
+    def _row(self, s: Slot) -> dict[str, Any]:
+        row: dict[str, Any] = {"window_start": s.window.start, "window_end": s.window.end, self.column: s.key}
         row.update({n: a.result(acc) for n, a, acc in zip(self.names, self.aggs, s.accs)})
         return row
 
@@ -254,14 +162,16 @@ class SessionAggregator(Aggregator[M]):
     the last commit wrote, reading on after `position`."""
 
     def __init__(self, key: Callable[[M], str | None], column: str, sessions: Sessions,
-                 aggs: dict[str, Aggregation], watermark: Watermark, *, closed: float = -math.inf,
-                 position: str | None = None, hold_until: str | None = None, state: dict | None = None) -> None:
+                 aggs: dict[str, Aggregation[Any]], watermark: Watermark, *, closed: float = -math.inf,
+                 position: str | None = None, hold_until: str | None = None,
+                 state: dict[str, Any] | None = None) -> None:
         self.sessions = sessions
         self.by_key: dict[str | None, list[Slot]] = {}
         self.aggs = list(aggs.values())
         for k, start, end, first_id, emitted, accs in (state or {}).get("sessions", []):
             loaded = [a.load(v) for a, v in zip(self.aggs, accs)]
-            self.by_key.setdefault(k, []).append(Slot(Window(start, end), k, loaded, tuple(first_id), emitted))
+            self.by_key.setdefault(k, []).append(Slot(Interval(start, end), k, loaded, (first_id[0], first_id[1]),
+                                                      emitted))
         super().__init__(key, column, sessions, aggs, watermark, closed=closed, replay_through=position,
                          hold_until=hold_until)
 
@@ -274,13 +184,12 @@ class SessionAggregator(Aggregator[M]):
         written = [s for s in touching if s.emitted]
         if written or event_time + self.sessions.gap <= self.closed:
             w = written[0].window if written else self.sessions.window(event_time, event_time)
-            self.late.append({"stream_id": stream_id, "event": event, "event_time": event_time, "window": w,
-                              "key": key})
+            self.late.append(LateEvent(stream_id, event, event_time, w.start, w.end, key))
         else:
             slot = Slot(self.sessions.window(event_time, event_time), key, [a.new() for a in self.aggs], pos)
             for s in touching:  # the event bridges them: one session
                 mine.remove(s)
-                slot.window = Window(min(slot.window.start, s.window.start), max(slot.window.end, s.window.end))
+                slot.window = Interval(min(slot.window.start, s.window.start), max(slot.window.end, s.window.end))
                 slot.accs = [a.merge(x, y) for a, x, y in zip(self.aggs, slot.accs, s.accs)]
                 slot.first_id = min(slot.first_id, s.first_id)
             slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs)]
@@ -308,53 +217,6 @@ class SessionAggregator(Aggregator[M]):
     def _replay_after(self, position: str) -> str:
         return position
 
-    def _snapshot(self) -> dict:
+    def _snapshot(self) -> dict[str, Any]:
         return {"sessions": [[s.key, s.window.start, s.window.end, list(s.first_id), s.emitted,
                               [a.dump(acc) for a, acc in zip(self.aggs, s.accs)]] for s in self._slots()]}
-
-
-@dataclass
-class GroupBy(Generic[M]):
-    """`stream.group_by(key, column=...)`: the events of a stream by a string key."""
-
-    stream: Stream
-    key: Callable[[M], str | None]
-    column: str
-
-    def tumbling(self, size: float, grace: float | None = None) -> Windowed[M]:
-        """Back-to-back windows of `size` seconds; `grace`: allowed lateness (default
-        `STREAMAPP_GRACE_SECONDS`)."""
-        return Windowed(self, Tumbling(size), grace)
-
-    def hopping(self, size: float, step: float, grace: float | None = None) -> Windowed[M]:
-        """Windows of `size` seconds starting every `step` seconds."""
-        return Windowed(self, Hopping(size, step), grace)
-
-    def session(self, gap: float, grace: float | None = None) -> Windowed[M]:
-        """Per key, a window of events less than `gap` seconds apart: `[first, last + gap)`."""
-        return Windowed(self, Sessions(gap), grace)
-
-
-@dataclass
-class Windowed(Generic[M]):
-    """Keyed events in event-time windows, ready to `aggregate` into a table."""
-
-    group: GroupBy[M]
-    windows: Tumbling | Hopping | Sessions
-    grace: float | None
-
-    async def aggregate(self, table: str, *, keep: float = 0.0, **aggs: Aggregation) -> None:
-        """Run until the worker stops: one row per (window, key) into `table` (created with
-        `window_start`, `window_end`, the key column and one long column per aggregation,
-        partitioned by day(window_start)), written when the watermark passes the window's end,
-        exactly once. Late events update their window for `keep` seconds after it closed, then
-        go to `events.late` (see the module docstring); session windows take no `keep`."""
-        from streamapp.aggregate_sink import run_aggregate
-
-        if not aggs:
-            raise ValueError("aggregate() needs at least one column, e.g. clicks=count()")
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
-        if keep and isinstance(self.windows, Sessions):
-            raise ValueError("session windows are never rewritten: late events go to events.late (keep=0)")
-        await run_aggregate(self, table, keep, aggs)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from streamapp.stream import ndjson_array
+from streamapp.entries import ndjson_array
 
 NULL = b"null"
 

@@ -1,0 +1,155 @@
+"""The stream-entry format, in one place: what the web's writer appends to a Redis stream, what
+the worker's reader takes back out of it, and what the backlog counts.
+
+One entry holds the events of one request for one stream:
+
+- `e` (EVENTS): the events' JSON, one per line (NDJSON; msgspec never writes a raw newline inside
+  JSON, so each newline separates two events);
+- `n` (COUNT): how many events `e` holds (absent in entries written before entries held several: 1);
+- `r` (RECEIVED): when the server received the request, epoch microseconds;
+- `c` (RUNNING_COUNT): how many events the stream has had up to and including this entry, so the
+  backlog is counted in events from a stream's first and last entries alone.
+
+Entry ids are Redis's "ms-seq". An entry is one position: a window never splits one, so every
+event of an entry has the entry's id. `Window` is a run of consecutive entries as the reader hands
+them to an agent.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import msgspec
+
+if TYPE_CHECKING:  # the web process never builds Arrow tables
+    import pyarrow as pa
+
+    from streamapp.model import TableModel
+
+M = TypeVar("M")
+
+EVENTS, COUNT, RECEIVED, RUNNING_COUNT = "e", "n", "r", "c"
+_E, _N, _R = EVENTS.encode(), COUNT.encode(), RECEIVED.encode()
+
+EntryId = tuple[int, int]
+BEFORE_ALL: EntryId = (-1, -1)  # before every entry: nothing committed yet
+
+
+def entry_id(value: str) -> EntryId:
+    """A Redis stream id "ms-seq" as a tuple that compares in stream order."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(position: EntryId) -> str:
+    return f"{position[0]}-{position[1]}"
+
+
+def id_before(position: EntryId) -> str:
+    """The stream id just before `position`: a cursor from which XREAD returns it."""
+    ms, seq = position
+    return f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}-18446744073709551615"
+
+
+def ndjson_array(ndjson: bytes) -> bytes:
+    """Events stored as NDJSON, as one JSON array (each newline separates two events)."""
+    return b"[" + ndjson.replace(b"\n", b",") + b"]"
+
+
+def unpack(entries: list[Any], limit: int, ids: list[str], payloads: list[bytes], received: list[int]) -> None:
+    """Append the events of XREAD `entries` ([[id, [field, value, ...]], ...], as hiredis parsed
+    them) to `ids` (one per event), `payloads` (one per entry) and `received` (one per event),
+    stopping at the first entry that finds `ids` holding `limit`: the rest are read again for the
+    next window."""
+    for raw_id, fields in entries:
+        if len(ids) >= limit:
+            break
+        if len(fields) == 4:  # [e, payload, r, received_us]: one event, written before entries held several
+            e, r = (1, 3) if fields[0] == _E else (3, 1)
+            ids.append(raw_id.decode())
+            payloads.append(fields[e])
+            received.append(int(fields[r]))
+            continue
+        f = dict(zip(fields[::2], fields[1::2]))  # several events of one request
+        count = int(f.get(_N, 1))
+        ids.extend([raw_id.decode()] * count)
+        payloads.append(f[_E])
+        received.extend([int(f[_R])] * count)
+
+
+def stream_events(info: dict[str, Any]) -> tuple[int, int]:
+    """(events the stream holds, events ever added to it) from its XINFO STREAM reply.
+
+    Entries without `c` count as one event each: when the first entry has no `c` and the last has,
+    the older entries are counted as one each on top of the newer ones' events, which can only
+    overcount (by the newer entries)."""
+    c, n = RUNNING_COUNT.encode(), _N
+    length = info["length"]
+    first, last = info.get("first-entry"), info.get("last-entry")
+    if not length or not last or c not in last[1]:
+        return length, info.get("entries-added", length)
+    total = int(last[1][c])
+    if first and c in first[1]:
+        return total - int(first[1][c]) + int(first[1].get(n, 1)), total
+    return length + total, total
+
+
+class Window(Sequence[M], Generic[M]):
+    """Consecutive entries of one stream, as an agent receives them: their payloads, the stream id
+    and receive time of each event (an entry holding several events repeats its id), and the
+    events, decoded when first asked for: a raw sink never asks, it builds its table from the
+    payloads.
+
+    An agent hands a window to `app.table(...).append(window)`, which writes its rows and the
+    stream position it ends at in one Iceberg commit.
+    """
+
+    def __init__(self, model: TableModel, stream_key: str, consumer: str, ids: list[str],
+                 payloads: list[bytes], received_us: list[int]) -> None:
+        self.model = model
+        self.stream_key = stream_key
+        self.consumer = consumer
+        self.ids = ids
+        self.payloads = payloads
+        self.received_us = received_us
+
+    @functools.cached_property
+    def events(self) -> list[M]:
+        events: list[M] = _decoder(self.model)(ndjson_array(b"\n".join(self.payloads)))
+        if len(events) != len(self.ids):
+            raise ValueError(f"{self!r}: its entries hold {len(events)} events, but their counts (n) say {len(self.ids)}")
+        return events
+
+    @property
+    def last_id(self) -> str:
+        return self.ids[-1]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> M: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[M]: ...
+
+    def __getitem__(self, i: int | slice) -> M | list[M]:
+        return self.events[i]
+
+    def __iter__(self) -> Iterator[M]:
+        return iter(self.events)
+
+    def to_arrow(self, start: int = 0) -> pa.Table:
+        """The window's rows as the model's table schema, from its `start`-th event on."""
+        table = self.model.to_arrow(self.payloads, self.received_us)
+        return table.slice(start) if start else table
+
+    def __repr__(self) -> str:
+        return f"<Window {self.stream_key} {len(self)} events {self.ids[0]}..{self.last_id}>"
+
+
+@functools.cache
+def _decoder(model: type) -> Callable[[bytes], list[Any]]:
+    return msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]

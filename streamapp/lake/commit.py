@@ -1,0 +1,56 @@
+"""Committing to an Iceberg table with conflict retry: the one loop every sink commits through.
+
+A commit conflicts when another writer committed to the table since it was read. pyiceberg can
+retry by itself, but it re-applies the same changes without looking at what the other commit did
+(and so double-commits an append under contention): streamapp turns that off
+(`commit.retry.num-retries=0`, see `streamapp.lake.catalog`) and retries here instead. Every
+attempt starts from a refreshed table, so the caller's `attempt` re-reads the stream position and
+drops what is already committed before it writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.table import Table
+
+from streamapp import metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 20
+
+
+def table_name(table: Table) -> str:
+    """"namespace.table", as the metrics and logs name it."""
+    return ".".join(table.name())
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Exponential from 0.1 s, capped at 2 s, jittered so that writers that collided spread out."""
+    return min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def commit_with_retry(table: Table, attempt: Callable[[Table], T]) -> T:
+    """Refresh `table` and run `attempt(table)` (which reads what it needs and commits one
+    transaction) until it does not conflict; returns what `attempt` returned. Each conflict is
+    counted in `streamapp_commit_conflicts`, logged, and waited out (blocking: call this from a
+    thread). Raises CommitFailedException after MAX_ATTEMPTS conflicts in a row."""
+    name = table_name(table)
+    for n in range(1, MAX_ATTEMPTS + 1):
+        table.refresh()  # also the cure for a table object left stale by a failed commit
+        try:
+            return attempt(table)
+        except CommitFailedException as e:
+            metrics.COMMIT_CONFLICTS.labels(name).inc()
+            delay = backoff_seconds(n)
+            log.warning("commit to %s conflicted (%s), attempt %d; retrying in %.2fs", name, e, n, delay)
+            time.sleep(delay)
+    raise CommitFailedException(f"{name}: {MAX_ATTEMPTS} commit attempts conflicted")

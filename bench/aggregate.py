@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +49,17 @@ START = 1_795_000_000.0
 
 def make_events(n: int, pages: int, users: int) -> list[ClickEvent]:
     rng = random.Random(1)
-    return [ClickEvent(x=1, y=2, event_id=f"b{i}", page_url=f"https://shop.example/p{rng.randrange(pages)}",
-                       user_id=f"u{rng.randrange(users)}",
-                       timestamp=datetime.fromtimestamp(START + i * 3600 / n + rng.uniform(-3, 0), timezone.utc))
-            for i in range(n)]
+    return [
+        ClickEvent(
+            x=1,
+            y=2,
+            event_id=f"b{i}",
+            page_url=f"https://shop.example/p{rng.randrange(pages)}",
+            user_id=f"u{rng.randrange(users)}",
+            timestamp=datetime.fromtimestamp(START + i * 3600 / n + rng.uniform(-3, 0), UTC),
+        )
+        for i in range(n)
+    ]
 
 
 def prefill(port: int, events: list[ClickEvent]) -> str:
@@ -100,22 +107,32 @@ def raw_agent(app: App):
     async def raw(stream):
         async for window in stream.take(10_000, within=1.0):
             await app.table(ClickEvent.table).append(window)
+
     return raw
 
 
 def aggregate_agent(app: App):
     async def per_minute(stream):
-        await stream.group_by(lambda e: e.page_url, column="page_url").tumbling(60).aggregate(
-            "bench.clicks_per_minute", clicks=count(), unique_users=distinct(lambda e: e.user_id))
+        await (
+            stream.group_by(lambda e: e.page_url, column="page_url")
+            .tumbling(60)
+            .aggregate("bench.clicks_per_minute", clicks=count(), unique_users=distinct(lambda e: e.user_id))
+        )
+
     return per_minute
 
 
 def pure(events: list[ClickEvent]) -> float:
-    agg = Aggregator(lambda e: e.page_url, "page_url", Tumbling(60),
-                     {"clicks": count(), "unique_users": distinct(lambda e: e.user_id)}, Watermark(10))
+    agg = Aggregator(
+        lambda e: e.page_url,
+        "page_url",
+        Tumbling(60),
+        {"clicks": count(), "unique_users": distinct(lambda e: e.user_id)},
+        Watermark(10),
+    )
     ids = [f"{int(START * 1000) + i}-0" for i in range(len(events))]
     started = time.perf_counter()
-    for i, (stream_id, e) in enumerate(zip(ids, events)):
+    for i, (stream_id, e) in enumerate(zip(ids, events, strict=True)):
         agg.add(stream_id, e, e.timestamp.timestamp())
         if i % 10_000 == 9_999:
             agg.flush()

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 STEPPED = "--stepped" in sys.argv  # wait for a line on stdin before each commit; print each duration
 
@@ -36,8 +36,11 @@ def progress(name: str, i: int, n: int, seconds: float, started: float) -> None:
     if STEPPED:
         print(seconds, flush=True)
     if i == 1 or i == n or i % max(1, n // 20) == 0:
-        print(f"  {name} commit {i}/{n}: {seconds * 1000:.0f} ms (elapsed {time.monotonic() - started:.0f}s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {name} commit {i}/{n}: {seconds * 1000:.0f} ms (elapsed {time.monotonic() - started:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def run_streamapp(n: int, rows: int) -> list[float]:
@@ -45,6 +48,7 @@ def run_streamapp(n: int, rows: int) -> list[float]:
 
     sys.path.insert(0, os.getcwd())
     import msgspec
+
     from models.click import ClickEvent
     from streamapp import Window, app, names
     from streamapp.engine.worker import create_tables
@@ -61,9 +65,11 @@ def run_streamapp(n: int, rows: int) -> list[float]:
     async def loop() -> list[float]:
         out, started = [], time.monotonic()
         for i in range(n):
-            now = datetime.now(timezone.utc)
-            events = [ClickEvent(event_id=f"c-{i}-{j}", timestamp=now, page_url="https://example.test/", x=j, y=i)
-                      for j in range(rows)]
+            now = datetime.now(UTC)
+            events = [
+                ClickEvent(event_id=f"c-{i}-{j}", timestamp=now, page_url="https://example.test/", x=j, y=i)
+                for j in range(rows)
+            ]
             ids = [f"{base_ms + i}-{j}" for j in range(rows)]
             payloads = [msgspec.json.encode(e) for e in events]  # a window holds the stream's JSON
             window = Window(ClickEvent, stream_key, "bench-commits", ids, payloads, [int(now.timestamp() * 1e6)] * rows)
@@ -90,10 +96,23 @@ def run_seed(n: int, rows: int) -> list[float]:
     arrow_schema = table.schema().as_arrow()
     out, started = [], time.monotonic()
     for i in range(n):
-        now = datetime.now(timezone.utc)
-        batch = [{"event_id": f"c-{i}-{j}", "event_time": now, "received_at": now, "user_id": None,
-                  "session_id": None, "page_url": "https://example.test/", "target": None, "properties": None,
-                  "x": j, "y": i, "button": 0} for j in range(rows)]
+        now = datetime.now(UTC)
+        batch = [
+            {
+                "event_id": f"c-{i}-{j}",
+                "event_time": now,
+                "received_at": now,
+                "user_id": None,
+                "session_id": None,
+                "page_url": "https://example.test/",
+                "target": None,
+                "properties": None,
+                "x": j,
+                "y": i,
+                "button": 0,
+            }
+            for j in range(rows)
+        ]
         step()
         t = time.perf_counter()
         table.append(pa.Table.from_pylist(batch, schema=arrow_schema))

@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from streamapp.engine.aggregations import count, distinct, max, min, sum
+    from streamapp.engine.aggregations import count, distinct, max, min, sum  # noqa: A004 - the aggregations' names
     from streamapp.engine.app import App
     from streamapp.engine.stream import Stream
     from streamapp.entries import Window
@@ -29,9 +29,19 @@ if TYPE_CHECKING:
     app: App
 
 _AGGREGATIONS = "streamapp.engine.aggregations"
-_HOMES = {"count": _AGGREGATIONS, "distinct": _AGGREGATIONS, "sum": _AGGREGATIONS, "min": _AGGREGATIONS,
-          "max": _AGGREGATIONS, "App": "streamapp.engine.app", "Event": "streamapp.model", "Int32": "streamapp.model",
-          "Rejected": "streamapp.rejected", "Stream": "streamapp.engine.stream", "Window": "streamapp.entries"}
+_HOMES = {
+    "count": _AGGREGATIONS,
+    "distinct": _AGGREGATIONS,
+    "sum": _AGGREGATIONS,
+    "min": _AGGREGATIONS,
+    "max": _AGGREGATIONS,
+    "App": "streamapp.engine.app",
+    "Event": "streamapp.model",
+    "Int32": "streamapp.model",
+    "Rejected": "streamapp.rejected",
+    "Stream": "streamapp.engine.stream",
+    "Window": "streamapp.entries",
+}
 
 __all__ = ["App", "Event", "Int32", "Rejected", "Stream", "Window", "app", "count", "distinct", "max", "min", "sum"]
 

@@ -26,7 +26,7 @@ import msgspec
 if TYPE_CHECKING:  # the web process never builds Arrow tables
     import pyarrow as pa
 
-    from streamapp.model import TableModel
+    from streamapp.table_model import TableModel
 
 M = TypeVar("M")
 
@@ -72,7 +72,7 @@ def unpack(entries: list[Any], limit: int, ids: list[str], payloads: list[bytes]
             payloads.append(fields[e])
             received.append(int(fields[r]))
             continue
-        f = dict(zip(fields[::2], fields[1::2]))  # several events of one request
+        f = dict(zip(fields[::2], fields[1::2], strict=True))  # several events of one request
         count = int(f.get(_N, 1))
         ids.extend([raw_id.decode()] * count)
         payloads.append(f[_E])
@@ -106,8 +106,15 @@ class Window(Sequence[M], Generic[M]):
     stream position it ends at in one Iceberg commit.
     """
 
-    def __init__(self, model: TableModel, stream_key: str, consumer: str, ids: list[str],
-                 payloads: list[bytes], received_us: list[int]) -> None:
+    def __init__(
+        self,
+        model: TableModel,
+        stream_key: str,
+        consumer: str,
+        ids: list[str],
+        payloads: list[bytes],
+        received_us: list[int],
+    ) -> None:
         self.model = model
         self.stream_key = stream_key
         self.consumer = consumer
@@ -119,7 +126,9 @@ class Window(Sequence[M], Generic[M]):
     def events(self) -> list[M]:
         events: list[M] = _decoder(self.model)(ndjson_array(b"\n".join(self.payloads)))
         if len(events) != len(self.ids):
-            raise ValueError(f"{self!r}: its entries hold {len(events)} events, but their counts (n) say {len(self.ids)}")
+            raise ValueError(
+                f"{self!r}: its entries hold {len(events)} events, but their counts (n) say {len(self.ids)}"
+            )
         return events
 
     @property
@@ -150,6 +159,12 @@ class Window(Sequence[M], Generic[M]):
         return f"<Window {self.stream_key} {len(self)} events {self.ids[0]}..{self.last_id}>"
 
 
-@functools.cache
-def _decoder(model: type) -> Callable[[bytes], list[Any]]:
-    return msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]
+_decoders: dict[TableModel, Callable[[bytes], list[Any]]] = {}
+
+
+def _decoder(model: TableModel) -> Callable[[bytes], list[Any]]:
+    """One decoder per model, made on first use."""
+    decode = _decoders.get(model)
+    if decode is None:
+        decode = _decoders[model] = msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]
+    return decode

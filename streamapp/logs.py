@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 
@@ -19,7 +19,7 @@ _encode = msgspec.json.Encoder(enc_hook=str).encode
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -38,7 +38,7 @@ class ClientErrorFilter(logging.Filter):
         if not record.exc_info:
             return True
         # Imported here: a record of aiohttp.server means aiohttp is loaded; the processes that
-        # never serve HTTP (the web supervisor, commands) need not load it for this filter.
+        # never serve HTTP (the web supervisor, commands) need not load it for this filter (RSS).
         from aiohttp.http_exceptions import HttpProcessingError
 
         error = record.exc_info[1]

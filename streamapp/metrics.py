@@ -28,31 +28,51 @@ from prometheus_client import (
 
 log = logging.getLogger(__name__)
 
-disable_created_metrics()  # a `_created` timestamp per series doubles the page and no dashboard reads it
+disable_created_metrics()  # type: ignore[no-untyped-call] # a `_created` timestamp per series doubles the page and no dashboard reads it
 
 # Web: the edge.
-HTTP_REQUESTS = Counter("streamapp_http_requests", "HTTP requests answered, by route and status",
-                        ["route", "status"])
-EVENTS = Counter("streamapp_events", "Events received, by type and outcome (accepted, duplicate, rejected)",
-                 ["type", "outcome"])
-REDIS_WRITE_SECONDS = Histogram("streamapp_redis_write_seconds", "Latency of one group-commit flush into Redis",
-                                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+HTTP_REQUESTS = Counter("streamapp_http_requests", "HTTP requests answered, by route and status", ["route", "status"])
+EVENTS = Counter(
+    "streamapp_events", "Events received, by type and outcome (accepted, duplicate, rejected)", ["type", "outcome"]
+)
+REDIS_WRITE_SECONDS = Histogram(
+    "streamapp_redis_write_seconds",
+    "Latency of one group-commit flush into Redis",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 # Every web process samples the same streams: with several, the most recent sample is the figure.
-BACKLOG = Gauge("streamapp_backlog_events", "Events held in the Redis streams, not yet committed and trimmed",
-                multiprocess_mode="mostrecent")
-DRAIN_RATE = Gauge("streamapp_drain_events_per_second", "Events/s the workers removed from the backlog "
-                   "(a moving average over the last 30 s)", multiprocess_mode="mostrecent")
+BACKLOG = Gauge(
+    "streamapp_backlog_events",
+    "Events held in the Redis streams, not yet committed and trimmed",
+    multiprocess_mode="mostrecent",
+)
+DRAIN_RATE = Gauge(
+    "streamapp_drain_events_per_second",
+    "Events/s the workers removed from the backlog (a moving average over the last 30 s)",
+    multiprocess_mode="mostrecent",
+)
 
 # Worker: the sink.
-COMMIT_SECONDS = Histogram("streamapp_commit_seconds", "Latency of one window's Iceberg commit (Parquet write "
-                           "included)", ["table"], buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+COMMIT_SECONDS = Histogram(
+    "streamapp_commit_seconds",
+    "Latency of one window's Iceberg commit (Parquet write included)",
+    ["table"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 ROWS_COMMITTED = Counter("streamapp_rows_committed", "Rows committed to Iceberg", ["table"])
 COMMIT_CONFLICTS = Counter("streamapp_commit_conflicts", "Iceberg commits retried after a conflict", ["table"])
-FRESHNESS_SECONDS = Histogram("streamapp_freshness_seconds", "Commit time minus received_at of the oldest row "
-                              "of each window: how stale the freshest table data can be",
-                              ["table"], buckets=(.1, .25, .5, 1, 1.5, 2, 5, 10, 15, 30, 60, 300, 3600))
-WINDOW_EVENTS = Histogram("streamapp_window_events", "Events per window handed to an agent", ["agent"],
-                          buckets=(1, 10, 100, 1000, 10_000, 100_000))
+FRESHNESS_SECONDS = Histogram(
+    "streamapp_freshness_seconds",
+    "Commit time minus received_at of the oldest row of each window: how stale the freshest table data can be",
+    ["table"],
+    buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 5, 10, 15, 30, 60, 300, 3600),
+)
+WINDOW_EVENTS = Histogram(
+    "streamapp_window_events",
+    "Events per window handed to an agent",
+    ["agent"],
+    buckets=(1, 10, 100, 1000, 10_000, 100_000),
+)
 
 
 class Children:
@@ -60,12 +80,12 @@ class Children:
     and builds the key on every call, which the ingest path would pay per request. The values
     must come from bounded sets, as every label's do."""
 
-    def __init__(self, metric, *fixed: str) -> None:
+    def __init__(self, metric: Counter, *fixed: str) -> None:
         self._metric = metric
         self._fixed = fixed
-        self._children: dict[tuple, object] = {}
+        self._children: dict[tuple[object, ...], Counter] = {}
 
-    def __call__(self, *values):
+    def __call__(self, *values: object) -> Counter:
         child = self._children.get(values)
         if child is None:
             child = self._children[values] = self._metric.labels(*self._fixed, *map(str, values))
@@ -78,12 +98,12 @@ class Tally:
     several web processes every `inc()` costs a getpid() syscall, a lock and an mmap write, ~5%
     of a web process's CPU under load."""
 
-    def __init__(self, metric, *fixed: str) -> None:
+    def __init__(self, metric: Counter, *fixed: str) -> None:
         self._children = Children(metric, *fixed)
-        self._counts: dict[tuple, int] = {}
+        self._counts: dict[tuple[object, ...], int] = {}
         _tallies.add(self)
 
-    def add(self, *values, n: int = 1) -> None:
+    def add(self, *values: object, n: int = 1) -> None:
         self._counts[values] = self._counts.get(values, 0) + n
 
     def flush(self) -> None:
@@ -119,7 +139,7 @@ def count_across_processes() -> None:
     figures (memory, CPU) are per process and are not reported then."""
     global _registry
     _registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(_registry)
+    multiprocess.MultiProcessCollector(_registry)  # type: ignore[no-untyped-call]
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -149,8 +169,13 @@ async def serve_metrics(host: str, port: int) -> web.AppRunner | None:
             raise
         await web.SockSite(runner, sock).start()
     except OSError as e:
-        log.error("worker metrics: cannot listen on %s:%d (%s); metrics are off in this worker. "
-                  "Set STREAMAPP_WORKER_METRICS_PORT to a free port, or 0 to turn them off.", host, port, e)
+        log.error(
+            "worker metrics: cannot listen on %s:%d (%s); metrics are off in this worker. "
+            "Set STREAMAPP_WORKER_METRICS_PORT to a free port, or 0 to turn them off.",
+            host,
+            port,
+            e,
+        )
         await runner.cleanup()
         return None
     log.info("worker: metrics on http://%s:%d/metrics", host, port)

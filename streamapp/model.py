@@ -15,40 +15,14 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import msgspec
 import msgspec.inspect as mi
 
 if TYPE_CHECKING:  # imported where used: the web process validates events and never loads them
     import pyarrow as pa
-    from pyiceberg.partitioning import PartitionSpec
     from pyiceberg.schema import Schema
-    from pyiceberg.types import IcebergType
-
-
-class TableSchema(Protocol):
-    """What `streamapp.lake.catalog.ensure_table` needs to create and evolve a table: a model class
-    (`ClickEvent`, `Rejected`) or a table spec (an aggregate's)."""
-
-    table: str  # "namespace.table"
-    partition_column: str  # the table is partitioned by the day of this timestamp column
-
-    def iceberg_schema(self) -> Schema: ...
-
-
-class TableModel(TableSchema, Protocol):
-    """A model class whose events have a Redis stream and a table: every `Event` subclass, and
-    `Rejected`. The reader reads its stream (`type_name`), a raw sink builds its rows (`to_arrow`)."""
-
-    def type_name(self) -> str:
-        """Its `type` on the wire, which names its Redis stream."""
-        ...
-
-    def to_arrow(self, payloads: list[bytes], received_us: list[int]) -> pa.Table:
-        """The rows of these stream payloads (NDJSON, see `streamapp.entries`) in the table's
-        schema; `received_us` holds one receive time per event."""
-        ...
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -58,8 +32,9 @@ Int32 = Annotated[int, msgspec.Meta(ge=INT32_MIN, le=INT32_MAX)]
 
 # No control characters either: checked by streamapp.web.ingest, since a `pattern` here runs Python's
 # `re` per event inside msgspec (2-4 times the cost of decoding an array); the schema still says so.
-EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
-                                      extra_json_schema={"pattern": r"^[^\x00-\x1f\x7f]+$"})]
+EventId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=128, extra_json_schema={"pattern": r"^[^\x00-\x1f\x7f]+$"})
+]
 EpochMillis = Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]  # up to year 9999
 AwareDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 
@@ -90,7 +65,7 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
     def type_name(cls) -> str:
         tag = cls.__struct_config__.tag
         if not isinstance(tag, str):
-            raise TypeError(f"{cls.__name__} declares no event type: subclass Event with tag=\"...\"")
+            raise TypeError(f'{cls.__name__} declares no event type: subclass Event with tag="..."')
         return tag
 
     @classmethod
@@ -100,37 +75,33 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
     @classmethod
     def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
         """The window's table from the stream's payloads (see `streamapp.lake.columns`): no event objects."""
-        from streamapp.lake.columns import payloads_to_arrow  # pyarrow: the web process never loads it (web RSS)
+        from streamapp.lake.columns import payloads_to_arrow  # pyarrow: never in the web process (35 MB of RSS)
 
-        return payloads_to_arrow(cls, arrow_schema(cls), payloads, received_us,
-                                 renames=(("timestamp", "event_time"),), raw="properties")
-
-
-ENVELOPE_FIELDS = frozenset(("type",) + Event.__struct_fields__)
+        return payloads_to_arrow(
+            cls, arrow_schema(cls), payloads, received_us, renames=(("timestamp", "event_time"),), raw="properties"
+        )
 
 
-def _common_columns() -> list[tuple[str, IcebergType, bool]]:
-    """Columns every event table starts with, in this order; model-specific columns follow, then
-    `source`, last because it was added after v1: tables from then gain it at the end by schema
-    evolution, so a new table and an evolved one have the same column order."""
-    from pyiceberg.types import StringType, TimestamptzType
-
-    return [
-        ("event_id", StringType(), True),
-        ("event_time", TimestamptzType(), True),
-        ("received_at", TimestamptzType(), True),
-        ("user_id", StringType(), False),
-        ("session_id", StringType(), False),
-        ("page_url", StringType(), False),
-        ("target", StringType(), False),
-        ("properties", StringType(), False),
-    ]
+ENVELOPE_FIELDS = frozenset(("type", *Event.__struct_fields__))
 
 
-def _iceberg_type(t: mi.Type) -> tuple[IcebergType, bool]:
-    """Map a msgspec field type to (Iceberg type, nullable)."""
-    from pyiceberg.types import BooleanType, DoubleType, IntegerType, LongType, StringType
+# Columns every event table starts with, in this order: (name, Iceberg type, required). The model's
+# own columns follow, then `source`, last because it was added after v1: tables from then gain it
+# at the end by schema evolution, so a new table and an evolved one have the same column order.
+_COMMON_COLUMNS = [
+    ("event_id", "string", True),
+    ("event_time", "timestamptz", True),
+    ("received_at", "timestamptz", True),
+    ("user_id", "string", False),
+    ("session_id", "string", False),
+    ("page_url", "string", False),
+    ("target", "string", False),
+    ("properties", "string", False),
+]
 
+
+def _column_type(t: mi.Type) -> tuple[str, bool]:
+    """Map a msgspec field type to (Iceberg type name, nullable)."""
     nullable = False
     if isinstance(t, mi.UnionType):
         rest = [x for x in t.types if not isinstance(x, mi.NoneType)]
@@ -139,51 +110,58 @@ def _iceberg_type(t: mi.Type) -> tuple[IcebergType, bool]:
             raise TypeError(f"unions other than Optional[X] have no column type: {t}")
         t = rest[0]
     if isinstance(t, mi.BoolType):
-        return BooleanType(), nullable
+        return "boolean", nullable
     if isinstance(t, mi.IntType):
         int32 = t.ge is not None and t.le is not None and t.ge >= INT32_MIN and t.le <= INT32_MAX
-        return (IntegerType() if int32 else LongType()), nullable
+        return ("int" if int32 else "long"), nullable
     if isinstance(t, mi.FloatType):
-        return DoubleType(), nullable
+        return "double", nullable
     if isinstance(t, mi.StrType):
-        return StringType(), nullable
+        return "string", nullable
     raise TypeError(f"no Iceberg column type for {t}; use bool, int, float or str")
 
 
 @functools.cache
 def iceberg_schema(model: type[Event]) -> Schema:
     """The Iceberg schema of `model`'s table: the common columns, then the model's own fields."""
+    # pyiceberg: the web process validates with the models and never loads it (35 MB of its RSS)
     from pyiceberg.schema import Schema
-    from pyiceberg.types import NestedField, StringType
+    from pyiceberg.types import (
+        BooleanType,
+        DoubleType,
+        IcebergType,
+        IntegerType,
+        LongType,
+        NestedField,
+        StringType,
+        TimestamptzType,
+    )
 
-    columns = _common_columns()
+    kinds: dict[str, IcebergType] = {
+        "boolean": BooleanType(),
+        "int": IntegerType(),
+        "long": LongType(),
+        "double": DoubleType(),
+        "string": StringType(),
+        "timestamptz": TimestamptzType(),
+    }
+    columns = list(_COMMON_COLUMNS)
     info = mi.type_info(model)
     assert isinstance(info, mi.StructType)
     for f in info.fields:
         if f.name in ENVELOPE_FIELDS:
             continue
-        kind, nullable = _iceberg_type(f.type)
+        kind, nullable = _column_type(f.type)
         columns.append((f.name, kind, not nullable))
-    columns.append(("source", StringType(), False))
+    columns.append(("source", "string", False))
     return Schema(
-        *(NestedField(i, name, kind, required=req) for i, (name, kind, req) in enumerate(columns, start=1))
+        *(NestedField(i, name, kinds[kind], required=req) for i, (name, kind, req) in enumerate(columns, start=1))
     )
 
 
 @functools.cache
 def arrow_schema(model: type[Event]) -> pa.Schema:
     return iceberg_schema(model).as_arrow()
-
-
-def day_partition(schema: Schema, column: str) -> PartitionSpec:
-    """Partition by day(column): readers prune by date, files stay a day's worth at most."""
-    from pyiceberg.partitioning import PartitionField, PartitionSpec
-    from pyiceberg.transforms import DayTransform
-
-    source = schema.find_field(column)
-    return PartitionSpec(
-        PartitionField(source_id=source.field_id, field_id=1000, transform=DayTransform(), name=f"{column}_day")
-    )
 
 
 def event_types() -> dict[str, type[Event]]:

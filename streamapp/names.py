@@ -59,7 +59,7 @@ def position_stream(prop: str) -> str | None:
     """The stream key of a position property, None for any other property."""
     if not prop.startswith(POSITION_PREFIX):
         return None
-    return prop[len(POSITION_PREFIX):].rpartition("|")[0]
+    return prop[len(POSITION_PREFIX) :].rpartition("|")[0]
 
 
 # Tables streamapp creates itself.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -13,8 +15,12 @@ from streamapp.settings import Settings
 def writer_client(settings: Settings) -> Redis:
     """For ingest: a few quick retries (a pooled connection may be stale after a Redis restart;
     flushes are idempotent, see `writer`), then fail fast so the client gets 503 and retries."""
-    return Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=5,
-                          retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3))
+    return Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=0.5,
+        socket_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
+    )
 
 
 def reader_client(settings: Settings) -> Redis:
@@ -23,13 +29,19 @@ def reader_client(settings: Settings) -> Redis:
     XREAD replies are left as hiredis parsed them: redis-py's own callback turns each entry's
     fields into a dict in Python, 14% of a draining worker's time (py-spy); `Stream` reads the
     two fields it wrote directly."""
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
-                            retry=Retry(NoBackoff(), 0))
+    client = Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=10, retry=Retry(NoBackoff(), 0)
+    )
     client.set_response_callback("XREAD", _as_parsed)
     return client
 
 
-def _as_parsed(response, **options):
+def text(value: bytes | str) -> str:
+    """A reply's value as text. redis-py types replies as bytes or str; these clients get bytes."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _as_parsed(response: Any, **options: Any) -> Any:
     return response
 
 

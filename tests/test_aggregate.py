@@ -31,11 +31,26 @@ class Feed:
         return f"{int(received * 1000)}-{self.seq}"
 
 
-def make(windows=Tumbling(60), lateness: float = 10, keep: float = 0.0, **restore) -> Aggregator:
-    wm = Watermark(lateness, value=restore.pop("watermark", -math.inf), max_event=restore.pop("max_event", -math.inf),
-                   max_seen_at=restore.pop("max_seen_at", -math.inf))
-    return Aggregator(lambda e: e.page, "page_url", windows, {"clicks": count(), "users": distinct(lambda e: e.user)},
-                      wm, keep=keep, closed=wm.value, **restore)
+MINUTE = Tumbling(60)
+
+
+def make(windows=MINUTE, lateness: float = 10, keep: float = 0.0, **restore) -> Aggregator:
+    wm = Watermark(
+        lateness,
+        value=restore.pop("watermark", -math.inf),
+        max_event=restore.pop("max_event", -math.inf),
+        max_seen_at=restore.pop("max_seen_at", -math.inf),
+    )
+    return Aggregator(
+        lambda e: e.page,
+        "page_url",
+        windows,
+        {"clicks": count(), "users": distinct(lambda e: e.user)},
+        wm,
+        keep=keep,
+        closed=wm.value,
+        **restore,
+    )
 
 
 def rows(flush: Flush | None) -> dict:
@@ -45,8 +60,13 @@ def rows(flush: Flush | None) -> dict:
 
 def test_a_window_closes_when_the_watermark_passes_its_end_not_before():
     agg, feed = make(), Feed()
-    for t, page, user in [(1000, "a", "u1"), (1010, "a", "u2"), (1019, "a", "u1"), (1030, "b", None),
-                          (1079, "a", "u3")]:
+    for t, page, user in [
+        (1000, "a", "u1"),
+        (1010, "a", "u2"),
+        (1019, "a", "u1"),
+        (1030, "b", None),
+        (1079, "a", "u3"),
+    ]:
         agg.add(feed.id(t), E(page, user), t)  # live: received when it happened
     assert rows(agg.flush()) == {(960, "a"): (3, 2)}  # W = 1069: [960, 1020) closes, [1020, 1080) not
     agg.add(feed.id(1080), E("a", "u1"), 1079.5)
@@ -83,8 +103,13 @@ def test_hopping_counts_each_event_in_every_window_that_holds_it():
     for t in (1000, 1020, 1039.999, 1040):
         agg.add(feed.id(t), E("a", "u"), t)
     f = agg.flush(now=10_000)
-    assert rows(f) == {(960, "a"): (1, 1), (980, "a"): (3, 1), (1000, "a"): (4, 1), (1020, "a"): (3, 1),
-                       (1040, "a"): (1, 1)}
+    assert rows(f) == {
+        (960, "a"): (1, 1),
+        (980, "a"): (3, 1),
+        (1000, "a"): (4, 1),
+        (1020, "a"): (3, 1),
+        (1040, "a"): (1, 1),
+    }
 
 
 def test_late_events_go_to_the_late_list_by_default_with_the_window_they_missed():
@@ -121,11 +146,20 @@ def test_a_restart_rebuilds_the_open_windows_and_counts_nothing_twice():
     """Crash after a commit: a fresh aggregator restored from that commit's properties re-reads
     the stream after its replay cursor and ends with the same rows as one that never crashed."""
     feed = Feed()
-    received_and_time = [(1000, 1000), (1025, 1024), (1040, 1040), (1041, 1035), (1085, 1085),
-                         (1092, 1092),  # W = 1082: [1020, 1080) closes, [1080, 1140) stays open
-                         (1100, 1010),  # late: committed at once
-                         (1101, 1081),  # read, then the worker dies before committing it
-                         (1150, 1150), (1160, 1079), (1215, 1215), (1230, 1139)]
+    received_and_time = [
+        (1000, 1000),
+        (1025, 1024),
+        (1040, 1040),
+        (1041, 1035),
+        (1085, 1085),
+        (1092, 1092),  # W = 1082: [1020, 1080) closes, [1080, 1140) stays open
+        (1100, 1010),  # late: committed at once
+        (1101, 1081),  # read, then the worker dies before committing it
+        (1150, 1150),
+        (1160, 1079),
+        (1215, 1215),
+        (1230, 1139),
+    ]
     entries = [(feed.id(r), E("a" if i % 3 else "b", f"u{i % 4}"), t) for i, (r, t) in enumerate(received_and_time)]
 
     def run(agg: Aggregator, part) -> tuple[dict, list, list[Flush]]:
@@ -146,8 +180,7 @@ def test_a_restart_rebuilds_the_open_windows_and_counts_nothing_twice():
     emitted, late, flushes = run(make(), entries[:8])
     c = flushes[-1]  # the last commit: what the table properties hold
     assert c.position == entries[6][0] and entry_id(c.replay_after) < entry_id(entries[4][0])  # [1080, 1140) open
-    restarted = make(watermark=c.watermark, max_event=c.max_event, max_seen_at=c.max_seen_at,
-                     replay_through=c.position)
+    restarted = make(watermark=c.watermark, max_event=c.max_event, max_seen_at=c.max_seen_at, replay_through=c.position)
     replayed = [x for x in entries if entry_id(x[0]) > entry_id(c.replay_after)]
     assert len(replayed) == len(entries) - 4  # from the first entry of the open window on
     more, more_late, _ = run(restarted, replayed)
@@ -169,22 +202,37 @@ def test_the_completeness_marker_is_the_last_hour_whose_windows_are_all_final():
 
 
 def sessions(**restore) -> SessionAggregator:
-    wm = Watermark(10, value=restore.pop("watermark", -math.inf), max_event=restore.pop("max_event", -math.inf),
-                   max_seen_at=restore.pop("max_seen_at", -math.inf))
-    return SessionAggregator(lambda e: e.page, "page_url", Sessions(30),
-                             {"clicks": count(), "users": distinct(lambda e: e.user)}, wm, closed=wm.value, **restore)
+    wm = Watermark(
+        10,
+        value=restore.pop("watermark", -math.inf),
+        max_event=restore.pop("max_event", -math.inf),
+        max_seen_at=restore.pop("max_seen_at", -math.inf),
+    )
+    return SessionAggregator(
+        lambda e: e.page,
+        "page_url",
+        Sessions(30),
+        {"clicks": count(), "users": distinct(lambda e: e.user)},
+        wm,
+        closed=wm.value,
+        **restore,
+    )
 
 
 def spans(flush: Flush | None) -> dict:
     assert flush is not None
-    return {(r["window_start"], r["window_end"], r["page_url"]): (r["clicks"], r["users"])
-            for r in flush.rows}
+    return {(r["window_start"], r["window_end"], r["page_url"]): (r["clicks"], r["users"]) for r in flush.rows}
 
 
 def test_sessions_merge_bridge_and_close_gap_plus_lateness_after_their_last_event():
     agg, feed = sessions(), Feed()
-    for t, page, user in [(1000, "a", "u1"), (1050, "a", "u2"), (1010, "b", "u1"), (1029.9, "a", "u3"),
-                          (1039.9, "b", "u2")]:
+    for t, page, user in [
+        (1000, "a", "u1"),
+        (1050, "a", "u2"),
+        (1010, "b", "u1"),
+        (1029.9, "a", "u3"),
+        (1039.9, "b", "u2"),
+    ]:
         agg.add(feed.id(1050), E(page, user), t)  # a: 1000, 1029.9 and 1050 chain into one session
     assert agg.flush(now=1050) is None
     agg.add(feed.id(1080), E("a", "u1"), 1080)  # exactly `gap` after 1050: a new session
@@ -216,10 +264,20 @@ def test_late_session_events_go_to_the_late_list():
 def test_sessions_restore_from_their_snapshot():
     """What a commit's snapshot holds is enough to go on: no replay of the stream."""
     feed = Feed()
-    entries = [(feed.id(r), E(p, u), t) for r, t, p, u in [
-        (1000, 1000, "a", "u1"), (1001, 1001, "b", "u1"), (1040, 1020, "a", "u2"), (1045, 1045, "b", "u2"),
-        (1060, 1060, "a", "u3"), (1061, 1031, "b", "u3"), (1100, 1085, "a", "u1"), (1130, 1060, "b", "u4"),
-        (1200, 1190, "a", "u2")]]
+    entries = [
+        (feed.id(r), E(p, u), t)
+        for r, t, p, u in [
+            (1000, 1000, "a", "u1"),
+            (1001, 1001, "b", "u1"),
+            (1040, 1020, "a", "u2"),
+            (1045, 1045, "b", "u2"),
+            (1060, 1060, "a", "u3"),
+            (1061, 1031, "b", "u3"),
+            (1100, 1085, "a", "u1"),
+            (1130, 1060, "b", "u4"),
+            (1200, 1190, "a", "u2"),
+        ]
+    ]
     never, reference = sessions(), {}
     for stream_id, e, t in entries:
         never.add(stream_id, e, t)
@@ -235,8 +293,13 @@ def test_sessions_restore_from_their_snapshot():
             commit = f
     assert commit is not None and commit.state["sessions"]  # open sessions in the snapshot
     assert commit.replay_after == commit.position  # read on after the position, nothing again
-    restarted = sessions(watermark=commit.watermark, max_event=commit.max_event, max_seen_at=commit.max_seen_at,
-                         position=commit.position, state=json.loads(json.dumps(commit.state)))
+    restarted = sessions(
+        watermark=commit.watermark,
+        max_event=commit.max_event,
+        max_seen_at=commit.max_seen_at,
+        position=commit.position,
+        state=json.loads(json.dumps(commit.state)),
+    )
     for stream_id, e, t in entries:
         if entry_id(stream_id) > entry_id(commit.position):
             restarted.add(stream_id, e, t)

@@ -10,26 +10,35 @@ import re
 import signal
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streamapp.lake.catalog import open_catalog
 from streamapp.entries import entry_id
+from streamapp.lake.catalog import open_catalog
 from tests.conftest import table_rows, wait_until
 from tests.helpers import assert_exactly_once, send, wait_rows
 
 AGG = "events.clicks_per_minute"
-START = datetime(2026, 11, 27, 10, 0, tzinfo=timezone.utc)
+START = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 PAGES = ["https://shop.example/", "https://shop.example/cart", None]
 
 
 def history(prefix: str, n: int, minutes: int, seed: int = 1) -> list[dict]:
     """Old clicks (a backfill) over `minutes` minutes, several pages and users, shuffled."""
     rng = random.Random(seed)
-    events = [{"type": "click", "x": 1, "y": 1, "event_id": f"{prefix}{i}", "user_id": f"u{rng.randrange(7)}",
-               "timestamp": (START + timedelta(seconds=rng.uniform(0, 60 * minutes))).isoformat(),
-               **({"page_url": p} if (p := rng.choice(PAGES)) else {})} for i in range(n)]
+    events = [
+        {
+            "type": "click",
+            "x": 1,
+            "y": 1,
+            "event_id": f"{prefix}{i}",
+            "user_id": f"u{rng.randrange(7)}",
+            "timestamp": (START + timedelta(seconds=rng.uniform(0, 60 * minutes))).isoformat(),
+            **({"page_url": p} if (p := rng.choice(PAGES)) else {}),
+        }
+        for i in range(n)
+    ]
     rng.shuffle(events)
     return events
 
@@ -88,12 +97,15 @@ async def test_a_backfill_is_aggregated_like_a_batch_recount_and_closes_when_idl
     assert "Traceback" not in worker.output()
 
 
-@pytest.mark.parametrize("crash_at", [
-    "aggregate_before_commit",
-    "aggregate_during_write",  # Parquet written, commit not made
-    "aggregate_after_commit",  # committed, Redis ack not moved: the replay must not count twice
-    "aggregate_after_commit:2",
-])
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        "aggregate_before_commit",
+        "aggregate_during_write",  # Parquet written, commit not made
+        "aggregate_after_commit",  # committed, Redis ack not moved: the replay must not count twice
+        "aggregate_after_commit:2",
+    ],
+)
 async def test_sigkill_then_restart_writes_each_window_once_with_every_event(web, http, fast, spawn, crash_at):
     """Windows still open at the kill are rebuilt from the stream: the state survives."""
     small = dataclasses.replace(fast, window_count=60)  # several commits while windows are open
@@ -122,12 +134,25 @@ async def test_late_events_go_to_events_late_and_completeness_is_recorded(web, h
     raw = await wait_rows(fast, "events.clicks", 100)
     expected = recount(raw)
     await wait_aggregated(fast, len(expected))
-    late = [{"type": "click", "x": 1, "y": 1, "event_id": "late-1", "user_id": "new",
-             "page_url": "https://shop.example/", "timestamp": (START + timedelta(seconds=30)).isoformat()}]
+    late = [
+        {
+            "type": "click",
+            "x": 1,
+            "y": 1,
+            "event_id": "late-1",
+            "user_id": "new",
+            "page_url": "https://shop.example/",
+            "timestamp": (START + timedelta(seconds=30)).isoformat(),
+        }
+    ]
     await send(http, web, late)
     [row] = await wait_rows(fast, "events.late", 1)
-    assert (row["agent"], row["event_id"], row["window_start"], row["key"]) == \
-        ("clicks_per_minute", "late-1", START, "https://shop.example/")
+    assert (row["agent"], row["event_id"], row["window_start"], row["key"]) == (
+        "clicks_per_minute",
+        "late-1",
+        START,
+        "https://shop.example/",
+    )
     assert aggregated(fast) == expected  # the closed window keeps its row (the default policy)
     assert {r["event_id"] for r in await wait_rows(fast, "events.clicks", 101)} >= {"late-1"}  # raw keeps it
 
@@ -153,8 +178,18 @@ async def test_sigkill_between_the_late_commit_and_the_aggregate_commit(web, htt
     expected = recount(raw)
     await wait_aggregated(fast, len(expected))
     # on time for a new minute, late for the first two, in one request so one flush sees them all
-    batch = [{"type": "click", "x": 1, "y": 1, "event_id": f"q{i}", "user_id": "z", "page_url": "https://shop.example/",
-              "timestamp": (START + timedelta(seconds=20 + 40 * i)).isoformat()} for i in range(3)]
+    batch = [
+        {
+            "type": "click",
+            "x": 1,
+            "y": 1,
+            "event_id": f"q{i}",
+            "user_id": "z",
+            "page_url": "https://shop.example/",
+            "timestamp": (START + timedelta(seconds=20 + 40 * i)).isoformat(),
+        }
+        for i in range(3)
+    ]
     await send(http, web, batch)
     assert await asyncio.to_thread(doomed.wait, 30) == -signal.SIGKILL, doomed.output()
     assert {r["event_id"] for r in table_rows(fast, "events.late")} == {"q0", "q1", "q2"}
@@ -178,7 +213,7 @@ async def test_two_workers_running_the_aggregate_write_each_window_once(web, htt
         await asyncio.to_thread(wait_until, lambda w=w: "clicks_per_minute: resuming" in w.output(), 20, 0.1, "start")
     events = sorted(history("w", 400, minutes=5, seed=3), key=lambda e: e["timestamp"])
     for i in range(0, 400, 50):
-        await send(http, web, events[i:i + 50])
+        await send(http, web, events[i : i + 50])
         await asyncio.sleep(0.2)
     raw = await wait_rows(fast, "events.clicks", 400)
     expected = recount(raw)
@@ -196,9 +231,15 @@ async def test_an_idle_stream_closes_its_window_grace_seconds_after_its_end(web,
     graced = dataclasses.replace(settings, grace_seconds=2.0)
     worker = spawn("worker", graced)
     await asyncio.to_thread(wait_until, lambda: "clicks_per_minute: resuming" in worker.output(), 20, 0.1, "start")
-    end = datetime.now(timezone.utc).replace(second=0, microsecond=0)  # a minute that has just ended
-    event = {"type": "click", "x": 1, "y": 1, "event_id": "i1", "page_url": "https://shop.example/",
-             "timestamp": (end - timedelta(seconds=2)).isoformat()}  # 2 s before its window's end
+    end = datetime.now(UTC).replace(second=0, microsecond=0)  # a minute that has just ended
+    event = {
+        "type": "click",
+        "x": 1,
+        "y": 1,
+        "event_id": "i1",
+        "page_url": "https://shop.example/",
+        "timestamp": (end - timedelta(seconds=2)).isoformat(),
+    }  # 2 s before its window's end
     sent = time.monotonic()
     await send(http, web, [event])
     await asyncio.to_thread(wait_until, lambda: table_rows(graced, AGG), 20, 0.1, "the window's row")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,13 +39,16 @@ event = st.tuples(
 
 
 @settings(max_examples=60, deadline=None)
-@given(events=st.lists(event, min_size=8, max_size=60),
-       kind=st.sampled_from(["tumbling", "hopping", "session"]),
-       keep=st.sampled_from([0.0, 120.0, 1e9]),
-       batches=st.lists(st.integers(1, 8), min_size=1, max_size=10),
-       ticks=st.lists(st.floats(0, 1), min_size=1, max_size=10),
-       crashes=st.dictionaries(st.integers(1, 6), st.sampled_from(["before_commit", "after_late", "after_commit"]),
-                               max_size=3))
+@given(
+    events=st.lists(event, min_size=8, max_size=60),
+    kind=st.sampled_from(["tumbling", "hopping", "session"]),
+    keep=st.sampled_from([0.0, 120.0, 1e9]),
+    batches=st.lists(st.integers(1, 8), min_size=1, max_size=10),
+    ticks=st.lists(st.floats(0, 1), min_size=1, max_size=10),
+    crashes=st.dictionaries(
+        st.integers(1, 6), st.sampled_from(["before_commit", "after_late", "after_commit"]), max_size=3
+    ),
+)
 def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, ticks, crashes):
     windows = {"tumbling": Tumbling(60), "hopping": Hopping(60, 20), "session": Sessions(GAP)}[kind]
     if kind == "session":
@@ -53,8 +56,14 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
     arrivals = sorted(((BASE * 1000 + t + d, t, page, user) for t, d, page, user in events), key=lambda a: a[0])
     entries = []  # (stream id, event, event time, received)
     for seq, (received_ms, t, page, user) in enumerate(arrivals):
-        ev = ClickEvent(x=0, y=0, event_id=f"e{seq}", page_url=page, user_id=user,
-                        timestamp=datetime.fromtimestamp(BASE + t / 1000, timezone.utc))
+        ev = ClickEvent(
+            x=0,
+            y=0,
+            event_id=f"e{seq}",
+            page_url=page,
+            user_id=user,
+            timestamp=datetime.fromtimestamp(BASE + t / 1000, UTC),
+        )
         entries.append((f"{received_ms}-{seq}", ev, BASE + t / 1000, received_ms / 1000))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,11 +76,29 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
             wm = Watermark(LATENESS, value=r.watermark, max_event=r.max_event, max_seen_at=r.max_seen_at)
             aggs = {"clicks": count(), "users": distinct(lambda e: e.user_id)}
             if kind == "session":  # restored from the snapshot the last commit referenced
-                agg = SessionAggregator(lambda e: e.page_url, "page_url", windows, aggs, wm, closed=r.watermark,
-                                        position=r.position, hold_until=r.late_position, state=r.state)
+                agg = SessionAggregator(
+                    lambda e: e.page_url,
+                    "page_url",
+                    windows,
+                    aggs,
+                    wm,
+                    closed=r.watermark,
+                    position=r.position,
+                    hold_until=r.late_position,
+                    state=r.state,
+                )
             else:  # rebuilt by re-reading the stream after the replay cursor
-                agg = Aggregator(lambda e: e.page_url, "page_url", windows, aggs, wm, keep=keep,
-                                 closed=r.watermark, replay_through=r.position, hold_until=r.late_position)
+                agg = Aggregator(
+                    lambda e: e.page_url,
+                    "page_url",
+                    windows,
+                    aggs,
+                    wm,
+                    keep=keep,
+                    closed=r.watermark,
+                    replay_through=r.position,
+                    hold_until=r.late_position,
+                )
             return sink, agg, r.replay_after
 
         sink, agg, cursor = start()
@@ -79,12 +106,12 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
         final = entries[-1][3] + 100_000  # long after the last event: the watermark closes everything
         while True:
             pending = [x for x in entries if entry_id(x[0]) > entry_id(cursor)]
-            batch = pending[:batches[step % len(batches)]]
+            batch = pending[: batches[step % len(batches)]]
             for stream_id, ev, t, _ in batch:
                 agg.add(stream_id, ev, t)
             if batch:
                 cursor = batch[-1][0]
-            rest = pending[len(batch):]
+            rest = pending[len(batch) :]
             if rest:  # caught up for a while (nothing received until the next entry), or not
                 last = batch[-1][3]
                 fraction = ticks[step % len(ticks)]
@@ -140,8 +167,10 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
                 if (stream_id, w.start) not in late_pairs:
                     members[(w.start, w.end, ev.page_url)].append(ev)
     batch = {k: (len(evs), len({e.user_id for e in evs} - {None})) for k, evs in members.items()}
-    stream = {(r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): (r["clicks"], r["users"])
-              for r in aggregated}
+    stream = {
+        (r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): (r["clicks"], r["users"])
+        for r in aggregated
+    }
     assert stream == batch
     if keep == 1e9:
         assert late == []  # every late event updated its window
@@ -152,11 +181,17 @@ def test_rewriting_a_window_keeps_the_null_key_row_of_the_same_window(tmp_path):
     copy-on-write delete took (window, null) with it."""
     T0 = 1_795_000_020  # on a minute
     catalog = open_catalog(Settings(warehouse=tmp_path))
-    sink = AggregateSink(catalog, aggregate_spec("events.agg", "page_url", {"clicks": (int, False), "users": (int, False)}),
-                         STREAM, "prop", keep_snapshots=10)
+    sink = AggregateSink(
+        catalog,
+        aggregate_spec("events.agg", "page_url", {"clicks": (int, False), "users": (int, False)}),
+        STREAM,
+        "prop",
+        keep_snapshots=10,
+    )
     sink.open()
-    agg = Aggregator(lambda e: e.page_url, "page_url", Tumbling(60), {"clicks": count(), "users": count()},
-                     Watermark(0), keep=600)
+    agg = Aggregator(
+        lambda e: e.page_url, "page_url", Tumbling(60), {"clicks": count(), "users": count()}, Watermark(0), keep=600
+    )
     for i, (t, page) in enumerate([(0, "a"), (1, None), (60, "a"), (61, None), (200, "b")]):
         agg.add(f"{(T0 + t) * 1000}-{i}", ClickEvent(x=0, y=0, page_url=page), T0 + t)
     sink.commit(agg.flush())
@@ -167,4 +202,8 @@ def test_rewriting_a_window_keeps_the_null_key_row_of_the_same_window(tmp_path):
     sink.commit(flush)
     rows = catalog.load_table("events.agg").scan().to_arrow().to_pylist()
     assert sorted(((r["window_start"].timestamp() - T0, r["page_url"] or ""), r["clicks"]) for r in rows) == [
-        ((0, ""), 1), ((0, "a"), 2), ((60, ""), 2), ((60, "a"), 1)]
+        ((0, ""), 1),
+        ((0, "a"), 2),
+        ((60, ""), 2),
+        ((60, "a"), 1),
+    ]

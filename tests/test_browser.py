@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from playwright.async_api import async_playwright
@@ -20,8 +20,16 @@ from tests.conftest import ROOT, running_web
 from tests.helpers import wait_rows
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -61,9 +69,17 @@ class Posts:
 
     def _add(self, request, status, response) -> None:
         if "/api/events" in request.url:
-            self.seen.append({"url": request.url, "body": request.post_data, "events": json.loads(request.post_data),
-                              "status": status, "response": response, "started": self._started.pop(request),
-                              "ended": time.monotonic()})
+            self.seen.append(
+                {
+                    "url": request.url,
+                    "body": request.post_data,
+                    "events": json.loads(request.post_data),
+                    "status": status,
+                    "response": response,
+                    "started": self._started.pop(request),
+                    "ended": time.monotonic(),
+                }
+            )
 
     def events(self) -> list[dict]:
         return [e for post in self.seen for e in post["events"]]
@@ -137,7 +153,9 @@ async def test_demo_page_clicks_and_keys_land_in_iceberg(web, settings, spawn, p
         (*name, 0, "input#name"),
         (*password, 0, "input#password"),
     ]
-    assert [(r["key"], r["code"], r["alt"], r["ctrl"], r["meta"], r["shift"], r["repeat"], r["target"]) for r in keys] == [
+    assert [
+        (r["key"], r["code"], r["alt"], r["ctrl"], r["meta"], r["shift"], r["repeat"], r["target"]) for r in keys
+    ] == [
         ("Shift", "ShiftLeft", False, False, False, True, False, "input#name"),
         ("O", "KeyO", False, False, False, True, False, "input#name"),
         ("k", "KeyK", False, False, False, False, False, "input#name"),
@@ -190,12 +208,15 @@ async def test_retries_keep_event_ids_and_rows_arrive_once(web, settings, spawn,
     statuses = [p["status"] for p in posts.seen]
     assert statuses[0] == "failed" and set(statuses[1:-1]) == {503} and statuses[-1] == 202, statuses
     # After a 503 the tracker waits at least its Retry-After (1 s), give or take Playwright's lag.
-    assert all(b["started"] - a["ended"] >= 0.9 for a, b in zip(posts.seen[1:], posts.seen[2:])), posts.seen
+    pairs = zip(posts.seen[1:], posts.seen[2:], strict=False)  # each retry and the one before it
+    assert all(b["started"] - a["ended"] >= 0.9 for a, b in pairs), posts.seen
     assert len({p["body"] for p in posts.seen}) == 1  # every retry re-sent the same bytes
     assert await posts.seen[-1]["response"].json() == {"accepted": 0, "duplicates": 2, "rejected": 0, "errors": []}
     assert (await stats(page))["retries"] == len(posts.seen) - 1
     rows = await wait_rows(settings, "events.clicks", 2)
-    assert sorted((r["event_id"], r["x"]) for r in rows) == sorted((e["event_id"], e["x"]) for e in posts.seen[0]["events"])
+    assert sorted((r["event_id"], r["x"]) for r in rows) == sorted(
+        (e["event_id"], e["x"]) for e in posts.seen[0]["events"]
+    )
     assert [e["x"] for e in posts.seen[0]["events"]] == [buy[0], buy[0] + 5]
 
 
@@ -246,7 +267,7 @@ async def test_full_queue_drops_the_oldest_and_a_422_is_not_retried(web, page):
     page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
     await page.goto(web + "/demo")
     # A visitor's clock two days fast: the server rejects every event's timestamp (422).
-    await page.clock.set_fixed_time(datetime.now(timezone.utc) + timedelta(days=2))
+    await page.clock.set_fixed_time(datetime.now(UTC) + timedelta(days=2))
     await page.evaluate("streamapp.init({flushInterval: 60000, maxQueue: 3, writeKey: 'k 1&'})")
     for x in range(100, 105):
         await page.mouse.click(x, 10)
@@ -258,8 +279,11 @@ async def test_full_queue_drops_the_oldest_and_a_422_is_not_retried(web, page):
     assert [e["x"] for e in post["events"]] == [102, 103, 104]  # the two oldest were dropped
     prefix = "streamapp: dropped 3 events: HTTP 422 "
     assert warnings[0].startswith(prefix)
-    assert [(e["index"], e["field"]) for e in json.loads(warnings[0][len(prefix):])["errors"]] == \
-        [(0, "timestamp"), (1, "timestamp"), (2, "timestamp")]
+    assert [(e["index"], e["field"]) for e in json.loads(warnings[0][len(prefix) :])["errors"]] == [
+        (0, "timestamp"),
+        (1, "timestamp"),
+        (2, "timestamp"),
+    ]
     # Dropped, not queued again for a retry.
     assert await stats(page) == {"recorded": 5, "sent": 0, "dropped": 5, "retries": 0, "pending": 0}
 

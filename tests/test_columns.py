@@ -3,7 +3,7 @@ give: same schema, values, nulls and column order, for every model and the awkwa
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -12,19 +12,38 @@ import pytest
 
 from models.click import ClickEvent
 from models.keydown import KeydownEvent
+from streamapp.entries import Window
 from streamapp.lake.columns import payloads_to_arrow
 from streamapp.model import INT32_MAX, INT32_MIN, arrow_schema
 from streamapp.rejected import Rejected
-from streamapp.entries import Window
 
 encode = msgspec.json.Encoder().encode
-T = datetime(2026, 11, 27, 17, 54, 19, 123456, tzinfo=timezone.utc)
-STRINGS = ["plain", "", "é ü ß 中文 😀 \u2028\u2029 e\u0301", 'quote " backslash \\ slash /', "\n\t\r\b\f \x01\x1f\x7f",
-           '"properties":{"x":1}', "\\u0041 not an escape"]
-PROPERTIES: list[Any] = [None, {}, {"a": 1}, {"nested": {"deep": [1, 2.5, None, True, "s"]}, "properties": {"x": {}}},
-                         {"float": 1e300, "neg": -0.0, "tenth": 0.1, "big": 2**63 - 1, "text": "😀\"\\\n"}, {"": None}]
-TIMES = [T, T.replace(microsecond=0), T.replace(microsecond=120000), T.replace(microsecond=1),
-         datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)]
+T = datetime(2026, 11, 27, 17, 54, 19, 123456, tzinfo=UTC)
+STRINGS = [
+    "plain",
+    "",
+    "é ü ß 中文 😀 \u2028\u2029 e\u0301",
+    'quote " backslash \\ slash /',
+    "\n\t\r\b\f \x01\x1f\x7f",
+    '"properties":{"x":1}',
+    "\\u0041 not an escape",
+]
+PROPERTIES: list[Any] = [
+    None,
+    {},
+    {"a": 1},
+    {"nested": {"deep": [1, 2.5, None, True, "s"]}, "properties": {"x": {}}},
+    {"float": 1e300, "neg": -0.0, "tenth": 0.1, "big": 2**63 - 1, "text": '😀"\\\n'},
+    {"": None},
+]
+TIMES = [
+    T,
+    T.replace(microsecond=0),
+    T.replace(microsecond=120000),
+    T.replace(microsecond=1),
+    datetime(2000, 1, 1, tzinfo=UTC),
+    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+]
 
 
 def reference(model: Any, events: list, received_us: list[int]) -> pa.Table:
@@ -44,32 +63,63 @@ def clicks() -> list[ClickEvent]:
     out = []
     for i in range(60):
         s = STRINGS[i % len(STRINGS)]
-        out.append(ClickEvent(x=[INT32_MIN, INT32_MAX, 0, -1][i % 4], y=[INT32_MAX, INT32_MIN, 7][i % 3], button=i % 5,
-                              event_id=f"id-{i}-{STRINGS[i % 4]}", timestamp=TIMES[i % len(TIMES)],
-                              user_id=None if i % 2 else s, session_id=s if i % 3 else None,
-                              page_url=None if i % 5 else f"https://example.test/{s}", target=s if i % 7 else None,
-                              properties=PROPERTIES[i % len(PROPERTIES)], source=None if i % 4 else f"team-{s}"))
+        out.append(
+            ClickEvent(
+                x=[INT32_MIN, INT32_MAX, 0, -1][i % 4],
+                y=[INT32_MAX, INT32_MIN, 7][i % 3],
+                button=i % 5,
+                event_id=f"id-{i}-{STRINGS[i % 4]}",
+                timestamp=TIMES[i % len(TIMES)],
+                user_id=None if i % 2 else s,
+                session_id=s if i % 3 else None,
+                page_url=None if i % 5 else f"https://example.test/{s}",
+                target=s if i % 7 else None,
+                properties=PROPERTIES[i % len(PROPERTIES)],
+                source=None if i % 4 else f"team-{s}",
+            )
+        )
     return out
 
 
 def keydowns() -> list[KeydownEvent]:
-    return [KeydownEvent(key=STRINGS[i % len(STRINGS)] or "a", code=None if i % 3 else "KeyA", alt=bool(i & 1),
-                         ctrl=bool(i & 2), meta=bool(i & 4), shift=bool(i & 8), repeat=bool(i & 16),
-                         event_id=f"k{i}", timestamp=TIMES[i % len(TIMES)], properties=PROPERTIES[i % len(PROPERTIES)])
-            for i in range(40)]
+    return [
+        KeydownEvent(
+            key=STRINGS[i % len(STRINGS)] or "a",
+            code=None if i % 3 else "KeyA",
+            alt=bool(i & 1),
+            ctrl=bool(i & 2),
+            meta=bool(i & 4),
+            shift=bool(i & 8),
+            repeat=bool(i & 16),
+            event_id=f"k{i}",
+            timestamp=TIMES[i % len(TIMES)],
+            properties=PROPERTIES[i % len(PROPERTIES)],
+        )
+        for i in range(40)
+    ]
 
 
 def rejected() -> list[Rejected]:
-    return [Rejected(reason=f"x: is {s}", field=None if i % 2 else s, raw=encode({"type": s, "x": [s, None]}).decode(),
-                     event_id=None if i % 3 else s, event_type=s, user_id=None, page_url=s or None, source=s or None)
-            for i, s in enumerate(STRINGS * 3)]
+    return [
+        Rejected(
+            reason=f"x: is {s}",
+            field=None if i % 2 else s,
+            raw=encode({"type": s, "x": [s, None]}).decode(),
+            event_id=None if i % 3 else s,
+            event_type=s,
+            user_id=None,
+            page_url=s or None,
+            source=s or None,
+        )
+        for i, s in enumerate(STRINGS * 3)
+    ]
 
 
 def as_entries(events: list) -> list[bytes]:
     """One event per entry, then several per entry (NDJSON), as the writer may store them."""
     payloads = [encode(e) for e in events]
     half = len(payloads) // 2
-    return payloads[:half] + [b"\n".join(payloads[i:i + 3]) for i in range(half, len(payloads), 3)]
+    return payloads[:half] + [b"\n".join(payloads[i : i + 3]) for i in range(half, len(payloads), 3)]
 
 
 @pytest.mark.parametrize("model, make", [(ClickEvent, clicks), (KeydownEvent, keydowns), (Rejected, rejected)])
@@ -96,9 +146,13 @@ def test_properties_absent_from_every_event_give_a_null_column():
 
 
 def test_an_event_longer_than_the_readers_block():
-    events = [ClickEvent(x=1, y=2, timestamp=T, properties={"long": "é" * (1 << 20)}, target="t" * (1 << 20)),
-              ClickEvent(x=3, y=4, timestamp=T)]
-    assert ClickEvent.to_arrow([b"\n".join(encode(e) for e in events)], [0, 1]).equals(reference(ClickEvent, events, [0, 1]))
+    events = [
+        ClickEvent(x=1, y=2, timestamp=T, properties={"long": "é" * (1 << 20)}, target="t" * (1 << 20)),
+        ClickEvent(x=3, y=4, timestamp=T),
+    ]
+    assert ClickEvent.to_arrow([b"\n".join(encode(e) for e in events)], [0, 1]).equals(
+        reference(ClickEvent, events, [0, 1])
+    )
 
 
 def test_a_field_absent_from_an_older_payload_gets_its_default():
@@ -121,21 +175,33 @@ class Wide(msgspec.Struct, kw_only=True, tag_field="type", tag="wide"):
     when: datetime | None = None
 
 
-WIDE = pa.schema([pa.field("received_at", pa.timestamp("us", tz="UTC"), nullable=False),
-                  pa.field("big", pa.int64(), nullable=False), pa.field("ratio", pa.float64(), nullable=False),
-                  pa.field("flag", pa.bool_(), nullable=False), pa.field("label", pa.string()),
-                  pa.field("when", pa.timestamp("us", tz="UTC"))])
+WIDE = pa.schema(
+    [
+        pa.field("received_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("big", pa.int64(), nullable=False),
+        pa.field("ratio", pa.float64(), nullable=False),
+        pa.field("flag", pa.bool_(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("when", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
 def test_other_column_kinds_and_an_ambiguous_default():
-    payloads = [b'{"type":"wide","big":9223372036854775807,"ratio":0.1,"when":"2026-11-27T17:54:19.5Z"}',
-                b'{"type":"wide","big":-9223372036854775808,"ratio":-1.5e-300,"flag":false,"label":null,"when":null}',
-                b'{"type":"wide","big":0,"ratio":2.0,"label":"x"}']
+    payloads = [
+        b'{"type":"wide","big":9223372036854775807,"ratio":0.1,"when":"2026-11-27T17:54:19.5Z"}',
+        b'{"type":"wide","big":-9223372036854775808,"ratio":-1.5e-300,"flag":false,"label":null,"when":null}',
+        b'{"type":"wide","big":0,"ratio":2.0,"label":"x"}',
+    ]
     built = payloads_to_arrow(Wide, WIDE, payloads, [1, 2, 3])
     assert built.to_pydict() == {
-        "received_at": [datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=i) for i in (1, 2, 3)],
-        "big": [2**63 - 1, -2**63, 0], "ratio": [0.1, -1.5e-300, 2.0], "flag": [True, False, True],
-        "label": ["default", None, "x"], "when": [datetime(2026, 11, 27, 17, 54, 19, 500000, tzinfo=timezone.utc), None, None]}
+        "received_at": [datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=i) for i in (1, 2, 3)],
+        "big": [2**63 - 1, -(2**63), 0],
+        "ratio": [0.1, -1.5e-300, 2.0],
+        "flag": [True, False, True],
+        "label": ["default", None, "x"],
+        "when": [datetime(2026, 11, 27, 17, 54, 19, 500000, tzinfo=UTC), None, None],
+    }
 
 
 def test_entries_whose_counts_disagree_with_their_events_are_an_error():

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -32,8 +32,12 @@ async def test_write_keys_are_required_and_name_the_source(settings, redis_serve
         assert (status, body["accepted"]) == (202, 1)
         async with http.post(base + "/api/events?writeKey=k-ios-456", data=json.dumps({**CLICK, "event_id": "q"})) as r:
             assert r.status == 202  # sendBeacon cannot set headers: the key rides in the query
-        status, body, _ = await post(http, base, [{**CLICK, "event_id": "claims", "source": "ios"},
-                                                  {"type": "click", "event_id": "bad"}], **{"X-Write-Key": "k-web-123"})
+        status, body, _ = await post(
+            http,
+            base,
+            [{**CLICK, "event_id": "claims", "source": "ios"}, {"type": "click", "event_id": "bad"}],
+            **{"X-Write-Key": "k-web-123"},
+        )
         assert status == 422 and [e["field"] for e in body["errors"]] == ["source", "x"]
     assert {e["event_id"]: e["source"] for e in stored(redis_server, "click")} == {"h": "website", "q": "ios"}
     assert [r["source"] for r in stored(redis_server, "rejected")] == ["website", "website"]
@@ -45,15 +49,18 @@ async def test_without_write_keys_source_is_null(web, http, redis_server):
 
 
 async def test_cors_any_origin_by_default(web, http):
-    headers = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
-               "Access-Control-Request-Headers": "content-type,x-write-key"}
+    headers = {
+        "Origin": "https://shop.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-write-key",
+    }
     async with http.options(web + "/api/events", headers=headers) as r:
         assert r.status == 204
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         assert "POST" in r.headers["Access-Control-Allow-Methods"]
         assert "X-Write-Key" in r.headers["Access-Control-Allow-Headers"]
     # Errors carry the headers too, so a page can read its per-event errors and Retry-After.
-    status, body, headers = await post(http, web, {"type": "click"}, **{"Origin": "https://shop.example"})
+    status, _, headers = await post(http, web, {"type": "click"}, **{"Origin": "https://shop.example"})
     assert status == 422 and headers["Access-Control-Allow-Origin"] == "*"
     assert headers["Access-Control-Expose-Headers"] == "Retry-After"
     async with http.get(web + "/healthz", headers={"Origin": "https://shop.example"}) as r:
@@ -70,11 +77,13 @@ async def test_cors_allow_list(settings, redis_server, http):
         async with http.options(base + "/api/events", headers={"Origin": "https://evil.example", **preflight}) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
         # A text/plain POST needs no preflight, so the POST itself is refused too.
-        status, body, headers = await post(http, base, {**CLICK, "event_id": "evil"}, "text/plain",
-                                           Origin="https://evil.example")
+        status, body, headers = await post(
+            http, base, {**CLICK, "event_id": "evil"}, "text/plain", Origin="https://evil.example"
+        )
         assert status == 403 and "https://evil.example" in body["error"]
-        status, _, headers = await post(http, base, {**CLICK, "event_id": "shop"}, "text/plain",
-                                        Origin="https://shop.example")
+        status, _, headers = await post(
+            http, base, {**CLICK, "event_id": "shop"}, "text/plain", Origin="https://shop.example"
+        )
         assert status == 202 and headers["Access-Control-Allow-Origin"] == "https://shop.example"
         assert (await post(http, base, {**CLICK, "event_id": "curl"}))[0] == 202  # no Origin: not a browser
     assert [e["event_id"] for e in stored(redis_server, "click")] == ["shop", "curl"]
@@ -85,7 +94,7 @@ def _iso(moment: datetime) -> str:
 
 
 async def test_clock_skew_policy(web, http, redis_server):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     events = [
         {**CLICK, "event_id": "hour-ahead", "timestamp": _iso(now + timedelta(hours=1))},
         {**CLICK, "event_id": "backfill", "timestamp": "2001-02-03T04:05:06Z"},
@@ -98,7 +107,9 @@ async def test_clock_skew_policy(web, http, redis_server):
     assert (status, body["accepted"], body["rejected"]) == (202, 2, 4)
     errors = {e["event_id"]: e for e in body["errors"]}
     assert {e["field"] for e in errors.values()} == {"timestamp"}
-    assert re.search(r"is 17\d{4} s ahead of the server's clock; the limit is 86400 s", errors["two-days-ahead"]["message"])
+    assert re.search(
+        r"is 17\d{4} s ahead of the server's clock; the limit is 86400 s", errors["two-days-ahead"]["message"]
+    )
     assert "was it sent in seconds?" in errors["seconds"]["message"]
     assert "before 2000-01-01" in errors["1999"]["message"]
     assert "ahead" in errors["year-9999"]["message"]
@@ -215,8 +226,10 @@ async def test_slow_clients_are_cut_off(settings, redis_server, http):
 
         # Whole head, then the body trickles: 408 after the timeout.
         reader, writer = await _raw(quick.port)
-        writer.write(b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"type\":")
+        writer.write(
+            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"type":'
+        )
         await writer.drain()
         started = time.monotonic()
         reply = await asyncio.wait_for(reader.read(4096), timeout=5)
@@ -239,8 +252,17 @@ async def test_web_metrics_count_requests_and_events(web, http):
     async with http.get(web + "/metrics") as r:
         before = await r.text()
         assert r.headers["Content-Type"].startswith("text/plain")
-    await post(http, web, [{**CLICK, "event_id": "m1"}, {**CLICK, "event_id": "m1"}, {"type": "click"},
-                           {"type": "nope"}, {"type": "keydown", "key": "a"}])
+    await post(
+        http,
+        web,
+        [
+            {**CLICK, "event_id": "m1"},
+            {**CLICK, "event_id": "m1"},
+            {"type": "click"},
+            {"type": "nope"},
+            {"type": "keydown", "key": "a"},
+        ],
+    )
     await post(http, web, b"{oops")
     async with http.get(web + "/metrics") as r:
         after = await r.text()
@@ -310,8 +332,7 @@ async def test_worker_metrics_and_json_commit_log(settings, web, http, spawn):
     assert _metric(text, "streamapp_commit_seconds_count", table="events.clicks") >= 1
     assert _metric(text, "streamapp_freshness_seconds_count", table="events.clicks") >= 1
     assert _metric(text, "streamapp_window_events_sum", agent="clicks") == 25
-    commits = [json.loads(line) for line in worker.output().splitlines()
-               if line.startswith("{") and '"rows"' in line]
+    commits = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{") and '"rows"' in line]
     assert sum(c["rows"] for c in commits if c["table"] == "events.clicks") == 25
     for c in commits:
         assert c["level"] == "INFO" and c["bytes"] > 0 and c["duration_seconds"] > 0 and c["lag_seconds"] >= 0
@@ -359,11 +380,14 @@ async def test_openapi_declares_write_keys_when_configured(settings, redis_serve
     assert "k-web-123" not in json.dumps(doc)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ("key-without-source", "item 1 is not KEY:SOURCE"),
-    ("a:web,:ios", "item 2 is not KEY:SOURCE"),
-    ("a:web,a:ios", "item 2 repeats a key"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("key-without-source", "item 1 is not KEY:SOURCE"),
+        ("a:web,:ios", "item 2 is not KEY:SOURCE"),
+        ("a:web,a:ios", "item 2 repeats a key"),
+    ],
+)
 def test_write_key_setting_errors_never_echo_keys(raw, message):
     from streamapp.settings import Settings, SettingsError
 

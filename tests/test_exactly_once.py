@@ -19,14 +19,17 @@ from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 N = 300
 
 
-@pytest.mark.parametrize("crash_at", [
-    "before_commit",  # rows not written yet
-    "during_write",  # Parquet files written, commit not made: orphans, not rows
-    "after_commit",  # committed, Redis never told: the window is read again and skipped
-    "before_commit:3",
-    "during_write:2",
-    "after_commit:4",
-])
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        "before_commit",  # rows not written yet
+        "during_write",  # Parquet files written, commit not made: orphans, not rows
+        "after_commit",  # committed, Redis never told: the window is read again and skipped
+        "before_commit:3",
+        "during_write:2",
+        "after_commit:4",
+    ],
+)
 async def test_sigkill_at_each_point_of_a_window_then_restart(web, http, settings, spawn, crash_at):
     small = dataclasses.replace(settings, window_count=50)
     await send(http, web, clicks("e", N), chunk=50)  # a request is one entry, and a window never splits one

@@ -57,12 +57,22 @@ WHOLE_BODY = [
     ("brotli", b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
     ("deflate", b"{}", {"Content-Encoding": "deflate"}, 415, "Content-Encoding"),
     ("not-gzip", b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "gzip"),
-    ("gzip-truncated", gzip.compress(b'{"type":"click","x":1,"y":2}')[:-12], {"Content-Encoding": "gzip"}, 400,
-     "truncated"),
+    (
+        "gzip-truncated",
+        gzip.compress(b'{"type":"click","x":1,"y":2}')[:-12],
+        {"Content-Encoding": "gzip"},
+        400,
+        "truncated",
+    ),
     ("body-over-limit", b" " * (1024 * 1024 + 1), {}, 413, "limit"),
     ("too-many-events", json.dumps([CLICK] * 501).encode(), {}, 413, "501 events"),
-    ("too-many-lines", b"\n".join([json.dumps(CLICK).encode()] * 501), {"Content-Type": "application/x-ndjson"},
-     413, "501 events"),
+    (
+        "too-many-lines",
+        b"\n".join([json.dumps(CLICK).encode()] * 501),
+        {"Content-Type": "application/x-ndjson"},
+        413,
+        "501 events",
+    ),
     ("gzip-bomb", _bomb(10 << 20), {"Content-Encoding": "gzip"}, 413, "inflates"),
 ]
 
@@ -96,8 +106,9 @@ async def _answer(http, base: str, body: bytes, headers: dict[str, str]) -> tupl
         return r.status, await r.json()
 
 
-@pytest.mark.parametrize(("body", "headers", "status", "needle"), [c[1:] for c in WHOLE_BODY],
-                         ids=[c[0] for c in WHOLE_BODY])
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "needle"), [c[1:] for c in WHOLE_BODY], ids=[c[0] for c in WHOLE_BODY]
+)
 async def test_whole_body_refusals(web, http, redis_server, body, headers, status, needle):
     got, reply = await _answer(http, web, body, headers)
     assert (got, needle in reply["error"]) == (status, True), reply
@@ -120,10 +131,24 @@ async def test_per_event_refusals(web, http, redis_server, event, field, needle)
 
 
 RAW = [
-    ("header-too-long", b"POST /api/events HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 10_000 + b"\r\n\r\n",
-     400, b"more than 8190 bytes"),
-    ("url-too-long", b"POST /api/events?" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"more than 8190 bytes"),
-    ("bad-content-length", b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, b"Content-Length"),
+    (
+        "header-too-long",
+        b"POST /api/events HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 10_000 + b"\r\n\r\n",
+        400,
+        b"more than 8190 bytes",
+    ),
+    (
+        "url-too-long",
+        b"POST /api/events?" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        b"more than 8190 bytes",
+    ),
+    (
+        "bad-content-length",
+        b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        400,
+        b"Content-Length",
+    ),
     ("bad-chunk", b"POST /api/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, b"chunk"),
     ("get-on-ingest", b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"Not Allowed"),
 ]
@@ -146,8 +171,10 @@ async def test_a_chunked_body_over_the_limit_is_refused_when_it_arrives_at_once(
     takes it without waiting): its size is still checked."""
     small = dataclasses.replace(settings, max_body_bytes=100)
     body = json.dumps([{**CLICK, "event_id": f"c{i}"} for i in range(3)]).encode()
-    request = (b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    request = (
+        b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    )
     async with running_web(small):
         reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
         writer.write(request)  # one write: the whole body is in the server's buffer before the view runs
@@ -186,8 +213,10 @@ def test_gzip_bomb_costs_the_server_almost_nothing(settings, redis_server, spawn
     elapsed = time.perf_counter() - started
     cpu = _cpu_seconds(pid) - cpu_before
     grown = _rss_kib(pid, "VmHWM") - before
-    print(f"\ngzip bomb {len(bomb) / 1e6:.2f} MB -> {inflated >> 20} MiB: {status}, server CPU {cpu * 1000:.0f} ms, "
-          f"wall {elapsed * 1000:.1f} ms, peak RSS +{grown} KiB (RSS before {before} KiB)")
+    print(
+        f"\ngzip bomb {len(bomb) / 1e6:.2f} MB -> {inflated >> 20} MiB: {status}, server CPU {cpu * 1000:.0f} ms, "
+        f"wall {elapsed * 1000:.1f} ms, peak RSS +{grown} KiB (RSS before {before} KiB)"
+    )
     assert status == 413
     assert cpu < 0.050, f"{cpu * 1000:.0f} ms of CPU"
     assert grown < 5 * 1024, f"{grown} KiB"
@@ -213,8 +242,9 @@ def _post_status(port: int, body: bytes) -> int:
     """POST the bomb; the server may answer and close before the whole upload is sent."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        c.request("POST", "/api/events", body=body, headers={"Content-Type": "application/json",
-                                                             "Content-Encoding": "gzip"})
+        c.request(
+            "POST", "/api/events", body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        )
     except (BrokenPipeError, ConnectionResetError):
         pass  # answered before the upload finished: read the answer
     return c.getresponse().status

@@ -49,7 +49,9 @@ async def test_array_and_ndjson(web, http, redis_server):
 
 
 async def test_gzip_body(web, http, redis_server):
-    status, body, _ = await post(http, web, gzip.compress(json.dumps([CLICK] * 5).encode()), **{"Content-Encoding": "gzip"})
+    status, body, _ = await post(
+        http, web, gzip.compress(json.dumps([CLICK] * 5).encode()), **{"Content-Encoding": "gzip"}
+    )
     assert (status, body["accepted"]) == (202, 5)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -17,7 +17,7 @@ from streamapp.engine.app import App
 from streamapp.web.ingest import JSON, NDJSON, Ingest, InvalidBody, TooManyEvents, uuid7
 from streamapp.web.wire import BodyError, body_kind
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,17 @@ def test_uuid7_is_a_valid_time_ordered_uuid():
     assert len({uuid7() for _ in range(10_000)}) == 10_000
 
 
-@pytest.mark.parametrize(("header", "kind"), [
-    ("", JSON), ("application/json", JSON), ("Application/JSON; charset=utf-8", JSON),
-    ("text/plain;charset=UTF-8", JSON), ("application/x-ndjson", NDJSON),
-    ("application/jsonl", NDJSON),
-])
+@pytest.mark.parametrize(
+    ("header", "kind"),
+    [
+        ("", JSON),
+        ("application/json", JSON),
+        ("Application/JSON; charset=utf-8", JSON),
+        ("text/plain;charset=UTF-8", JSON),
+        ("application/x-ndjson", NDJSON),
+        ("application/jsonl", NDJSON),
+    ],
+)
 def test_content_types(header, kind):
     assert body_kind(header) == kind
 
@@ -93,11 +99,22 @@ def test_type_of_any_json_kind_is_a_clear_rejection(ingest, kind):
     assert batch.accepted == [] and batch.errors[0].field == "type"
     assert batch.errors[0].message.startswith("unknown event type") and "click, keydown" in batch.errors[0].message
 
-_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                     max_leaves=12)
-_field = st.sampled_from(["type", "x", "y", "button", "key", "code", "alt", "event_id", "timestamp", "properties",
-                          "user_id", "extra"])
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_field = st.sampled_from(
+    ["type", "x", "y", "button", "key", "code", "alt", "event_id", "timestamp", "properties", "user_id", "extra"]
+)
 _eventish = st.dictionaries(_field, st.sampled_from(["click", "keydown"]) | _json, max_size=8)
 
 
@@ -107,7 +124,9 @@ def test_any_json_batch_is_answered_event_by_event(ingest, items):
     """Whatever the JSON, every item is either accepted or has one error; nothing else escapes."""
     batch = ingest.parse(json.dumps(items).encode(), JSON, NOW)
     assert batch.accepted_events + len(batch.errors) == len(items)
-    assert sorted([i for a in batch.accepted for i in a.indexes] + [e.index for e in batch.errors]) == list(range(len(items)))
+    assert sorted([i for a in batch.accepted for i in a.indexes] + [e.index for e in batch.errors]) == list(
+        range(len(items))
+    )
     assert len(batch.rejected) == len(batch.errors)
 
 
@@ -121,8 +140,11 @@ def test_any_bytes_get_a_batch_or_a_body_error(ingest, body, kind):
 
 
 def test_an_array_of_mixed_types_is_one_group_per_type_in_request_order(ingest):
-    events = [{"type": "click", "x": 1, "y": 1, "event_id": "c1"}, {"type": "keydown", "key": "a", "event_id": "k1"},
-              {"type": "click", "x": 2, "y": 2, "event_id": "c2"}]
+    events = [
+        {"type": "click", "x": 1, "y": 1, "event_id": "c1"},
+        {"type": "keydown", "key": "a", "event_id": "k1"},
+        {"type": "click", "x": 2, "y": 2, "event_id": "c2"},
+    ]
     for body, kind in ((json.dumps(events), JSON), ("\n".join(map(json.dumps, events)), NDJSON)):
         clicks, keydowns = ingest.parse(body.encode(), kind, NOW).accepted
         assert (clicks.event_type, list(clicks.indexes), clicks.ids) == ("click", [0, 2], ["c1", "c2"])

@@ -11,7 +11,7 @@ from streamapp.logs import ClientErrorFilter
 def _record(error: Exception) -> logging.LogRecord:
     try:
         raise error
-    except Exception:
+    except Exception:  # noqa: BLE001 - any exception, as aiohttp's handler would catch it
         exc_info = sys.exc_info()
     return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (), exc_info)
 

@@ -4,7 +4,7 @@ exactly once and the stream position, bound snapshots and files, and lose a race
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
@@ -21,14 +21,20 @@ from streamapp.names import position_property
 from streamapp.settings import Settings
 from tests.helpers import assert_exactly_once
 
-DAY1 = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
+DAY1 = datetime(2026, 11, 26, 12, tzinfo=UTC)
 
 
 def _window(n: int, size: int = 4) -> Window:
     """Window n: `size` clicks on two days, stream ids n-0.. (positions grow with n)."""
     events = [ClickEvent(x=n, y=j, event_id=f"w{n}-{j}", timestamp=DAY1 + timedelta(days=j % 2)) for j in range(size)]
-    return Window(ClickEvent, "stream", "agent", [f"{n + 1}-{j}" for j in range(size)],
-                  [msgspec.json.encode(e) for e in events], [int(DAY1.timestamp() * 1e6)] * size)
+    return Window(
+        ClickEvent,
+        "stream",
+        "agent",
+        [f"{n + 1}-{j}" for j in range(size)],
+        [msgspec.json.encode(e) for e in events],
+        [int(DAY1.timestamp() * 1e6)] * size,
+    )
 
 
 @pytest.fixture
@@ -83,7 +89,7 @@ def test_compaction_that_loses_a_race_changes_nothing(sink, settings, monkeypatc
         compact(table, keep_snapshots=5)
     table.refresh()
     assert data_files(table) == before + 2  # nothing replaced; the other window's two files are in
-    expected = {f"w{n}-{j}" for n in list(range(30)) + [1000] for j in range(4)}
+    expected = {f"w{n}-{j}" for n in [*range(30), 1000] for j in range(4)}
     assert_exactly_once([{"event_id": i} for i in _ids(table)], expected)
     monkeypatch.undo()
     assert compact(table, keep_snapshots=5) == before + 2  # and the next attempt compacts all
@@ -110,5 +116,6 @@ def test_a_tagged_snapshot_outlives_expiry(sink):
     table.refresh()
     ids = {s.snapshot_id for s in table.metadata.snapshots}
     assert tagged in ids and len(ids) == 6  # the newest 5 and the tagged one
-    assert sorted(table.scan(snapshot_id=tagged).to_arrow().column("event_id").to_pylist()) == \
-        [f"w0-{j}" for j in range(4)]
+    assert sorted(table.scan(snapshot_id=tagged).to_arrow().column("event_id").to_pylist()) == [
+        f"w0-{j}" for j in range(4)
+    ]

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import signal
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 import pyarrow as pa
@@ -15,37 +15,60 @@ import pyarrow as pa
 from models.click import ClickEvent
 from streamapp import names
 from streamapp.engine.app import Agent
+from streamapp.engine.stream import Stream
+from streamapp.engine.worker import trim_streams
 from streamapp.entries import stream_events
 from streamapp.lake.catalog import open_catalog
 from streamapp.redis_client import reader_client
-from streamapp.engine.stream import Stream
-from streamapp.engine.worker import trim_streams
 from tests.conftest import table_rows, wait_until
 from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 
 
 async def test_events_reach_iceberg_with_every_column(web, http, settings, spawn):
     worker = spawn("worker", settings)
-    click = {"type": "click", "event_id": "c-1", "x": 5, "y": 6, "button": 2, "timestamp": "2026-11-27T10:00:00Z",
-             "user_id": "u", "session_id": "s", "page_url": "https://example.test/p", "target": "button#buy",
-             "properties": {"plan": "pro", "n": [1, 2]}}
+    click = {
+        "type": "click",
+        "event_id": "c-1",
+        "x": 5,
+        "y": 6,
+        "button": 2,
+        "timestamp": "2026-11-27T10:00:00Z",
+        "user_id": "u",
+        "session_id": "s",
+        "page_url": "https://example.test/p",
+        "target": "button#buy",
+        "properties": {"plan": "pro", "n": [1, 2]},
+    }
     key = {"type": "keydown", "event_id": "k-1", "key": "Enter", "code": "Enter", "ctrl": True}
     bad = {"type": "click", "event_id": "bad-1", "x": 1}
     started = time.monotonic()
-    async with http.post(web + "/api/events", data=json.dumps([click, key, bad]),
-                         headers={"Content-Type": "application/json"}) as r:
+    async with http.post(
+        web + "/api/events", data=json.dumps([click, key, bad]), headers={"Content-Type": "application/json"}
+    ) as r:
         assert r.status == 202
     [c] = await wait_rows(settings, "events.clicks", 1)
     [k] = await wait_rows(settings, "events.keydowns", 1)
     [rej] = await wait_rows(settings, "events.rejected", 1)
     assert time.monotonic() - started < settings.window_seconds + 2 + 3  # + worker start-up
     assert c["event_id"] == "c-1" and (c["x"], c["y"], c["button"]) == (5, 6, 2)
-    assert c["event_time"] == datetime(2026, 11, 27, 10, tzinfo=timezone.utc)
-    assert abs((c["received_at"] - datetime.now(timezone.utc)).total_seconds()) < 30
-    assert (c["user_id"], c["session_id"], c["page_url"], c["target"]) == ("u", "s", "https://example.test/p", "button#buy")
+    assert c["event_time"] == datetime(2026, 11, 27, 10, tzinfo=UTC)
+    assert abs((c["received_at"] - datetime.now(UTC)).total_seconds()) < 30
+    assert (c["user_id"], c["session_id"], c["page_url"], c["target"]) == (
+        "u",
+        "s",
+        "https://example.test/p",
+        "button#buy",
+    )
     assert json.loads(c["properties"]) == {"plan": "pro", "n": [1, 2]}
-    assert (k["key"], k["code"], k["ctrl"], k["alt"], k["shift"], k["meta"], k["repeat"]) == \
-        ("Enter", "Enter", True, False, False, False, False)
+    assert (k["key"], k["code"], k["ctrl"], k["alt"], k["shift"], k["meta"], k["repeat"]) == (
+        "Enter",
+        "Enter",
+        True,
+        False,
+        False,
+        False,
+        False,
+    )
     assert k["event_time"] == k["received_at"]  # no timestamp sent: the receive time
     assert rej["event_id"] == "bad-1" and rej["field"] == "y" and json.loads(rej["raw"]) == bad
     assert "Traceback" not in worker.output()
@@ -67,7 +90,7 @@ async def test_tables_are_partitioned_by_day(web, http, settings, spawn):
 async def test_windows_close_by_count_and_by_time(settings, redis_server):
     r = redis_server.client()
     for i in range(7):
-        ev = ClickEvent(x=i, y=i, event_id=f"w{i}", timestamp=datetime.now(timezone.utc))
+        ev = ClickEvent(x=i, y=i, event_id=f"w{i}", timestamp=datetime.now(UTC))
         r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"})
     stream, stopping = Stream(ClickEvent), asyncio.Event()
     client = reader_client(settings)
@@ -90,7 +113,7 @@ async def test_entries_holding_several_events_are_read_whole(settings, redis_ser
     """An entry may hold one request's events as NDJSON with their count `n`: a window counts
     events, never splits an entry (its id is one position), and takes the rest next time."""
     r = redis_server.client()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def entry(*ids: str) -> None:
         body = b"\n".join(msgspec.json.encode(ClickEvent(x=1, y=1, event_id=i, timestamp=now)) for i in ids)
@@ -120,7 +143,7 @@ async def test_a_failing_agent_gets_the_same_window_again(settings, redis_server
     """faust-streaming acks a window whose agent raised, losing it; here it is delivered again."""
     r = redis_server.client()
     for i in range(4):
-        ev = ClickEvent(x=i, y=i, event_id=f"f{i}", timestamp=datetime.now(timezone.utc))
+        ev = ClickEvent(x=i, y=i, event_id=f"f{i}", timestamp=datetime.now(UTC))
         r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"})
     seen: list[list[str]] = []
     stopping = asyncio.Event()
@@ -274,8 +297,12 @@ async def test_a_replaced_redis_with_a_clock_behind_loses_nothing(web, http, set
     r = redis_server.client()
     r.flushall()
     for i in range(3):  # what a server whose clock is an hour behind writes
-        ev = ClickEvent(x=i, y=i, event_id=f"late{i}", timestamp=datetime.now(timezone.utc))
-        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
+        ev = ClickEvent(x=i, y=i, event_id=f"late{i}", timestamp=datetime.now(UTC))
+        r.xadd(
+            names.stream("click"),
+            {"e": msgspec.json.encode(ev), "r": "0"},
+            id=f"{int(time.time() * 1000) - 3_600_000}-{i}",
+        )
     worker = spawn("worker", settings)
     rows = await wait_rows(settings, "events.clicks", 8)
     assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)})
@@ -291,11 +318,17 @@ async def test_a_replaced_redis_with_a_clock_behind_loses_nothing(web, http, set
     await asyncio.to_thread(redis_server.start)
     r = redis_server.client()
     for i in range(2):
-        ev = ClickEvent(x=i, y=i, event_id=f"later{i}", timestamp=datetime.now(timezone.utc))
-        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{int(time.time() * 1000) - 3_600_000}-{i}")
+        ev = ClickEvent(x=i, y=i, event_id=f"later{i}", timestamp=datetime.now(UTC))
+        r.xadd(
+            names.stream("click"),
+            {"e": msgspec.json.encode(ev), "r": "0"},
+            id=f"{int(time.time() * 1000) - 3_600_000}-{i}",
+        )
     worker.signal(signal.SIGCONT)
     rows = await wait_rows(settings, "events.clicks", 10)
-    assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)} | {f"later{i}" for i in range(2)})
+    assert_exactly_once(
+        rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)} | {f"later{i}" for i in range(2)}
+    )
     assert "Moved 2 entries past it" in worker.output()
 
 
@@ -303,26 +336,34 @@ async def test_source_column_is_added_to_a_v1_table_by_schema_evolution(settings
     """A table created before write keys existed gains `source` at the end; old rows read null."""
     from pyiceberg.schema import Schema
 
-    from streamapp.lake.catalog import TABLE_PROPERTIES
-    from streamapp.model import day_partition
+    from streamapp.lake.catalog import TABLE_PROPERTIES, day_partition
     from tests.conftest import running_web
 
     catalog = open_catalog(settings)
     catalog.create_namespace("events")
     full = ClickEvent.iceberg_schema()
     v1 = Schema(*[f for f in full.fields if f.name != "source"])
-    old = catalog.create_table("events.clicks", schema=v1, partition_spec=day_partition(v1, "event_time"),
-                               properties=TABLE_PROPERTIES)
-    row = {f.name: None for f in v1.fields} | {"event_id": "v1-row", "x": 1, "y": 2, "button": 0,
-                                                "event_time": datetime(2026, 1, 1, tzinfo=timezone.utc),
-                                                "received_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}
+    old = catalog.create_table(
+        "events.clicks", schema=v1, partition_spec=day_partition(v1, "event_time"), properties=TABLE_PROPERTIES
+    )
+    row = {f.name: None for f in v1.fields} | {
+        "event_id": "v1-row",
+        "x": 1,
+        "y": 2,
+        "button": 0,
+        "event_time": datetime(2026, 1, 1, tzinfo=UTC),
+        "received_at": datetime(2026, 1, 1, tzinfo=UTC),
+    }
     old.append(pa.Table.from_pylist([row], schema=v1.as_arrow()))
 
     keyed = dataclasses.replace(settings, write_keys={"k1": "website"})
     spawn("worker", keyed)
     async with running_web(keyed) as base:
-        async with http.post(base + "/api/events", data=json.dumps({"type": "click", "x": 3, "y": 4, "event_id": "new"}),
-                             headers={"X-Write-Key": "k1"}) as r:
+        async with http.post(
+            base + "/api/events",
+            data=json.dumps({"type": "click", "x": 3, "y": 4, "event_id": "new"}),
+            headers={"X-Write-Key": "k1"},
+        ) as r:
             assert r.status == 202
         rows = await wait_rows(settings, "events.clicks", 2)
     assert {r["event_id"]: r["source"] for r in rows} == {"v1-row": None, "new": "website"}

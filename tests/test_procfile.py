@@ -18,8 +18,12 @@ from tests.helpers import assert_exactly_once
 
 
 def _post(port: int, events) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/events", data=json.dumps(events).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/events",
+        data=json.dumps(events).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read())
@@ -39,9 +43,14 @@ class Honcho:
     def __init__(self, cwd, log):
         env = clean_env()
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "-d", str(cwd),
-                                      "start"], cwd=cwd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "-d", str(cwd), "start"],
+            cwd=cwd,
+            env=env,
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -54,8 +63,10 @@ class Honcho:
 
 def test_honcho_start_runs_the_whole_pipeline(tmp_path):
     port, redis_port = free_port(), free_port()
-    (tmp_path / ".env").write_text(f"PORT={port}\nSTREAMAPP_REDIS_PORT={redis_port}\n"
-                                   f"STREAMAPP_WAREHOUSE={tmp_path / 'wh'}\nSTREAMAPP_WINDOW_SECONDS=1\n")
+    (tmp_path / ".env").write_text(
+        f"PORT={port}\nSTREAMAPP_REDIS_PORT={redis_port}\n"
+        f"STREAMAPP_WAREHOUSE={tmp_path / 'wh'}\nSTREAMAPP_WINDOW_SECONDS=1\n"
+    )
     settings = Settings.from_env({}, dotenv=tmp_path / ".env")
     stack = Honcho(tmp_path, tmp_path / "honcho.log")
     try:
@@ -64,8 +75,12 @@ def test_honcho_start_runs_the_whole_pipeline(tmp_path):
         sent = time.monotonic()
         assert _post(port, {"type": "click", "x": 3, "y": 4, "event_id": "hc-1"})[0] == 202
         assert _post(port, {"type": "keydown", "key": "q", "event_id": "hk-1"})[0] == 202
-        wait_until(lambda: table_rows(settings, "events.clicks") and table_rows(settings, "events.keydowns"),
-                   settings.window_seconds + 2, 0.1, "both rows within STREAMAPP_WINDOW_SECONDS + 2 s")
+        wait_until(
+            lambda: table_rows(settings, "events.clicks") and table_rows(settings, "events.keydowns"),
+            settings.window_seconds + 2,
+            0.1,
+            "both rows within STREAMAPP_WINDOW_SECONDS + 2 s",
+        )
         print(f"click and keydown in Iceberg {time.monotonic() - sent:.2f}s after the POST")
 
         # Stop the whole stack while requests are in flight: every 202 must survive.
@@ -73,7 +88,7 @@ def test_honcho_start_runs_the_whole_pipeline(tmp_path):
 
         def fire(i: int):
             events = [{"type": "click", "x": i, "y": j, "event_id": f"s{i}-{j}"} for j in range(20)]
-            status, body = _post(port, events)
+            status, _ = _post(port, events)
             if status == 202:
                 accepted.update(e["event_id"] for e in events)
             return status
@@ -93,7 +108,9 @@ def test_honcho_start_runs_the_whole_pipeline(tmp_path):
     # Restart: the worker resumes from the committed position and writes what was accepted, once.
     stack = Honcho(tmp_path, tmp_path / "honcho2.log")
     try:
-        wait_until(lambda: len(table_rows(settings, "events.clicks")) >= 1 + len(accepted), 60, 0.3, "all accepted rows")
+        wait_until(
+            lambda: len(table_rows(settings, "events.clicks")) >= 1 + len(accepted), 60, 0.3, "all accepted rows"
+        )
         time.sleep(1.5)
         rows = [r for r in table_rows(settings, "events.clicks") if r["event_id"] != "hc-1"]
         assert_exactly_once(rows, accepted)

@@ -19,7 +19,9 @@ def test_defaults(tmp_path, monkeypatch):
 
 def test_environment_wins_over_dotenv(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text("PORT=9001\nSTREAMAPP_WINDOW_COUNT=5\nSTREAMAPP_WAREHOUSE=/tmp/from-dotenv\nSTREAMAPP_GRACE_SECONDS=2.5\n")
+    env_file.write_text(
+        "PORT=9001\nSTREAMAPP_WINDOW_COUNT=5\nSTREAMAPP_WAREHOUSE=/tmp/from-dotenv\nSTREAMAPP_GRACE_SECONDS=2.5\n"
+    )
     s = Settings.from_env({"PORT": "9002"}, dotenv=env_file)
     assert s.port == 9002  # environment
     assert s.window_count == 5  # .env
@@ -35,16 +37,19 @@ def test_redis_url_and_port():
     assert not s.embedded_redis
 
 
-@pytest.mark.parametrize(("name", "value", "needle"), [
-    ("PORT", "eighty", "PORT='eighty'"),
-    ("STREAMAPP_WINDOW_COUNT", "0", "STREAMAPP_WINDOW_COUNT"),
-    ("STREAMAPP_WINDOW_SECONDS", "-1", "STREAMAPP_WINDOW_SECONDS"),
-    ("STREAMAPP_GRACE_SECONDS", "-1", "STREAMAPP_GRACE_SECONDS"),
-    ("STREAMAPP_GRACE_SECONDS", "ten", "STREAMAPP_GRACE_SECONDS='ten'"),
-    ("STREAMAPP_REDIS_APPENDFSYNC", "sometimes", "STREAMAPP_REDIS_APPENDFSYNC"),
-    ("STREAMAPP_WEB_PROCESSES", "-1", "STREAMAPP_WEB_PROCESSES must be >= 0"),
-    ("STREAMAPP_WEB_PROCESSES", "two", "STREAMAPP_WEB_PROCESSES='two'"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("PORT", "eighty", "PORT='eighty'"),
+        ("STREAMAPP_WINDOW_COUNT", "0", "STREAMAPP_WINDOW_COUNT"),
+        ("STREAMAPP_WINDOW_SECONDS", "-1", "STREAMAPP_WINDOW_SECONDS"),
+        ("STREAMAPP_GRACE_SECONDS", "-1", "STREAMAPP_GRACE_SECONDS"),
+        ("STREAMAPP_GRACE_SECONDS", "ten", "STREAMAPP_GRACE_SECONDS='ten'"),
+        ("STREAMAPP_REDIS_APPENDFSYNC", "sometimes", "STREAMAPP_REDIS_APPENDFSYNC"),
+        ("STREAMAPP_WEB_PROCESSES", "-1", "STREAMAPP_WEB_PROCESSES must be >= 0"),
+        ("STREAMAPP_WEB_PROCESSES", "two", "STREAMAPP_WEB_PROCESSES='two'"),
+    ],
+)
 def test_bad_values_name_the_variable(name, value, needle):
     with pytest.raises(SettingsError, match=needle):
         Settings.from_env({name: value}, dotenv=None)

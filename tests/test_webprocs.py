@@ -48,8 +48,9 @@ def _start(spawn, settings, processes: int = 2):
     web = spawn("web", settings, STREAMAPP_WEB_PROCESSES=str(processes))
     wait_until(lambda: web.output().count("web: listening on") == processes, 30, what="every process to listen")
     assert _serving(settings.port)
-    children = wait_until(lambda: (c := _children(web.proc.pid)) and len(c) == processes and c, 10,
-                          what=f"{processes} web processes")
+    children = wait_until(
+        lambda: (c := _children(web.proc.pid)) and len(c) == processes and c, 10, what=f"{processes} web processes"
+    )
     return web, children
 
 

@@ -39,8 +39,11 @@ def test_hopping_puts_each_event_in_exactly_the_windows_that_hold_it(t, size, st
         size, step = step, size
     got = Hopping(size, step).assign(t)
     k0 = math.floor(t / step)
-    reference = [Interval(k * step, k * step + size) for k in range(k0 - size // step - 2, k0 + 2)
-                 if k * step <= t < k * step + size]
+    reference = [
+        Interval(k * step, k * step + size)
+        for k in range(k0 - size // step - 2, k0 + 2)
+        if k * step <= t < k * step + size
+    ]
     assert got == reference
     if size % step == 0:
         assert len(got) == size // step

@@ -49,8 +49,12 @@ async def test_one_entry_per_request_and_stream_with_its_count(writer, redis_ser
     assert await writer.write([entry(["d"])]) == [()]
     r = redis_server.client()
     [(_, first), (_, second)] = r.xrange(CLICKS)
-    assert first == {b"e": b'{"event_id": "a"}\n{"event_id": "b"}\n{"event_id": "c"}', b"n": b"3",
-                     b"r": b"1764000000123456", b"c": b"3"}
+    assert first == {
+        b"e": b'{"event_id": "a"}\n{"event_id": "b"}\n{"event_id": "c"}',
+        b"n": b"3",
+        b"r": b"1764000000123456",
+        b"c": b"3",
+    }
     assert (second[b"n"], second[b"c"]) == (b"1", b"4")  # c: the stream's events so far
     [(_, rejected)] = r.xrange(names.stream("rejected"))
     assert (rejected[b"n"], rejected[b"c"]) == (b"1", b"1")
@@ -154,8 +158,12 @@ async def test_the_backlog_counts_events_not_entries(writer, client, redis_serve
 
 def test_stream_events_from_xinfo():
     def info(length, first, last, added=0):
-        return {"length": length, "entries-added": added, "first-entry": first and ("1-0", first),
-                "last-entry": last and ("2-0", last)}
+        return {
+            "length": length,
+            "entries-added": added,
+            "first-entry": first and ("1-0", first),
+            "last-entry": last and ("2-0", last),
+        }
 
     assert stream_events(info(0, None, None, added=7)) == (0, 7)
     assert stream_events(info(2, {b"e": b"x", b"r": b"0"}, {b"e": b"y", b"r": b"0"}, added=5)) == (2, 5)
@@ -192,8 +200,9 @@ async def test_a_flush_whose_sets_cannot_be_placed_is_refused_whole(writer, redi
     from streamapp.web import writer as module
 
     jumps = iter(range(1, 100))
-    clock = types.SimpleNamespace(perf_counter=time.perf_counter,
-                                  time_ns=lambda: time.time_ns() + next(jumps) * 3_600_000_000_000 * 10)
+    clock = types.SimpleNamespace(
+        perf_counter=time.perf_counter, time_ns=lambda: time.time_ns() + next(jumps) * 3_600_000_000_000 * 10
+    )
     monkeypatch.setattr(module, "time", clock)
     with pytest.raises(ResponseError, match="clock"):
         await writer.write([entry(["j1", "j2"])])

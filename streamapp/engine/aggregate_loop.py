@@ -28,28 +28,62 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 1.0  # flush period: how soon after the watermark passes a window's end it is written
 
 
-async def run_aggregate(reader: StreamReader, catalog: Catalog, settings: Settings, *,
-                        key: Callable[[Any], str | None], column: str, windows: Tumbling | Hopping | Sessions,
-                        grace: float, table: str, keep: float, aggs: dict[str, Aggregation[Any]]) -> None:
+async def run_aggregate(
+    reader: StreamReader,
+    catalog: Catalog,
+    settings: Settings,
+    *,
+    key: Callable[[Any], str | None],
+    column: str,
+    windows: Tumbling | Hopping | Sessions,
+    grace: float,
+    table: str,
+    keep: float,
+    aggs: dict[str, Aggregation[Any]],
+) -> None:
     """Aggregate `reader`'s stream into `table` until the worker stops; start over from the tables
     when another worker committed under this one."""
     spec = aggregate_spec(table, column, {name: (a.column_type, a.nullable) for name, a in aggs.items()})
-    sink = AggregateSink(catalog, spec, reader.key, reader.consumer, keep_snapshots=settings.keep_snapshots,
-                         crash_at=settings.crash_at)
+    sink = AggregateSink(
+        catalog, spec, reader.key, reader.consumer, keep_snapshots=settings.keep_snapshots, crash_at=settings.crash_at
+    )
     while True:
         restored = await asyncio.to_thread(sink.open)
-        log.info("%s: resuming from its last commit (position %s, watermark %s): re-reading after %s",
-                 reader.consumer, restored.position, iso(restored.watermark) or "none", restored.replay_after)
-        watermark = Watermark(grace, value=restored.watermark, max_event=restored.max_event,
-                              max_seen_at=restored.max_seen_at)
+        log.info(
+            "%s: resuming from its last commit (position %s, watermark %s): re-reading after %s",
+            reader.consumer,
+            restored.position,
+            iso(restored.watermark) or "none",
+            restored.replay_after,
+        )
+        watermark = Watermark(
+            grace, value=restored.watermark, max_event=restored.max_event, max_seen_at=restored.max_seen_at
+        )
         agg: Aggregator[Any]
         if isinstance(windows, Sessions):
-            agg = SessionAggregator(key, column, windows, aggs, watermark, closed=restored.watermark,
-                                    position=restored.position, hold_until=restored.late_position,
-                                    state=restored.state)
+            agg = SessionAggregator(
+                key,
+                column,
+                windows,
+                aggs,
+                watermark,
+                closed=restored.watermark,
+                position=restored.position,
+                hold_until=restored.late_position,
+                state=restored.state,
+            )
         else:
-            agg = Aggregator(key, column, windows, aggs, watermark, keep=keep, closed=restored.watermark,
-                             replay_through=restored.position, hold_until=restored.late_position)
+            agg = Aggregator(
+                key,
+                column,
+                windows,
+                aggs,
+                watermark,
+                keep=keep,
+                closed=restored.watermark,
+                replay_through=restored.position,
+                hold_until=restored.late_position,
+            )
         try:
             return await _run(reader, sink, agg, settings.window_count, restored.replay_after)
         except StaleState as e:
@@ -58,7 +92,7 @@ async def run_aggregate(reader: StreamReader, catalog: Catalog, settings: Settin
 
 async def _run(reader: StreamReader, sink: AggregateSink, agg: Aggregator[Any], n: int, after: str) -> None:
     async for batch in reader.windows(after, n, TICK_SECONDS, idle=True):
-        for stream_id, event in zip(batch.ids, batch.events):
+        for stream_id, event in zip(batch.ids, batch.events, strict=True):
             agg.add(stream_id, event, event.timestamp.timestamp())
         flush = agg.flush(time.time() if len(batch) < n else None)  # a full batch: a backlog, not idle
         if flush is not None:

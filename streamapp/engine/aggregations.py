@@ -125,8 +125,10 @@ class _OfValues(Generic[A]):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{type(self).__name__.lower()}(): fn returned {value!r}, not a number")
         if self.column_type is int and not isinstance(value, int):
-            raise TypeError(f"{type(self).__name__.lower()}(): fn returned {value!r} for a long column; "
-                            "pass type=float for a double column")
+            raise TypeError(
+                f"{type(self).__name__.lower()}(): fn returned {value!r} for a long column; "
+                "pass type=float for a double column"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise TypeError(f"{type(self).__name__.lower()}(): fn returned {value!r}, not a finite number")
         return value
@@ -213,17 +215,17 @@ def distinct(fn: Callable[[Any], Hashable | None]) -> Distinct:
     return Distinct(fn)
 
 
-def sum(fn: Callable[[Any], Number | None], *, type: type[int] | type[float] = float) -> Sum:  # noqa: A001
+def sum(fn: Callable[[Any], Number | None], *, type: type[int] | type[float] = float) -> Sum:  # noqa: A001, A002
     """The sum of `fn(event)` over each window's events (None skipped), a double column, or a
     long one with `type=int`."""
     return Sum(fn, type)
 
 
-def min(fn: Callable[[Any], Number | None], *, type: type[int] | type[float] = float) -> Min:  # noqa: A001
+def min(fn: Callable[[Any], Number | None], *, type: type[int] | type[float] = float) -> Min:  # noqa: A001, A002
     """The least `fn(event)` of each window (None skipped; null if every value is None)."""
     return Min(fn, type)
 
 
-def max(fn: Callable[[Any], Number | None], *, type: type[int] | type[float] = float) -> Max:  # noqa: A001
+def max(fn: Callable[[Any], Number | None], *, type: type[int] | type[float] = float) -> Max:  # noqa: A001, A002
     """The greatest `fn(event)` of each window (None skipped; null if every value is None)."""
     return Max(fn, type)

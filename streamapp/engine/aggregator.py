@@ -62,13 +62,36 @@ class Aggregator(Generic[M]):
     before that commit and are only put back into the windows it left open.
     """
 
-    def __init__(self, key: Callable[[M], str | None], column: str, windows: Tumbling | Hopping | Sessions,
-                 aggs: dict[str, Aggregation[Any]], watermark: Watermark, *, keep: float = 0.0,
-                 closed: float = -math.inf, replay_through: str | None = None,
-                 hold_until: str | None = None) -> None:
+    def __init__(
+        self,
+        key: Callable[[M], str | None],
+        column: str,
+        windows: Tumbling | Hopping,
+        aggs: dict[str, Aggregation[Any]],
+        watermark: Watermark,
+        *,
+        keep: float = 0.0,
+        closed: float = -math.inf,
+        replay_through: str | None = None,
+        hold_until: str | None = None,
+    ) -> None:
+        self.windows = windows
+        self._start(key, column, aggs, watermark, keep, closed, replay_through, hold_until)
+
+    def _start(
+        self,
+        key: Callable[[M], str | None],
+        column: str,
+        aggs: dict[str, Aggregation[Any]],
+        watermark: Watermark,
+        keep: float,
+        closed: float,
+        replay_through: str | None,
+        hold_until: str | None,
+    ) -> None:
+        """What every aggregator keeps, whatever its windows."""
         self.key = key
         self.column = column
-        self.windows = windows
         self.aggs = list(aggs.values())
         self.names = list(aggs)
         self.watermark = watermark
@@ -97,7 +120,7 @@ class Aggregator(Generic[M]):
             if slot is None:
                 slot = self.slots[(w.start, key)] = Slot(w, key, [a.new() for a in self.aggs], pos)
                 slot.emitted = replaying and w.end <= self.closed
-            slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs)]
+            slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs, strict=True)]
             if w.end <= self.closed and not replaying:
                 slot.dirty = True
         self.position = pos
@@ -124,17 +147,25 @@ class Aggregator(Generic[M]):
         late, self.late = self.late, []
         self.closed, self.complete = w, self.complete_before(w)
         pos = format_id(self.position)
-        return Flush(rows=rows, rewrite=[(s.window.start, s.key) for s in rewrite], late=late, position=pos,
-                     replay_after=self._replay_after(pos), watermark=w, complete_before=self.complete,
-                     max_event=self.watermark.max_event, max_seen_at=self.watermark.max_seen_at,
-                     state=self._snapshot())
+        return Flush(
+            rows=rows,
+            rewrite=[(s.window.start, s.key) for s in rewrite],
+            late=late,
+            position=pos,
+            replay_after=self._replay_after(pos),
+            watermark=w,
+            complete_before=self.complete,
+            max_event=self.watermark.max_event,
+            max_seen_at=self.watermark.max_seen_at,
+            state=self._snapshot(),
+        )
 
     def complete_before(self, watermark: float) -> float:
         """The hour boundary before which every window start's row is final at `watermark`: a
         window is final once its end is `keep` seconds behind the watermark."""
         if watermark == -math.inf:
             return -math.inf
-        step = getattr(self.windows, "step", self.windows.size)
+        step = self.windows.step
         first_open = (math.floor((watermark - self.keep - self.windows.size) / step) + 1) * step
         return math.floor(first_open / 3600) * 3600
 
@@ -153,7 +184,7 @@ class Aggregator(Generic[M]):
 
     def _row(self, s: Slot) -> dict[str, Any]:
         row: dict[str, Any] = {"window_start": s.window.start, "window_end": s.window.end, self.column: s.key}
-        row.update({n: a.result(acc) for n, a, acc in zip(self.names, self.aggs, s.accs)})
+        row.update({n: a.result(acc) for n, a, acc in zip(self.names, self.aggs, s.accs, strict=True)})
         return row
 
 
@@ -161,19 +192,28 @@ class SessionAggregator(Aggregator[M]):
     """Session windows per key (see the module docstring): restored from the snapshot `state`
     the last commit wrote, reading on after `position`."""
 
-    def __init__(self, key: Callable[[M], str | None], column: str, sessions: Sessions,
-                 aggs: dict[str, Aggregation[Any]], watermark: Watermark, *, closed: float = -math.inf,
-                 position: str | None = None, hold_until: str | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        key: Callable[[M], str | None],
+        column: str,
+        sessions: Sessions,
+        aggs: dict[str, Aggregation[Any]],
+        watermark: Watermark,
+        *,
+        closed: float = -math.inf,
+        position: str | None = None,
+        hold_until: str | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.by_key: dict[str | None, list[Slot]] = {}
         self.aggs = list(aggs.values())
         for k, start, end, first_id, emitted, accs in (state or {}).get("sessions", []):
-            loaded = [a.load(v) for a, v in zip(self.aggs, accs)]
-            self.by_key.setdefault(k, []).append(Slot(Interval(start, end), k, loaded, (first_id[0], first_id[1]),
-                                                      emitted))
-        super().__init__(key, column, sessions, aggs, watermark, closed=closed, replay_through=position,
-                         hold_until=hold_until)
+            loaded = [a.load(v) for a, v in zip(self.aggs, accs, strict=True)]
+            self.by_key.setdefault(k, []).append(
+                Slot(Interval(start, end), k, loaded, (first_id[0], first_id[1]), emitted)
+            )
+        self._start(key, column, aggs, watermark, 0.0, closed, position, hold_until)
 
     def add(self, stream_id: str, event: M, event_time: float) -> None:
         pos = entry_id(stream_id)
@@ -190,9 +230,9 @@ class SessionAggregator(Aggregator[M]):
             for s in touching:  # the event bridges them: one session
                 mine.remove(s)
                 slot.window = Interval(min(slot.window.start, s.window.start), max(slot.window.end, s.window.end))
-                slot.accs = [a.merge(x, y) for a, x, y in zip(self.aggs, slot.accs, s.accs)]
+                slot.accs = [a.merge(x, y) for a, x, y in zip(self.aggs, slot.accs, s.accs, strict=True)]
                 slot.first_id = min(slot.first_id, s.first_id)
-            slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs)]
+            slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs, strict=True)]
             mine.append(slot)
         self.position = pos
 
@@ -218,5 +258,16 @@ class SessionAggregator(Aggregator[M]):
         return position
 
     def _snapshot(self) -> dict[str, Any]:
-        return {"sessions": [[s.key, s.window.start, s.window.end, list(s.first_id), s.emitted,
-                              [a.dump(acc) for a, acc in zip(self.aggs, s.accs)]] for s in self._slots()]}
+        return {
+            "sessions": [
+                [
+                    s.key,
+                    s.window.start,
+                    s.window.end,
+                    list(s.first_id),
+                    s.emitted,
+                    [a.dump(acc) for a, acc in zip(self.aggs, s.accs, strict=True)],
+                ]
+                for s in self._slots()
+            ]
+        }

@@ -20,7 +20,8 @@ from redis.exceptions import RedisError
 
 from streamapp import metrics, names
 from streamapp.entries import Window, entry_id, unpack
-from streamapp.model import TableModel
+from streamapp.redis_client import text
+from streamapp.table_model import TableModel
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ class StreamReader:
     `stopping` is set. `committed`: the highest position any Iceberg table holds for this stream
     (None: none does)."""
 
-    def __init__(self, redis: Redis, model: TableModel, consumer: str, stopping: asyncio.Event,
-                 committed: str | None = None) -> None:
+    def __init__(
+        self, redis: Redis, model: TableModel, consumer: str, stopping: asyncio.Event, committed: str | None = None
+    ) -> None:
         self.redis = redis
         self.model = model
         self.key = names.stream(model.type_name())
@@ -91,17 +93,22 @@ class StreamReader:
             ms, seq = entry_id(self._committed)
             moved = await self.redis.eval(_LIFT_LUA, 1, self.key, f"{ms}-{seq + 1}", ms, seq)
             if moved >= 0:
-                log.error("%s: Redis's last id was behind the position committed to Iceberg (%s): this "
-                          "Redis lost its data and its clock is behind. Moved %d entries past it.",
-                          self.key, self._committed, moved)
+                log.error(
+                    "%s: Redis's last id was behind the position committed to Iceberg (%s): this "
+                    "Redis lost its data and its clock is behind. Moved %d entries past it.",
+                    self.key,
+                    self._committed,
+                    moved,
+                )
         field = names.ack_field(self.key, self.consumer)
         await self.redis.hsetnx(names.ACKS, field, "0-0")
         hint = await self.redis.hget(names.ACKS, field)
-        if hint and entry_id(hint.decode()) > entry_id(self.acked):
-            self.acked = hint.decode()
+        if hint and entry_id(text(hint)) > entry_id(self.acked):
+            self.acked = text(hint)
 
-    async def windows(self, after: str, n: int, within: float, *, idle: bool = False,
-                      prefetch: bool = False) -> AsyncIterator[Window[Any]]:
+    async def windows(
+        self, after: str, n: int, within: float, *, idle: bool = False, prefetch: bool = False
+    ) -> AsyncIterator[Window[Any]]:
         """Windows of up to `n` events from the entry after `after`, each closed at most `within`
         seconds after its first event, acknowledging nothing (the caller `ack`s what it committed).
         `idle=True`: an empty window every `within` seconds while nothing arrives, so the caller
@@ -163,9 +170,10 @@ class StreamReader:
 
     async def _read(self, cursor: str, count: int, block_ms: int) -> list[Any]:
         try:
-            reply = await self.redis.execute_command("XREAD", "COUNT", count, "BLOCK", block_ms,
-                                                     "STREAMS", self.key, cursor)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            reply = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, cursor
+            )
+        except (TimeoutError, RedisError, OSError) as e:
             log.warning("reading %s failed (%s); retrying in 1 s", self.key, e)
             self._needs_register = True
             await asyncio.sleep(1)
@@ -182,5 +190,5 @@ class StreamReader:
         self.acked = last_id
         try:
             await self.redis.hset(names.ACKS, names.ack_field(self.key, self.consumer), last_id)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:  # a hint; the next ack writes it again
+        except (TimeoutError, RedisError, OSError) as e:  # a hint; the next ack writes it again
             log.warning("could not record position %s of %s: %s", last_id, self.key, e)

@@ -60,6 +60,11 @@ class Tumbling:
         if self.size <= 0:
             raise ValueError("a window size must be > 0")
 
+    @property
+    def step(self) -> float:
+        """A window starts every `size` seconds, as hopping windows start every `step`."""
+        return self.size
+
     def assign(self, t: float) -> list[Interval]:
         start = _start_at_or_before(t, self.size)
         return [Interval(start, start + self.size)]
@@ -111,8 +116,9 @@ class Sessions:
 class Watermark:
     """The watermark of one stream (see the module docstring). `lateness` in seconds."""
 
-    def __init__(self, lateness: float, *, value: float = -math.inf, max_event: float = -math.inf,
-                 max_seen_at: float = -math.inf) -> None:
+    def __init__(
+        self, lateness: float, *, value: float = -math.inf, max_event: float = -math.inf, max_seen_at: float = -math.inf
+    ) -> None:
         if lateness < 0:
             raise ValueError("lateness must be >= 0")
         self.lateness = lateness

@@ -17,9 +17,9 @@ from streamapp.engine.app import App
 from streamapp.entries import entry_id
 from streamapp.lake.catalog import all_tables, committed_positions, ensure_table, open_catalog
 from streamapp.metrics import serve_metrics
-from streamapp.model import TableModel
-from streamapp.redis_client import reader_client
+from streamapp.redis_client import reader_client, text
 from streamapp.rejected import Rejected
+from streamapp.table_model import TableModel
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ async def trim_streams(redis: Redis) -> dict[str, str]:
     """
     lowest: dict[str, str] = {}
     for field, value in (await redis.hgetall(names.ACKS)).items():
-        stream, _, _consumer = field.decode().rpartition("|")
-        pos = value.decode()
+        stream, _, _consumer = text(field).rpartition("|")
+        pos = text(value)
         if stream not in lowest or entry_id(pos) < entry_id(lowest[stream]):
             lowest[stream] = pos
     for stream, pos in lowest.items():
@@ -58,7 +58,7 @@ async def _trimmer(redis: Redis, stopping: asyncio.Event) -> None:
             log.warning("trimming streams failed: %s", e)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=TRIM_EVERY_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -80,16 +80,16 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     tables = await asyncio.to_thread(create_tables, app, catalog)
     # Every table may hold a committed position, those aggregate agents created included.
     committed = committed_positions(await asyncio.to_thread(all_tables, catalog))
-    log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables),
-             ", ".join(agents))
+    log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables), ", ".join(agents))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
-    metrics_server = (await serve_metrics(settings.host, settings.worker_metrics_port)
-                      if settings.worker_metrics_port else None)
+    metrics_server = (
+        await serve_metrics(settings.host, settings.worker_metrics_port) if settings.worker_metrics_port else None
+    )
     redis = reader_client(settings)
     # The agents another worker runs hold their place in the trim from here on, even before that
     # worker first starts: this one's trimmer must not drop what they have not read.
@@ -97,8 +97,9 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
         await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
     tasks = []
     for agent in agents.values():
-        agent.stream.bind(redis, agent.name, stopping, committed=committed.get(agent.stream.key), settings=settings,
-                          catalog=catalog)
+        agent.stream.bind(
+            redis, agent.name, stopping, committed=committed.get(agent.stream.key), settings=settings, catalog=catalog
+        )
         tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
     tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
     try:

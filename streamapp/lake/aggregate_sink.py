@@ -21,19 +21,19 @@ position).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import pyarrow as pa
 from pyiceberg.catalog import Catalog
-from pyiceberg.expressions import And, BooleanExpression, EqualTo, IsNull, NotNull, Or
+from pyiceberg.expressions import And, BooleanExpression, EqualTo, IsNull, NotNull, Or, Reference
+from pyiceberg.expressions.literals import literal
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.types import DoubleType, LongType, NestedField, StringType, TimestamptzType
@@ -95,31 +95,39 @@ class TableSpec:
         return self.schema
 
 
-LATE_SPEC = TableSpec(names.LATE_TABLE, Schema(
-    NestedField(1, "agent", StringType(), required=True),
-    NestedField(2, "stream_id", StringType(), required=True),
-    NestedField(3, "event_id", StringType(), required=False),
-    NestedField(4, "event_time", TimestamptzType(), required=True),
-    NestedField(5, "window_start", TimestamptzType(), required=True),
-    NestedField(6, "window_end", TimestamptzType(), required=True),
-    NestedField(7, "key", StringType(), required=False),
-    NestedField(8, "event", StringType(), required=True),
-), "event_time")
+LATE_SPEC = TableSpec(
+    names.LATE_TABLE,
+    Schema(
+        NestedField(1, "agent", StringType(), required=True),
+        NestedField(2, "stream_id", StringType(), required=True),
+        NestedField(3, "event_id", StringType(), required=False),
+        NestedField(4, "event_time", TimestamptzType(), required=True),
+        NestedField(5, "window_start", TimestamptzType(), required=True),
+        NestedField(6, "window_end", TimestamptzType(), required=True),
+        NestedField(7, "key", StringType(), required=False),
+        NestedField(8, "event", StringType(), required=True),
+    ),
+    "event_time",
+)
 
 
 def aggregate_spec(table: str, column: str, columns: dict[str, tuple[type, bool]]) -> TableSpec:
     """An aggregate table: the window, the key `column`, then one column per aggregation, by name:
     (int -> long or float -> double, nullable)."""
-    fields = [NestedField(1, "window_start", TimestamptzType(), required=True),
-              NestedField(2, "window_end", TimestamptzType(), required=True),
-              NestedField(3, column, StringType(), required=False)]
-    fields += [NestedField(4 + i, name, LongType() if kind is int else DoubleType(), required=not nullable)
-               for i, (name, (kind, nullable)) in enumerate(columns.items())]
+    fields = [
+        NestedField(1, "window_start", TimestamptzType(), required=True),
+        NestedField(2, "window_end", TimestamptzType(), required=True),
+        NestedField(3, column, StringType(), required=False),
+    ]
+    fields += [
+        NestedField(4 + i, name, LongType() if kind is int else DoubleType(), required=not nullable)
+        for i, (name, (kind, nullable)) in enumerate(columns.items())
+    ]
     return TableSpec(table, Schema(*fields), "window_start")
 
 
 def utc(t: float) -> datetime:
-    return datetime.fromtimestamp(t, timezone.utc)
+    return datetime.fromtimestamp(t, UTC)
 
 
 def iso(t: float) -> str:
@@ -142,8 +150,16 @@ class AggregateSink:
     catalog, its table's spec, the stream and consumer whose position it keeps, the snapshots to
     keep (STREAMAPP_KEEP_SNAPSHOTS) and the test crash points (STREAMAPP_CRASH_AT)."""
 
-    def __init__(self, catalog: Catalog, spec: TableSpec, stream_key: str, consumer: str, *,
-                 keep_snapshots: int, crash_at: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        spec: TableSpec,
+        stream_key: str,
+        consumer: str,
+        *,
+        keep_snapshots: int,
+        crash_at: tuple[str, ...] = (),
+    ) -> None:
         self.catalog = catalog
         self.keep_snapshots = keep_snapshots
         self.spec = spec
@@ -182,10 +198,15 @@ class AggregateSink:
         if path := props.get(self.snapshot_key):
             with self.table.io.new_input(path).open() as f:
                 snapshot = json.loads(f.read())
-        return Restored(position=self.base, replay_after=props.get(self.replay_key, "0-0"),
-                        late_position=self.late_base,
-                        watermark=state.get("watermark", -math.inf), max_event=state.get("max_event", -math.inf),
-                        max_seen_at=state.get("max_seen_at", -math.inf), state=snapshot)
+        return Restored(
+            position=self.base,
+            replay_after=props.get(self.replay_key, "0-0"),
+            late_position=self.late_base,
+            watermark=state.get("watermark", -math.inf),
+            max_event=state.get("max_event", -math.inf),
+            max_seen_at=state.get("max_seen_at", -math.inf),
+            state=snapshot,
+        )
 
     def commit(self, flush: Flush) -> None:
         """Both commits of a flush, in order: its late events, then its rows."""
@@ -202,11 +223,22 @@ class AggregateSink:
             late = [e for e in flush.late if entry_id(e.stream_id) > after]
             if not late:
                 return 0
-            rows = pa.Table.from_pylist([{
-                "agent": self.consumer, "stream_id": e.stream_id, "event_id": e.event.event_id,
-                "event_time": utc(e.event_time), "window_start": utc(e.window_start),
-                "window_end": utc(e.window_end), "key": e.key, "event": msgspec.json.encode(e.event).decode(),
-            } for e in late], schema=LATE_SPEC.schema.as_arrow())
+            rows = pa.Table.from_pylist(
+                [
+                    {
+                        "agent": self.consumer,
+                        "stream_id": e.stream_id,
+                        "event_id": e.event.event_id,
+                        "event_time": utc(e.event_time),
+                        "window_start": utc(e.window_start),
+                        "window_end": utc(e.window_end),
+                        "key": e.key,
+                        "event": msgspec.json.encode(e.event).decode(),
+                    }
+                    for e in late
+                ],
+                schema=LATE_SPEC.schema.as_arrow(),
+            )
             with table.transaction() as tx:
                 tx.append(rows)
                 tx.set_properties({self.pos_key: flush.position})
@@ -223,14 +255,19 @@ class AggregateSink:
         """Commit 2: the flush's rows (rewritten windows deleted first, in the same transaction),
         its position, replay cursor, watermark and completeness marker."""
         table = self.table
-        rows = pa.Table.from_pylist([{**row, "window_start": utc(row["window_start"]),
-                                      "window_end": utc(row["window_end"])} for row in flush.rows],
-                                    schema=self.spec.schema.as_arrow())
+        rows = pa.Table.from_pylist(
+            [
+                {**row, "window_start": utc(row["window_start"]), "window_end": utc(row["window_end"])}
+                for row in flush.rows
+            ],
+            schema=self.spec.schema.as_arrow(),
+        )
         props = {
             self.pos_key: flush.position,
             self.replay_key: flush.replay_after,
-            self.state_key: json.dumps({"watermark": flush.watermark, "max_event": flush.max_event,
-                                        "max_seen_at": flush.max_seen_at}),
+            self.state_key: json.dumps(
+                {"watermark": flush.watermark, "max_event": flush.max_event, "max_seen_at": flush.max_seen_at}
+            ),
             names.WATERMARK: iso(flush.watermark),
             names.COMPLETE_BEFORE: iso(flush.complete_before),
         }
@@ -258,14 +295,22 @@ class AggregateSink:
         if previous and flush.state is not None:
             table.io.delete(previous)  # no longer referenced; a kill before this leaves an orphan
         crashpoint(self.crash_at, "aggregate_after_commit")
-        log.info("committed %d rows (%d rewritten) to %s up to %s, watermark %s", rows.num_rows,
-                 len(flush.rewrite), self.spec.table, flush.position, iso(flush.watermark))
+        log.info(
+            "committed %d rows (%d rewritten) to %s up to %s, watermark %s",
+            rows.num_rows,
+            len(flush.rewrite),
+            self.spec.table,
+            flush.position,
+            iso(flush.watermark),
+        )
 
     def _check(self, table: Table, expected: str | None) -> str | None:
         found = table.properties.get(self.pos_key)
         if found != expected:
-            raise StaleState(f"{table_name(table)}: {self.consumer} expected its position at {expected}, "
-                             f"found {found}: another worker committed")
+            raise StaleState(
+                f"{table_name(table)}: {self.consumer} expected its position at {expected}, "
+                f"found {found}: another worker committed"
+            )
         return found
 
     def _rows_of(self, windows: list[tuple[float, str | None]]) -> BooleanExpression:
@@ -273,8 +318,15 @@ class AggregateSink:
         pyiceberg 0.12 keeps the rows for which the negated filter is true, and under a compound
         filter a null key makes `key = v` null, so rows of the null key in the same window were
         deleted too (cf. apache/iceberg-python#954; found by the property test)."""
-        column = self.spec.schema.fields[2].name  # the key's
-        return functools.reduce(Or, [
-            And(EqualTo("window_start", utc(start).isoformat()),
-                IsNull(column) if key is None else And(NotNull(column), EqualTo(column, key)))
-            for start, key in windows])
+        column = Reference(self.spec.schema.fields[2].name)  # the key's
+        start = Reference("window_start")
+        rows = [
+            And(
+                EqualTo(term=start, value=literal(utc(t).isoformat())),
+                IsNull(term=column)
+                if key is None
+                else And(NotNull(term=column), EqualTo(term=column, value=literal(key))),
+            )
+            for t, key in windows
+        ]
+        return rows[0] if len(rows) == 1 else Or(*rows)

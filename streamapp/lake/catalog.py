@@ -11,13 +11,16 @@ from typing import TypeVar
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
 from pyiceberg.table import Table, TableProperties
+from pyiceberg.transforms import DayTransform
 from sqlalchemy.exc import DBAPIError
 
 from streamapp import names
 from streamapp.entries import entry_id
-from streamapp.model import TableSchema, day_partition
 from streamapp.settings import Settings
+from streamapp.table_model import TableSchema
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,9 @@ TABLE_PROPERTIES = {
 }
 
 
-def _retry_lost_race(step: Callable[[], T], lost: type[Exception] | tuple[type[Exception], ...], attempts: int = 5) -> T:
+def _retry_lost_race(
+    step: Callable[[], T], lost: type[Exception] | tuple[type[Exception], ...], attempts: int = 5
+) -> T:
     """Run `step`; when it loses a race to another process (`lost`), run it again against what
     that process created, a few times with a short backoff."""
     for attempt in range(1, attempts):
@@ -66,6 +71,14 @@ def _ensure_namespace(catalog: Catalog, namespace: str) -> None:
             raise
 
 
+def day_partition(schema: Schema, column: str) -> PartitionSpec:
+    """Partition by day(column): readers prune by date, files stay a day's worth at most."""
+    source = schema.find_field(column)
+    return PartitionSpec(
+        PartitionField(source_id=source.field_id, field_id=1000, transform=DayTransform(), name=f"{column}_day")
+    )
+
+
 def ensure_table(catalog: Catalog, model: TableSchema) -> Table:
     """Create `model.table` if missing; add columns the model gained since. Safe to run concurrently:
     a step that lost a race to another process is retried against what that process committed."""
@@ -80,7 +93,9 @@ def _ensure_table(catalog: Catalog, model: TableSchema) -> Table:
         table = catalog.load_table(name)
     except NoSuchTableError:
         table = catalog.create_table_if_not_exists(
-            name, schema=schema, partition_spec=day_partition(schema, model.partition_column),
+            name,
+            schema=schema,
+            partition_spec=day_partition(schema, model.partition_column),
             properties=TABLE_PROPERTIES,
         )
         log.info("created table %s", name)

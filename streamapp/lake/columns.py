@@ -34,7 +34,7 @@ class _Plan:
     keys: dict[str, str]  # column -> JSON key
     raw: str | None  # the column kept as JSON text, by its JSON key
     raw_decode: Any  # msgspec decoder of that one field, every other one skipped
-    fill: dict[str, pa.Scalar]  # column -> its field's default, for a key absent from old payloads
+    fill: dict[str, pa.Scalar[Any]]  # column -> its field's default, for a key absent from old payloads
     renormalise: Any  # None, or a msgspec (decode, encode) pair that writes every field
 
 
@@ -63,18 +63,25 @@ def _plan(model: type, schema: pa.Schema, renames: tuple[tuple[str, str], ...], 
         raw_decode = msgspec.json.Decoder(list[only]).decode  # type: ignore[valid-type]
     renormalise = None
     if ambiguous:
-        renormalise = (msgspec.json.Decoder(list[model]).decode, msgspec.json.Encoder().encode_lines)
+        renormalise = (msgspec.json.Decoder(list[model]).decode, msgspec.json.Encoder().encode_lines)  # type: ignore[valid-type]
     return _Plan(parse, keys, raw, raw_decode, fill, renormalise)
 
 
-def _json_text(raws: list[msgspec.Raw]) -> pa.Array:
+def _json_text(raws: list[msgspec.Raw]) -> pa.Array[Any]:
     """Raw JSON values as a string column, null for JSON null (the cast checks UTF-8)."""
     texts = [None if (text := bytes(r)) == NULL else text for r in raws]
     return pa.array(texts, type=pa.binary()).cast(pa.string())
 
 
-def payloads_to_arrow(model: type, schema: pa.Schema, payloads: list[bytes], received_us: list[int], *,
-                      renames: tuple[tuple[str, str], ...] = (), raw: str | None = None) -> pa.Table:
+def payloads_to_arrow(
+    model: type,
+    schema: pa.Schema,
+    payloads: list[bytes],
+    received_us: list[int],
+    *,
+    renames: tuple[tuple[str, str], ...] = (),
+    raw: str | None = None,
+) -> pa.Table:
     """The table of `payloads` (the stream's `e` values: one event's JSON, or several as NDJSON)
     and `received_us` (one per event), with `schema`'s columns in its order. `renames` maps a
     model field to its column; `raw` names a field whose JSON object is kept as JSON text."""
@@ -88,10 +95,12 @@ def payloads_to_arrow(model: type, schema: pa.Schema, payloads: list[bytes], rec
     # The reader fails on a line longer than its block (1 MiB by default); no line is longer than
     # the longest entry.
     block = pj.ReadOptions(block_size=max(1 << 20, max(map(len, payloads)) + 1))
-    parsed = pj.read_json(pa.BufferReader(blob), read_options=block, parse_options=plan.parse)
+    # a BufferReader reads `blob` in place (the stubs know only paths and Python files)
+    parsed = pj.read_json(pa.BufferReader(blob), read_options=block, parse_options=plan.parse)  # type: ignore[arg-type]
     if parsed.num_rows != len(received_us):
-        raise ValueError(f"{len(payloads)} stream entries hold {parsed.num_rows} events, but their counts (n) "
-                         f"say {len(received_us)}")
+        raise ValueError(
+            f"{len(payloads)} stream entries hold {parsed.num_rows} events, but their counts (n) say {len(received_us)}"
+        )
     columns = []
     for field in schema:
         key = plan.keys.get(field.name)

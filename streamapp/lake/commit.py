@@ -29,13 +29,13 @@ MAX_ATTEMPTS = 20
 
 
 def table_name(table: Table) -> str:
-    """"namespace.table", as the metrics and logs name it."""
+    """ "namespace.table", as the metrics and logs name it."""
     return ".".join(table.name())
 
 
 def backoff_seconds(attempt: int) -> float:
     """Exponential from 0.1 s, capped at 2 s, jittered so that writers that collided spread out."""
-    return min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+    return min(2.0, 0.05 * 2.0**attempt) * random.uniform(0.5, 1.0)
 
 
 def commit_with_retry(table: Table, attempt: Callable[[Table], T]) -> T:

@@ -12,6 +12,7 @@ import asyncio
 import bisect
 import logging
 import time
+from typing import Any
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
@@ -46,14 +47,14 @@ class TableSink:
             self._table = self.catalog.load_table(self.name)
         return self._table
 
-    async def append(self, window: Window) -> int:
+    async def append(self, window: Window[Any]) -> int:
         """Write the window's rows not yet in the table; returns how many were written.
 
         Runs `write` in a thread: Parquet encoding and catalog commits would block the event loop.
         """
         return await asyncio.to_thread(self.write, window)
 
-    def write(self, window: Window) -> int:
+    def write(self, window: Window[Any]) -> int:
         """`append`, blocking: commit the rows of `window` after the table's position for its
         stream and consumer, with the position it ends at; returns how many rows were written."""
         key = names.position_property(window.stream_key, window.consumer)
@@ -82,7 +83,7 @@ class TableSink:
             self._upkeep(self.table)
         return written
 
-    def _record(self, table: Table, window: Window, start: int, seconds: float) -> None:
+    def _record(self, table: Table, window: Window[Any], start: int, seconds: float) -> None:
         """Metrics and the one log line per commit: rows, Parquet bytes, lag, duration."""
         rows = len(window) - start
         lag = time.time() - min(window.received_us[start:]) / 1e6
@@ -90,9 +91,21 @@ class TableSink:
         metrics.COMMIT_SECONDS.labels(self.name).observe(seconds)
         metrics.ROWS_COMMITTED.labels(self.name).inc(rows)
         metrics.FRESHNESS_SECONDS.labels(self.name).observe(lag)
-        log.info("committed %d rows to %s up to %s in %.3fs", rows, self.name, window.last_id, seconds,
-                 extra={"table": self.name, "rows": rows, "bytes": written, "lag_seconds": round(lag, 3),
-                        "duration_seconds": round(seconds, 3), "position": window.last_id})
+        log.info(
+            "committed %d rows to %s up to %s in %.3fs",
+            rows,
+            self.name,
+            window.last_id,
+            seconds,
+            extra={
+                "table": self.name,
+                "rows": rows,
+                "bytes": written,
+                "lag_seconds": round(lag, 3),
+                "duration_seconds": round(seconds, 3),
+                "position": window.last_id,
+            },
+        )
 
     def _upkeep(self, table: Table) -> None:
         """Compact small files once the table holds COMPACT_EVERY_FILES more than after the last

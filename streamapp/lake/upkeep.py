@@ -20,7 +20,7 @@ import time
 
 from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.io.pyarrow import ArrowScan, _dataframe_to_data_files
-from pyiceberg.table import Table, Transaction
+from pyiceberg.table import FileScanTask, Table, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def compact(table: Table, keep_snapshots: int) -> int:
     """Rewrite each partition's small data files as one; returns how many files were replaced.
     Raises CommitFailedException when another commit got in first (try again later)."""
     started = time.perf_counter()
-    groups: dict[object, list] = collections.defaultdict(list)
+    groups: dict[object, list[FileScanTask]] = collections.defaultdict(list)
     for task in table.scan().plan_files():
         if not task.delete_files and task.file.file_size_in_bytes < SMALL_FILE_BYTES:
             groups[task.file.partition].append(task)
@@ -73,6 +73,12 @@ def compact(table: Table, keep_snapshots: int) -> int:
                     rewrite.append_data_file(new_file)
                 replaced += len(tasks)
         expire_old_snapshots(tx, keep_snapshots)
-    log.info("compacted %d small files of %s into %d in %.3fs", replaced, ".".join(table.name()), len(groups),
-             time.perf_counter() - started, extra={"table": ".".join(table.name()), "files": replaced})
+    log.info(
+        "compacted %d small files of %s into %d in %.3fs",
+        replaced,
+        ".".join(table.name()),
+        len(groups),
+        time.perf_counter() - started,
+        extra={"table": ".".join(table.name()), "files": replaced},
+    )
     return replaced

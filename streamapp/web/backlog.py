@@ -69,7 +69,8 @@ class Backlog:
                 log.debug("backlog sample failed: %s", e)
             # redis-py (8.1) can swallow a cancellation that lands inside a pipeline: honour it
             # here, or the web server's shutdown waits for this task forever.
-            if asyncio.current_task().cancelling():
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             await asyncio.sleep(SAMPLE_SECONDS)
 

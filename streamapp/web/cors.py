@@ -31,18 +31,29 @@ class Cors:
             return {}
         if self.any:
             return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": EXPOSE_HEADERS}
-        return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": EXPOSE_HEADERS,
-                "Vary": "Origin"}
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Expose-Headers": EXPOSE_HEADERS,
+            "Vary": "Origin",
+        }
 
     def refuse(self, origin: str) -> web.Response:
-        return web.json_response({"error": f"origin {origin!r} may not send events here (STREAMAPP_CORS_ORIGINS)"},
-                                 status=403, headers={"Vary": "Origin"})
+        return web.json_response(
+            {"error": f"origin {origin!r} may not send events here (STREAMAPP_CORS_ORIGINS)"},
+            status=403,
+            headers={"Vary": "Origin"},
+        )
 
     async def preflight(self, request: web.Request) -> web.Response:
         origin = request.headers.get("Origin")
         if not self.allowed(origin):
             return self.refuse(origin or "")
         headers = self.headers(origin)
-        headers.update({"Access-Control-Allow-Methods": ALLOW_METHODS, "Access-Control-Allow-Headers": ALLOW_HEADERS,
-                        "Access-Control-Max-Age": MAX_AGE})
+        headers.update(
+            {
+                "Access-Control-Allow-Methods": ALLOW_METHODS,
+                "Access-Control-Allow-Headers": ALLOW_HEADERS,
+                "Access-Control-Max-Age": MAX_AGE,
+            }
+        )
         return web.Response(status=204, headers=headers)

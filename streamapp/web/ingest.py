@@ -13,8 +13,8 @@ import dataclasses
 import os
 import re
 import time
-from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Union
 
 import msgspec
@@ -70,7 +70,9 @@ class Batch:
     received_at: datetime
     source: str | None  # from the write key; stamped on every event of the request
     accepted: list[Accepted] = dataclasses.field(default_factory=list)  # one per event type
-    rejected: list[Rejected] = dataclasses.field(default_factory=list)  # parseable but invalid: stored in events.rejected
+    rejected: list[Rejected] = dataclasses.field(
+        default_factory=list
+    )  # parseable but invalid: stored in events.rejected
     errors: list[EventError] = dataclasses.field(default_factory=list)  # one per event not accepted
     # The slow path's accepted events by type: (indexes, ids, payloads), joined into `accepted` at the end.
     _by_type: dict[str, tuple[list[int], list[str], list[bytes]]] = dataclasses.field(default_factory=dict, repr=False)
@@ -80,8 +82,10 @@ class Batch:
         return sum(len(a.ids) for a in self.accepted)
 
     def _finish(self) -> Batch:
-        self.accepted = [Accepted(kind, indexes, ids, b"\n".join(payloads))
-                         for kind, (indexes, ids, payloads) in self._by_type.items()]
+        self.accepted = [
+            Accepted(kind, indexes, ids, b"\n".join(payloads))
+            for kind, (indexes, ids, payloads) in self._by_type.items()
+        ]
         return self
 
 
@@ -126,7 +130,7 @@ def _not_json(error: Exception, what: str = "the body", data: bytes = b"") -> In
     return InvalidBody(f"{what} is not valid JSON: {error}")
 
 
-EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 EARLIEST_MS = int(EARLIEST.timestamp() * 1000)
 # An escaped NUL in encoded JSON: `\u0000` after an even number of backslashes.
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
@@ -146,17 +150,18 @@ class Ingest:
     always the server's clock, so skew can be measured and corrected downstream.
     """
 
-    def __init__(self, models: dict[str, type[Event]], *, max_events: int, max_event_bytes: int,
-                 max_future_seconds: int = 86_400) -> None:
+    def __init__(
+        self, models: dict[str, type[Event]], *, max_events: int, max_event_bytes: int, max_future_seconds: int = 86_400
+    ) -> None:
         if not models:
             raise ValueError("no event types are declared")
         self.models = models
         self.max_events = max_events
         self.max_event_bytes = max_event_bytes
         self.max_future = timedelta(seconds=max_future_seconds)
-        union = Union[tuple(models.values())]  # noqa: UP007 - a runtime union of the declared types
+        union = Union[tuple(models.values())]  # type: ignore[valid-type] # noqa: UP007 - a runtime union
         self._one = msgspec.json.Decoder(union)
-        self._many = msgspec.json.Decoder(list[union])
+        self._many = msgspec.json.Decoder(list[union])  # type: ignore[valid-type]
         self._any = msgspec.json.Decoder()
         self._encode = msgspec.json.Encoder().encode
         self._encode_lines = msgspec.json.Encoder().encode_lines
@@ -254,7 +259,7 @@ class Ingest:
         """The fast path: normalise the decoded events in place and encode them, one NDJSON payload
         per type. Raises `_Examine` if any is refused: the slow path, which has the events as sent
         (events.rejected keeps the raw JSON), then says which and why."""
-        received, source, refusal, utc = batch.received_at, batch.source, self._refusal, timezone.utc
+        received, source, refusal, utc = batch.received_at, batch.source, self._refusal, UTC
         kind = events[0].__class__
         mixed = False
         times = []  # UTC datetimes as sent: checked against the bounds at once, below
@@ -278,11 +283,11 @@ class Ingest:
         if not mixed:
             self._accept_group(batch, kind.type_name(), range(len(events)), events)
             return
-        by_type: dict[type, tuple[list[int], list[Event]]] = {}
+        by_type: dict[type[Event], tuple[list[int], list[Event]]] = {}
         for i, event in enumerate(events):
-            group = by_type.setdefault(event.__class__, ([], []))
-            group[0].append(i)
-            group[1].append(event)
+            indexes, group = by_type.setdefault(event.__class__, ([], []))
+            indexes.append(i)
+            group.append(event)
         for cls, (indexes, group) in by_type.items():
             self._accept_group(batch, cls.type_name(), indexes, group)
 
@@ -309,18 +314,21 @@ class Ingest:
         else:
             if isinstance(ts, int):
                 if ts < EARLIEST_MS:
-                    return "timestamp", (f"{ts} ms is before 2000-01-01; epoch timestamps are milliseconds "
-                                         "(was it sent in seconds?)")
-                ts = datetime.fromtimestamp(ts / 1000, timezone.utc)
+                    return "timestamp", (
+                        f"{ts} ms is before 2000-01-01; epoch timestamps are milliseconds (was it sent in seconds?)"
+                    )
+                ts = datetime.fromtimestamp(ts / 1000, UTC)
             else:
                 if ts < EARLIEST:
                     return "timestamp", "is before 2000-01-01"
-                ts = ts.astimezone(timezone.utc)
+                ts = ts.astimezone(UTC)
             event.timestamp = ts
             ahead = ts - received
             if ahead > self.max_future:
-                return "timestamp", (f"is {ahead.total_seconds():.0f} s ahead of the server's clock; the limit is "
-                                     f"{self.max_future.total_seconds():.0f} s (STREAMAPP_MAX_FUTURE_SECONDS)")
+                return "timestamp", (
+                    f"is {ahead.total_seconds():.0f} s ahead of the server's clock; the limit is "
+                    f"{self.max_future.total_seconds():.0f} s (STREAMAPP_MAX_FUTURE_SECONDS)"
+                )
         if event.event_id is None:
             event.event_id = uuid7()
         return None

@@ -36,40 +36,51 @@ def _event_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
-    response: dict[str, Any] = {"description": description,
-                                "content": {"application/json": {"schema": {"$ref": REF.format(name="ErrorReply")}}}}
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": REF.format(name="ErrorReply")}}},
+    }
     if retry_after:
-        response["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
-                                               "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+        response["headers"] = {
+            "Retry-After": {
+                "description": "seconds to wait before retrying",
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        }
     return response
 
 
 def document(models: dict[str, type[Event]], settings: Settings) -> dict[str, Any]:
     """The OpenAPI document for these event models and limits."""
-    union = Union[tuple(models.values())]  # noqa: UP007 - a runtime union of the declared types
-    (event, reply, error), components = msgspec.json.schema_components([union, IngestReply, ErrorReply],
-                                                                         ref_template=REF)
+    union = Union[tuple(models.values())]  # type: ignore[valid-type] # noqa: UP007 - a runtime union
+    (event, reply, _), components = msgspec.json.schema_components([union, IngestReply, ErrorReply], ref_template=REF)
     for model in models.values():
         name = model.__name__
         components[name] = _event_schema(components[name])
         components[name]["description"] = (model.__doc__ or "").strip() or f"A {model.type_name()!r} event."
-    body = {"oneOf": [event, {"type": "array", "items": event, "minItems": 1,
-                              "maxItems": settings.max_events_per_request}]}
+    body = {
+        "oneOf": [event, {"type": "array", "items": event, "minItems": 1, "maxItems": settings.max_events_per_request}]
+    }
     ingest_reply = {"application/json": {"schema": reply}}
     post: dict[str, Any] = {
         "summary": "Send events",
         "description": "One event, an array of events, or NDJSON (one event per line); gzip with "
-                       f"Content-Encoding: gzip. At most {settings.max_body_bytes} bytes after decompression, "
-                       f"{settings.max_events_per_request} events, {settings.max_event_bytes} bytes per event. "
-                       "Events are validated one by one: the valid ones are stored even when others are not.",
-        "requestBody": {"required": True, "content": {
-            "application/json": {"schema": body},
-            "text/plain": {"schema": body},
-            "application/x-ndjson": {"schema": {"type": "string", "description": "one JSON event per line"}},
-        }},
+        f"Content-Encoding: gzip. At most {settings.max_body_bytes} bytes after decompression, "
+        f"{settings.max_events_per_request} events, {settings.max_event_bytes} bytes per event. "
+        "Events are validated one by one: the valid ones are stored even when others are not.",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": body},
+                "text/plain": {"schema": body},
+                "application/x-ndjson": {"schema": {"type": "string", "description": "one JSON event per line"}},
+            },
+        },
         "responses": {
-            "202": {"description": "at least one event was accepted (the others are listed in errors)",
-                    "content": ingest_reply},
+            "202": {
+                "description": "at least one event was accepted (the others are listed in errors)",
+                "content": ingest_reply,
+            },
             "422": {"description": "no event was accepted; errors says why for each", "content": ingest_reply},
             "400": _error("the body is not JSON/NDJSON, is empty, or is not valid gzip"),
             "401": _error("a write key is required, or the one sent is not valid"),
@@ -87,13 +98,17 @@ def document(models: dict[str, type[Event]], settings: Settings) -> dict[str, An
     status = {"description": "status", "content": {"application/json": {"schema": {"type": "object"}}}}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "streamapp", "version": _version(),
-                 "description": "Product-analytics events in, Apache Iceberg tables out."},
+        "info": {
+            "title": "streamapp",
+            "version": _version(),
+            "description": "Product-analytics events in, Apache Iceberg tables out.",
+        },
         "paths": {
             "/api/events": {"post": post},
             "/healthz": {"get": {"summary": "The process is up", "responses": {"200": status}}},
-            "/readyz": {"get": {"summary": "Redis answers: events can be taken",
-                                "responses": {"200": status, "503": status}}},
+            "/readyz": {
+                "get": {"summary": "Redis answers: events can be taken", "responses": {"200": status, "503": status}}
+            },
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": text}},
         },
         "components": {"schemas": components},

@@ -33,7 +33,7 @@ def supervise(processes: int) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="streamapp-web-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     command = [sys.executable, "-m", "streamapp", "web", CHILD_FLAG]
-    children: list[subprocess.Popen] = []
+    children: list[subprocess.Popen[bytes]] = []
     stopping = False
     code = 0
 

@@ -47,9 +47,12 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when Redis answers: a load balancer stops sending while it cannot take events."""
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), timeout=1.0)
-    except (*UNAVAILABLE, asyncio.TimeoutError) as e:
-        return json_response(503, {"status": "unavailable", "redis": str(e) or type(e).__name__},
-                             {"Retry-After": str(request.app[SETTINGS].retry_after_seconds)})
+    except (TimeoutError, *UNAVAILABLE) as e:
+        return json_response(
+            503,
+            {"status": "unavailable", "redis": str(e) or type(e).__name__},
+            {"Retry-After": str(request.app[SETTINGS].retry_after_seconds)},
+        )
     return json_response(200, {"status": "ready"})
 
 
@@ -87,8 +90,12 @@ def build(app: App, settings: Settings) -> web.Application:
     project registered."""
     models = app.discover_models()
     cors = Cors(settings.cors_origins)
-    ingest = Ingest(models, max_events=settings.max_events_per_request,
-                    max_event_bytes=settings.max_event_bytes, max_future_seconds=settings.max_future_seconds)
+    ingest = Ingest(
+        models,
+        max_events=settings.max_events_per_request,
+        max_event_bytes=settings.max_event_bytes,
+        max_future_seconds=settings.max_future_seconds,
+    )
     view = IngestView(settings, ingest, cors)
     webapp = web.Application()
     webapp[SETTINGS] = settings
@@ -138,9 +145,14 @@ async def serve(app: App, settings: Settings, stopping: asyncio.Event, reuse_por
     # keepalive_timeout also closes a connection that has not sent a whole request head in that
     # long (aiohttp's timer runs from the connection's start and is not reset by partial data):
     # the slowloris bound for headers; the body has its own timeout in IngestView.
-    runner = web.AppRunner(build(app, settings), auto_decompress=False, access_log=None,
-                           shutdown_timeout=settings.shutdown_seconds, handle_signals=False,
-                           keepalive_timeout=settings.request_timeout_seconds)
+    runner = web.AppRunner(
+        build(app, settings),
+        auto_decompress=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_seconds,
+        handle_signals=False,
+        keepalive_timeout=settings.request_timeout_seconds,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()

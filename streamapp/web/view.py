@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 import redis.exceptions
@@ -39,8 +39,9 @@ def _source(request: web.Request, write_keys: dict[str, str]) -> str | None:
         return None
     given = request.headers.get("X-Write-Key") or request.query.get("writeKey")
     if not given:
-        raise BodyError(401, "a write key is required: send it in the X-Write-Key header or the writeKey "
-                             "query parameter")
+        raise BodyError(
+            401, "a write key is required: send it in the X-Write-Key header or the writeKey query parameter"
+        )
     found = None
     for key, source in write_keys.items():
         if hmac.compare_digest(key.encode(), given.encode()):
@@ -91,13 +92,17 @@ class IngestView:
 
     async def _handle(self, request: web.Request) -> web.Response:
         settings = self.settings
-        received_at = datetime.now(timezone.utc)
+        received_at = datetime.now(UTC)
         try:
             source = _source(request, settings.write_keys)
             backlog = self.backlog
             if backlog.over:
-                return error_response(429, f"{backlog.events} events are waiting to be written to Iceberg (the limit is "
-                                   f"{backlog.limit}); retry later", {"Retry-After": str(backlog.retry_after())})
+                return error_response(
+                    429,
+                    f"{backlog.events} events are waiting to be written to Iceberg (the limit is "
+                    f"{backlog.limit}); retry later",
+                    {"Retry-After": str(backlog.retry_after())},
+                )
             kind = self._body_kind(request.headers.get("Content-Type", ""))
             if request.content.is_eof():  # the whole body is already here: no wait to time out
                 body = await read_body(request, settings.max_body_bytes)
@@ -106,7 +111,9 @@ class IngestView:
                     async with asyncio.timeout(settings.request_timeout_seconds):
                         body = await read_body(request, settings.max_body_bytes)
                 except TimeoutError:
-                    raise BodyError(408, f"the body did not arrive within {settings.request_timeout_seconds:g} s") from None
+                    raise BodyError(
+                        408, f"the body did not arrive within {settings.request_timeout_seconds:g} s"
+                    ) from None
             batch = self.ingest.parse(body, kind, received_at, source)
         except BodyError as e:
             return error_response(e.status, e.message)
@@ -118,11 +125,15 @@ class IngestView:
         try:
             results = await self.writer.write(entries)
         except redis.exceptions.OutOfMemoryError:
-            return error_response(503, "the event store is out of memory (Redis maxmemory); retry later",
-                          {"Retry-After": str(max(settings.retry_after_seconds, self.backlog.retry_after()))})
+            return error_response(
+                503,
+                "the event store is out of memory (Redis maxmemory); retry later",
+                {"Retry-After": str(max(settings.retry_after_seconds, self.backlog.retry_after()))},
+            )
         except UNAVAILABLE:  # the writer logged it, once per failed flush
-            return error_response(503, "the event store is unavailable; retry later",
-                          {"Retry-After": str(settings.retry_after_seconds)})
+            return error_response(
+                503, "the event store is unavailable; retry later", {"Retry-After": str(settings.retry_after_seconds)}
+            )
         accepted, duplicates = self._count(batch, results)
         if accepted + duplicates == 1 and not batch.errors:  # the common single event: the same bytes every time
             return web.Response(status=202, body=_ONE_REPLY[accepted], content_type="application/json")
@@ -134,7 +145,7 @@ class IngestView:
         accepted = duplicates = 0
         add = self._events.add
         # The entries of batch.accepted come first, in its order; the rejected events' entry is last.
-        for a, dups in zip(batch.accepted, results):
+        for a, dups in zip(batch.accepted, results, strict=False):
             written = len(a.ids) - len(dups)
             accepted += written
             duplicates += len(dups)
@@ -158,6 +169,12 @@ def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
     received_us = int(received_at.timestamp() * 1_000_000)
     entries = [Entry(names.stream(a.event_type), a.ids, a.payload, received_us) for a in batch.accepted]
     if batch.rejected:
-        entries.append(Entry(names.stream("rejected"), ["rejected:" + uuid7() for _ in batch.rejected],
-                             _encode_lines(batch.rejected)[:-1], received_us))
+        entries.append(
+            Entry(
+                names.stream("rejected"),
+                ["rejected:" + uuid7() for _ in batch.rejected],
+                _encode_lines(batch.rejected)[:-1],
+                received_us,
+            )
+        )
     return entries

@@ -70,8 +70,10 @@ def body_kind(content_type: str) -> str:
         return ingest.JSON
     if media in _NDJSON_TYPES:
         return ingest.NDJSON
-    raise BodyError(415, f"Content-Type {media!r} is not supported; send application/json, "
-                         "text/plain (JSON) or application/x-ndjson")
+    raise BodyError(
+        415,
+        f"Content-Type {media!r} is not supported; send application/json, text/plain (JSON) or application/x-ndjson",
+    )
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

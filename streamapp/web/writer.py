@@ -188,9 +188,9 @@ class StreamWriter:
         self._span_ms = max(1, math.ceil(dedupe_seconds * 1000 / DEDUPE_SPANS))
         self._clock_offset_ms = 0  # the server's clock minus ours, learned from each reply
         self._queue: list[_Pending] = []
-        self._in_flight: set[asyncio.Task] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="stream-writer")
@@ -221,7 +221,8 @@ class StreamWriter:
                 if len(self._in_flight) >= MAX_IN_FLIGHT:
                     await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue  # meanwhile more requests queued: they ride this flush
-                batch, size = [], 0
+                batch: list[_Pending] = []
+                size = 0
                 while self._queue and (not batch or size + self._queue[0].events <= MAX_FLUSH_EVENTS):
                     pending = self._queue.pop(0)
                     batch.append(pending)
@@ -251,7 +252,7 @@ class StreamWriter:
             if not reply[1]:  # a ResponseError: the client is answered 503, as for any failed write
                 raise ResponseError("the clock of Redis jumped by more than a dedupe span between two calls")
             metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
-        except Exception as error:  # every waiter learns the write failed; none is left hanging
+        except Exception as error:  # noqa: BLE001 - every waiter learns the write failed; none is left hanging
             log.warning("writing %d events of %d requests to Redis failed: %s", len(ids), len(batch), error)
             for pending in batch:
                 if not pending.future.done():
@@ -276,12 +277,12 @@ class StreamWriter:
             if not pending.future.done():
                 pending.future.set_result(out)
 
-    async def _call(self, streams: list[str], args: list) -> list[int]:
+    async def _call(self, streams: list[str], args: list[bytes]) -> list[int]:
         span = self._span_ms
         check = DEDUPE_SPANS + 1
         current = (time.time_ns() // 1_000_000 + self._clock_offset_ms) // span
         first = current - check
         sets = [names.dedupe_bucket(b * span) for b in range(first, current + 2)]
-        reply = await self._script(keys=streams + sets, args=[span, check, first, *args])
+        reply: list[int] = await self._script(keys=streams + sets, args=[span, check, first, *args])
         self._clock_offset_ms = reply[0] - time.time_ns() // 1_000_000
         return reply

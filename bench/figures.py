@@ -84,23 +84,62 @@ def wrk(port: int, body: str, seconds: float, connections: int = 64) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_LUA % (json.dumps(body), json.dumps(uuid.uuid4().hex)))
     try:
-        out = subprocess.run([ensure_tool(("wrk",), "wrk"), "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
-                              "-s", f.name, f"http://127.0.0.1:{port}"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                ensure_tool(("wrk",), "wrk"),
+                "-t1",
+                f"-c{connections}",
+                f"-d{int(seconds)}s",
+                "--latency",
+                "-s",
+                f.name,
+                f"http://127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     finally:
         os.unlink(f.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
-    return {"rps": rps, "errors": int(non2xx[1]) if non2xx else 0, "socket": sock[1] if sock else "",
-            "p50": parse_ms(lat.get("50")), "p99": parse_ms(lat.get("99"))}
+    return {
+        "rps": rps,
+        "errors": int(non2xx[1]) if non2xx else 0,
+        "socket": sock[1] if sock else "",
+        "p50": parse_ms(lat.get("50")),
+        "p99": parse_ms(lat.get("99")),
+    }
 
 
 def redis_benchmark(port: int, pipeline: int, n: int) -> float:
     exe = ensure_tool(("valkey-benchmark", "redis-benchmark"), "redis-tools")
-    out = subprocess.run([exe, "-h", "127.0.0.1", "-p", str(port), "-c", "64", "-n", str(n), "-P", str(pipeline),
-                          "-q", "XADD", "bench", "*", "e", SINGLE], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            exe,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-c",
+            "64",
+            "-n",
+            str(n),
+            "-P",
+            str(pipeline),
+            "-q",
+            "XADD",
+            "bench",
+            "*",
+            "e",
+            SINGLE,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rates = re.findall(r"([\d.]+) requests per second", out.replace("\r", "\n"))
     return float(rates[-1])
 
@@ -123,11 +162,13 @@ def fig_ingest(procs: Procs, work: Path, args, results: dict) -> None:
     ours = Streamapp(procs, work / "ingest")
     seed = Seed(procs, work / "ingest")
     try:
-        for figure, body, per, sides in (("single", SINGLE, 1, ("bare", "streamapp", "seed")),
-                                         ("array", ARRAY, 100, ("bare", "streamapp"))):
+        for figure, body, per, sides in (
+            ("single", SINGLE, 1, ("bare", "streamapp", "seed")),
+            ("array", ARRAY, 100, ("bare", "streamapp")),
+        ):
             runs: dict[str, list[dict]] = {s: [] for s in sides}
             for rnd in range(args.rounds):
-                order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]  # rotate who goes first
+                order = sides[rnd % len(sides) :] + sides[: rnd % len(sides)]  # rotate who goes first
                 for side in order:
                     if side == "streamapp":
                         ours.redis.flush()
@@ -136,10 +177,14 @@ def fig_ingest(procs: Procs, work: Path, args, results: dict) -> None:
                     port = {"bare": bare_port, "streamapp": ours.port, "seed": seed.port}[side]
                     r = wrk(port, body, args.seconds)
                     runs[side].append(r)
-                    log(f"ingest {figure} round {rnd + 1}/{args.rounds} {side}: {r['rps'] * per:,.0f} events/s, "
-                        f"p50 {r['p50']} ms p99 {r['p99']} ms, non-2xx {r['errors']} {r['socket']}")
-            results[figure] = {s: {**median_run(rs), "events": median_run(rs)["rps"] * per,
-                                   "all": [round(x["rps"] * per) for x in rs]} for s, rs in runs.items()}
+                    log(
+                        f"ingest {figure} round {rnd + 1}/{args.rounds} {side}: {r['rps'] * per:,.0f} events/s, "
+                        f"p50 {r['p50']} ms p99 {r['p99']} ms, non-2xx {r['errors']} {r['socket']}"
+                    )
+            results[figure] = {
+                s: {**median_run(rs), "events": median_run(rs)["rps"] * per, "all": [round(x["rps"] * per) for x in rs]}
+                for s, rs in runs.items()
+            }
         results["rss_web"] = {"streamapp": vm_hwm_mb(ours.web.pid), "seed": vm_hwm_mb(seed.web.pid)}
         results["rss_redis_ingest"] = {"streamapp": vm_hwm_mb(ours.redis.proc.pid)}
         # The Redis limit, on a fresh server of the same build and configuration.
@@ -169,8 +214,10 @@ class RowCount:
 
         try:
             with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as con:
-                row = con.execute("SELECT metadata_location FROM iceberg_tables WHERE table_namespace = 'events' "
-                                  "AND table_name = 'clicks'").fetchone()
+                row = con.execute(
+                    "SELECT metadata_location FROM iceberg_tables WHERE table_namespace = 'events' "
+                    "AND table_name = 'clicks'"
+                ).fetchone()
         except sqlite3.Error:  # not created yet, or locked for a moment
             return self.rows
         if row is None or row[0] == self.location:
@@ -207,8 +254,14 @@ def time_drain(system, backlog: int, timeout: float) -> dict:
             raise RuntimeError(f"{system.name} worker exited with {worker.returncode}")
     elapsed = time.monotonic() - started
     rss = vm_hwm_mb(worker.pid)
-    out = {"rows": rows, "backlog": backlog, "seconds": elapsed, "rate": rows / elapsed, "rss": rss,
-           "done": rows >= backlog}
+    out = {
+        "rows": rows,
+        "backlog": backlog,
+        "seconds": elapsed,
+        "rate": rows / elapsed,
+        "rss": rss,
+        "done": rows >= backlog,
+    }
     if first and elapsed > first[0]:
         out["first_commit_s"] = first[0]
         out["steady_rate"] = (rows - first[1]) / (elapsed - first[0])
@@ -226,8 +279,9 @@ async def fill_streamapp(port: int, n: int, concurrency: int = 32) -> None:
         for start in bodies:
             body = "[" + ",".join(SINGLE.replace("ID", f"d-{run}-{i}") for i in range(start, min(n, start + 100))) + "]"
             for _ in range(100):  # 429/503 under a full Redis: wait and resend (ids dedupe)
-                async with session.post(f"http://127.0.0.1:{port}/api/events", data=body,
-                                        headers={"Content-Type": "application/json"}) as resp:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/api/events", data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
                     await resp.read()
                     if resp.status == 202:
                         break
@@ -243,13 +297,26 @@ def fill_seed(seed: Seed, n: int) -> None:
     """The seed's stream format (services/stream_writer.py): type, received_at, data = the event's
     pydantic JSON. Written with pipelined XADDs, as the seed's web would, only faster."""
     r = seed.redis.client
-    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    now = dt.datetime.now(dt.UTC).isoformat()
     for start in range(0, n, 5000):
         pipe = r.pipeline(transaction=False)
         for i in range(start, min(n, start + 5000)):
-            data = json.dumps({"event_id": f"d-{i}", "timestamp": now, "user_id": None, "session_id": None,
-                               "page_url": "https://example.test/", "target": None, "properties": None,
-                               "type": "click", "x": 1, "y": i % 1000, "button": 0}, separators=(",", ":"))
+            data = json.dumps(
+                {
+                    "event_id": f"d-{i}",
+                    "timestamp": now,
+                    "user_id": None,
+                    "session_id": None,
+                    "page_url": "https://example.test/",
+                    "target": None,
+                    "properties": None,
+                    "type": "click",
+                    "x": 1,
+                    "y": i % 1000,
+                    "button": 0,
+                },
+                separators=(",", ":"),
+            )
             pipe.xadd("events", {"type": "click", "received_at": now, "data": data})
         pipe.execute()
 
@@ -261,8 +328,11 @@ def fig_drain(procs: Procs, work: Path, args, results: dict) -> None:
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     order = [n for rnd in range(args.drain_rounds) for n in (sides if rnd % 2 == 0 else sides[::-1])]
     for i, name in enumerate(order):
-        system = (Seed(procs, work / f"drain-{i}") if name == "seed" else
-                  Streamapp(procs, work / f"drain-{i}", worker_args=["--agent", "clicks"] if name == "raw" else []))
+        system = (
+            Seed(procs, work / f"drain-{i}")
+            if name == "seed"
+            else Streamapp(procs, work / f"drain-{i}", worker_args=["--agent", "clicks"] if name == "raw" else [])
+        )
         try:
             t = time.monotonic()
             if name != "seed":  # through the public API: 100-event arrays, as clients send them
@@ -275,12 +345,20 @@ def fig_drain(procs: Procs, work: Path, args, results: dict) -> None:
             log(f"drain {name}: backlog of {backlog:,} filled in {time.monotonic() - t:.1f}s; starting the worker")
             r = time_drain(system, backlog, args.drain_timeout)
             runs[name].append(r)
-            log(f"drain {name}: {r['rows']:,} rows in {r['seconds']:.1f}s = {r['rate']:,.0f} rows/s"
-                f"{'' if r['done'] else ' (timed out)'}; worker VmHWM {r['rss'][0]:.0f} MB")
+            log(
+                f"drain {name}: {r['rows']:,} rows in {r['seconds']:.1f}s = {r['rate']:,.0f} rows/s"
+                f"{'' if r['done'] else ' (timed out)'}; worker VmHWM {r['rss'][0]:.0f} MB"
+            )
         finally:
             system.stop()
-    results["drain"] = {n: {**median_run(rs, "rate"), "all": [round(r["rate"]) for r in rs],
-                            "rss": max((r["rss"] for r in rs), key=lambda x: x[0])} for n, rs in runs.items()}
+    results["drain"] = {
+        n: {
+            **median_run(rs, "rate"),
+            "all": [round(r["rate"]) for r in rs],
+            "rss": max((r["rss"] for r in rs), key=lambda x: x[0]),
+        }
+        for n, rs in runs.items()
+    }
 
 
 def visible_ids(catalog, table: str, stop: threading.Event, seen: dict[str, float], interval: float) -> None:
@@ -324,8 +402,9 @@ async def paced_sender(port: int, rate: float, seconds: float, prefix: str) -> d
         eid = f"{prefix}-{i}"
         body = SINGLE.replace("ID", eid)
         t = time.time()
-        async with session.post(f"http://127.0.0.1:{port}/api/events", data=body,
-                                headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(
+            f"http://127.0.0.1:{port}/api/events", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
             await resp.read()
             if resp.status == 202:
                 sent[eid] = t
@@ -347,14 +426,17 @@ async def paced_sender(port: int, rate: float, seconds: float, prefix: str) -> d
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def fig_fresh(procs: Procs, work: Path, args, results: dict) -> None:
     results["fresh"] = {}
     for name in ("streamapp", "seed"):
-        system = (Streamapp(procs, work / f"fresh-{name}", STREAMAPP_WINDOW_SECONDS="1") if name == "streamapp"
-                  else Seed(procs, work / f"fresh-{name}"))
+        system = (
+            Streamapp(procs, work / f"fresh-{name}", STREAMAPP_WINDOW_SECONDS="1")
+            if name == "streamapp"
+            else Seed(procs, work / f"fresh-{name}")
+        )
         try:
             system.start_worker()
             time.sleep(3)  # start-up (table creation) is not freshness
@@ -363,7 +445,9 @@ def fig_fresh(procs: Procs, work: Path, args, results: dict) -> None:
             poller = threading.Thread(target=visible_ids, args=(system.catalog(), "events.clicks", stop, seen, 0.05))
             poller.start()
             try:
-                sent = asyncio.run(paced_sender(system.port, args.fresh_rate, args.fresh_seconds, f"f-{uuid.uuid4().hex[:8]}"))
+                sent = asyncio.run(
+                    paced_sender(system.port, args.fresh_rate, args.fresh_seconds, f"f-{uuid.uuid4().hex[:8]}")
+                )
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline and not all(e in seen for e in sent):
                     time.sleep(0.2)
@@ -371,8 +455,13 @@ def fig_fresh(procs: Procs, work: Path, args, results: dict) -> None:
                 stop.set()
                 poller.join()
             lat = [seen[e] - t for e, t in sent.items() if e in seen]
-            r = {"sent": len(sent), "visible": len(lat), "p50": pct(lat, 0.5) if lat else None,
-                 "p99": pct(lat, 0.99) if lat else None, "max": max(lat) if lat else None}
+            r = {
+                "sent": len(sent),
+                "visible": len(lat),
+                "p50": pct(lat, 0.5) if lat else None,
+                "p99": pct(lat, 0.99) if lat else None,
+                "max": max(lat) if lat else None,
+            }
             results["fresh"][name] = r
             log(f"freshness {name}: {r['visible']}/{r['sent']} visible, p50 {r['p50']:.3f}s p99 {r['p99']:.3f}s")
         finally:
@@ -386,8 +475,14 @@ def commit_child(procs: Procs, system: str, n: int, rows: int, work: Path) -> su
     else:
         cmd, cwd = [str(SEED_VENV / "bin" / "python"), str(ROOT / "bench" / "commit_latency.py"), "seed"], SEED_DIR
         env = clean_env(STREAMAPP_WAREHOUSE=str(work / "commits-seed"))
-    return procs.start([*cmd, str(n), str(rows), "--stepped"], cwd=cwd, env=env, stdin=subprocess.PIPE,
-                       stdout=subprocess.PIPE, text=True)
+    return procs.start(
+        [*cmd, str(n), str(rows), "--stepped"],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def fig_commits(procs: Procs, work: Path, args, results: dict) -> None:
@@ -399,7 +494,7 @@ def fig_commits(procs: Procs, work: Path, args, results: dict) -> None:
     series: dict[str, list[float]] = {n: [] for n in names}
     t = time.monotonic()
     for i in range(args.commits):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             child = children[name]
             child.stdin.write("\n")
             child.stdin.flush()
@@ -416,10 +511,19 @@ def fig_commits(procs: Procs, work: Path, args, results: dict) -> None:
         k = min(10, len(d) // 2)
         first, last = statistics.median(d[:k]), statistics.median(d[-k:])
         slope = statistics.linear_regression(range(len(d)), d).slope if len(d) > 2 else 0.0
-        results["commits"][name] = {"n": len(d), "first": first, "last": last, "ratio": last / first,
-                                    "seconds": sum(d), "slope": slope, "at10k": first + slope * (10_000 - k)}
-        log(f"commit latency {name}: median of commits 1-{k} {first * 1000:.0f} ms, "
-            f"{len(d) - k + 1}-{len(d)} {last * 1000:.0f} ms ({last / first:.1f}x)")
+        results["commits"][name] = {
+            "n": len(d),
+            "first": first,
+            "last": last,
+            "ratio": last / first,
+            "seconds": sum(d),
+            "slope": slope,
+            "at10k": first + slope * (10_000 - k),
+        }
+        log(
+            f"commit latency {name}: median of commits 1-{k} {first * 1000:.0f} ms, "
+            f"{len(d) - k + 1}-{len(d)} {last * 1000:.0f} ms ({last / first:.1f}x)"
+        )
     log(f"commit latency: {took:.0f}s")
 
 
@@ -440,15 +544,35 @@ def top_functions(raw: Path, n: int = 14) -> list[tuple[float, float, str]]:
         for f in set(frames):
             incl[f] = incl.get(f, 0) + c
         own[frames[-1]] = own.get(frames[-1], 0) + c
-    skip = ("<module>", "_run_code", "run (", "_run_module", "run_forever", "_run_once", "_run (asyncio/events", "main (", "run_until",
-            "_bootstrap", "_worker (concurrent", "run (concurrent", "start_server", "run_app", "cli.py", "__main__")
+    skip = (
+        "<module>",
+        "_run_code",
+        "run (",
+        "_run_module",
+        "run_forever",
+        "_run_once",
+        "_run (asyncio/events",
+        "main (",
+        "run_until",
+        "_bootstrap",
+        "_worker (concurrent",
+        "run (concurrent",
+        "start_server",
+        "run_app",
+        "cli.py",
+        "__main__",
+    )
     if not total:
         return []
-    rows = [(100 * v / total, 100 * own.get(f, 0) / total, f) for f, v in incl.items()
-            if f.strip() and not any(k in f for k in skip)]
+    rows = [
+        (100 * v / total, 100 * own.get(f, 0) / total, f)
+        for f, v in incl.items()
+        if f.strip() and not any(k in f for k in skip)
+    ]
     by_self = sorted(rows, key=lambda r: -r[1])[:n]  # where the CPU is spent
-    ours = sorted((r for r in rows if r not in by_self and ("streamapp/" in r[2] or "agents/" in r[2])),
-                  key=lambda r: -r[0])[:6]  # and which of streamapp's functions it is spent under
+    ours = sorted(
+        (r for r in rows if r not in by_self and ("streamapp/" in r[2] or "agents/" in r[2])), key=lambda r: -r[0]
+    )[:6]  # and which of streamapp's functions it is spent under
     return by_self + ours
 
 

@@ -108,8 +108,11 @@ def vm_hwm_mb(pid: int) -> tuple[float, int]:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT", "HOST", "VIRTUAL_ENV"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT", "HOST", "VIRTUAL_ENV"))
+    }
     env.update(extra)
     return env
 
@@ -119,8 +122,9 @@ class Redis:
 
     def __init__(self, procs: Procs, warehouse: Path) -> None:
         self.port = free_port()
-        env = clean_env(STREAMAPP_REDIS_PORT=str(self.port), STREAMAPP_WAREHOUSE=str(warehouse),
-                        STREAMAPP_REDIS_MAXMEMORY="8gb")
+        env = clean_env(
+            STREAMAPP_REDIS_PORT=str(self.port), STREAMAPP_WAREHOUSE=str(warehouse), STREAMAPP_REDIS_MAXMEMORY="8gb"
+        )
         self.proc = procs.start([sys.executable, "-m", "streamapp", "redis"], cwd=ROOT, env=env)
         wait_port(self.port, self.proc)
         import redis
@@ -140,19 +144,31 @@ class Redis:
 class Streamapp:
     name = "streamapp"
 
-    def __init__(self, procs: Procs, work: Path, spy: Path | None = None, worker_args: list[str] | None = None,
-                 **settings: str) -> None:
+    def __init__(
+        self, procs: Procs, work: Path, spy: Path | None = None, worker_args: list[str] | None = None, **settings: str
+    ) -> None:
         """spy: run web and worker under `py-spy record` (attaching to a running process is not
         allowed on machines with ptrace_scope=1; a child is), raw stacks written under that dir."""
         self.procs, self.warehouse, self.spy = procs, work / "streamapp", spy
         self.redis = Redis(procs, self.warehouse)
         self.port = free_port()
-        self.env = clean_env(PORT=str(self.port), HOST="127.0.0.1", STREAMAPP_REDIS_PORT=str(self.redis.port),
-                             STREAMAPP_WAREHOUSE=str(self.warehouse), STREAMAPP_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-                             STREAMAPP_MAX_BACKLOG=str(10**9), STREAMAPP_REDIS_MAXMEMORY="8gb",
-                             STREAMAPP_WORKER_METRICS_PORT="0", **settings)
-        self.web = procs.start(self.spied("web") + [sys.executable, "-m", "streamapp", "web"], cwd=ROOT, env=self.env,
-                               stderr=subprocess.DEVNULL if spy else None)
+        self.env = clean_env(
+            PORT=str(self.port),
+            HOST="127.0.0.1",
+            STREAMAPP_REDIS_PORT=str(self.redis.port),
+            STREAMAPP_WAREHOUSE=str(self.warehouse),
+            STREAMAPP_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+            STREAMAPP_MAX_BACKLOG=str(10**9),
+            STREAMAPP_REDIS_MAXMEMORY="8gb",
+            STREAMAPP_WORKER_METRICS_PORT="0",
+            **settings,
+        )
+        self.web = procs.start(
+            [*self.spied("web"), sys.executable, "-m", "streamapp", "web"],
+            cwd=ROOT,
+            env=self.env,
+            stderr=subprocess.DEVNULL if spy else None,
+        )
         wait_port(self.port, self.web)
         self.worker: subprocess.Popen | None = None
         self.worker_args = worker_args or []
@@ -160,11 +176,26 @@ class Streamapp:
     def spied(self, name: str) -> list[str]:
         if self.spy is None:
             return []
-        return [ensure_py_spy(), "record", "--nonblocking", "-r", "100", "-f", "raw", "-o", str(self.spy / f"{name}.txt"), "--"]
+        return [
+            ensure_py_spy(),
+            "record",
+            "--nonblocking",
+            "-r",
+            "100",
+            "-f",
+            "raw",
+            "-o",
+            str(self.spy / f"{name}.txt"),
+            "--",
+        ]
 
     def start_worker(self) -> subprocess.Popen:
-        self.worker = self.procs.start(self.spied("worker") + [sys.executable, "-m", "streamapp", "worker", *self.worker_args], cwd=ROOT,
-                                       env=self.env, stderr=subprocess.DEVNULL if self.spy else None)
+        self.worker = self.procs.start(
+            [*self.spied("worker"), sys.executable, "-m", "streamapp", "worker", *self.worker_args],
+            cwd=ROOT,
+            env=self.env,
+            stderr=subprocess.DEVNULL if self.spy else None,
+        )
         return self.worker
 
     def catalog(self):
@@ -196,10 +227,15 @@ class Seed:
         self.redis = Redis(procs, self.warehouse)
         self.port = free_port()
         self.python = str(SEED_VENV / "bin" / "python")
-        self.env = clean_env(PORT=str(self.port), REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
-                             STREAMAPP_WAREHOUSE=str(self.warehouse), PYTHONPATH=str(SEED_DIR))
-        subprocess.run([self.python, "scripts/create_tables.py"], cwd=SEED_DIR, env=self.env, check=True,
-                       stdout=subprocess.DEVNULL)
+        self.env = clean_env(
+            PORT=str(self.port),
+            REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
+            STREAMAPP_WAREHOUSE=str(self.warehouse),
+            PYTHONPATH=str(SEED_DIR),
+        )
+        subprocess.run(
+            [self.python, "scripts/create_tables.py"], cwd=SEED_DIR, env=self.env, check=True, stdout=subprocess.DEVNULL
+        )
         self.web = procs.start([self.python, "main.py"], cwd=SEED_DIR, env=self.env, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.web)
         self.worker: subprocess.Popen | None = None
@@ -211,8 +247,9 @@ class Seed:
     def catalog(self):
         from pyiceberg.catalog.sql import SqlCatalog
 
-        return SqlCatalog("streamapp", uri=f"sqlite:///{self.warehouse}/catalog.db",
-                          warehouse=f"file://{self.warehouse}")
+        return SqlCatalog(
+            "streamapp", uri=f"sqlite:///{self.warehouse}/catalog.db", warehouse=f"file://{self.warehouse}"
+        )
 
     def stream_len(self) -> int:
         return self.redis.client.xlen("events")
@@ -228,8 +265,9 @@ def ensure_seed_venv() -> None:
         sys.exit(f"the seed baseline is not at {SEED_DIR}")
     if not (SEED_VENV / "bin" / "python").exists():
         log(f"building the seed's venv in {SEED_VENV} (its setup.sh, from PyPI)")
-        subprocess.run(["bash", str(SEED_DIR / "setup.sh")], env={**os.environ, "SEED_BASELINE_VENV": str(SEED_VENV)},
-                       check=True)
+        subprocess.run(
+            ["bash", str(SEED_DIR / "setup.sh")], env={**os.environ, "SEED_BASELINE_VENV": str(SEED_VENV)}, check=True
+        )
 
 
 def ensure_py_spy() -> str:

@@ -48,84 +48,226 @@ def table(results: dict, args) -> list[list[str]]:
     if "single" in results:
         s, sd, b = results["single"]["streamapp"], results["single"]["seed"], results["single"]["bare"]
         met = s["events"] >= 35_000 and s["events"] >= 8 * sd["events"]
-        rows.append(["1. single-event ingest (events/s)", fmt(s["events"]), fmt(sd["events"]), fmt(b["events"]),
-                     ratio(s["events"], sd["events"]), ratio(s["events"], b["events"]), TARGETS["single"],
-                     "yes" if met else "no",
-                     f"limit: bare aiohttp+msgspec parse; median of {args.rounds} alternating {args.seconds}s wrk "
-                     f"-t1 -c64 rounds; non-2xx {s['errors']}/{sd['errors']}; rounds s {s['all']} seed {sd['all']}"])
-        rows.append(["   p50 latency (ms)", f"{s['p50']:.2f}", f"{sd['p50']:.2f}", f"{b['p50']:.2f}",
-                     "", "", "", "", "of the median round"])
-        rows.append(["   p99 latency (ms)", f"{s['p99']:.2f}", f"{sd['p99']:.2f}", f"{b['p99']:.2f}",
-                     "", "", "", "", ""])
+        rows.append(
+            [
+                "1. single-event ingest (events/s)",
+                fmt(s["events"]),
+                fmt(sd["events"]),
+                fmt(b["events"]),
+                ratio(s["events"], sd["events"]),
+                ratio(s["events"], b["events"]),
+                TARGETS["single"],
+                "yes" if met else "no",
+                f"limit: bare aiohttp+msgspec parse; median of {args.rounds} alternating {args.seconds}s wrk "
+                f"-t1 -c64 rounds; non-2xx {s['errors']}/{sd['errors']}; rounds s {s['all']} seed {sd['all']}",
+            ]
+        )
+        rows.append(
+            [
+                "   p50 latency (ms)",
+                f"{s['p50']:.2f}",
+                f"{sd['p50']:.2f}",
+                f"{b['p50']:.2f}",
+                "",
+                "",
+                "",
+                "",
+                "of the median round",
+            ]
+        )
+        rows.append(
+            ["   p99 latency (ms)", f"{s['p99']:.2f}", f"{sd['p99']:.2f}", f"{b['p99']:.2f}", "", "", "", "", ""]
+        )
     if "array" in results:
         s, b = results["array"]["streamapp"], results["array"]["bare"]
-        rows.append(["2. 100-event arrays (events/s)", fmt(s["events"]), "n/a", fmt(b["events"]), "-",
-                     ratio(s["events"], b["events"]), TARGETS["array"], "yes" if s["events"] >= 300_000 else "no",
-                     f"the seed takes one event per request, no arrays; p50 {s['p50']:.1f} ms p99 {s['p99']:.1f} ms; "
-                     f"rounds {s['all']}"])
+        rows.append(
+            [
+                "2. 100-event arrays (events/s)",
+                fmt(s["events"]),
+                "n/a",
+                fmt(b["events"]),
+                "-",
+                ratio(s["events"], b["events"]),
+                TARGETS["array"],
+                "yes" if s["events"] >= 300_000 else "no",
+                f"the seed takes one event per request, no arrays; p50 {s['p50']:.1f} ms p99 {s['p99']:.1f} ms; "
+                f"rounds {s['all']}",
+            ]
+        )
     if "xadd" in results:
         x = results["xadd"]
-        rows.append(["   Redis XADD limit (redis-benchmark, /s)", "", "", f"{x['P1']:,.0f} / {x['P16']:,.0f}", "",
-                     "", "", "", "-c64, unpipelined / -P 16, same valkey build and config, one ~80 B event each"])
+        rows.append(
+            [
+                "   Redis XADD limit (redis-benchmark, /s)",
+                "",
+                "",
+                f"{x['P1']:,.0f} / {x['P16']:,.0f}",
+                "",
+                "",
+                "",
+                "",
+                "-c64, unpipelined / -P 16, same valkey build and config, one ~80 B event each",
+            ]
+        )
     if "drain" in results:
         d = results["drain"]
         s, raw, sd = d.get("streamapp"), d.get("raw"), d.get("seed")
-        rows.append(["3. worker drain Redis->Iceberg (rows/s)", fmt(s and s["rate"]), fmt(sd and sd["rate"]), "-",
-                     ratio(s and s["rate"], sd and sd["rate"]), "-", TARGETS["drain"],
-                     "yes" if s and s["rate"] >= 200_000 else "no",
-                     f"every agent in one worker (the raw sinks and the clicks_per_minute aggregate); median of "
-                     f"{args.drain_rounds} alternating drains each, rounds s {s and s['all']} raw {raw and raw['all']} "
-                     f"seed {sd and sd['all']}; "
-                     + "; ".join(f"{n}: {r['rows']:,}/{r['backlog']:,} rows in {r['seconds']:.1f}s incl. start-up"
-                               f"{', first commit at %.1fs, %s rows/s after' % (r['first_commit_s'], fmt(r['steady_rate'])) if 'steady_rate' in r else ''}"
-                               f"{'' if r['done'] else ' (TIMED OUT: rate of what it committed)'}"
-                               for n, r in d.items())])
+        rows.append(
+            [
+                "3. worker drain Redis->Iceberg (rows/s)",
+                fmt(s and s["rate"]),
+                fmt(sd and sd["rate"]),
+                "-",
+                ratio(s and s["rate"], sd and sd["rate"]),
+                "-",
+                TARGETS["drain"],
+                "yes" if s and s["rate"] >= 200_000 else "no",
+                f"every agent in one worker (the raw sinks and the clicks_per_minute aggregate); median of "
+                f"{args.drain_rounds} alternating drains each, rounds s {s and s['all']} raw {raw and raw['all']} "
+                f"seed {sd and sd['all']}; "
+                + "; ".join(
+                    f"{n}: {r['rows']:,}/{r['backlog']:,} rows in {r['seconds']:.1f}s incl. start-up"
+                    + (
+                        f", first commit at {r['first_commit_s']:.1f}s, {fmt(r['steady_rate'])} rows/s after"
+                        if "steady_rate" in r
+                        else ""
+                    )
+                    + ("" if r["done"] else " (TIMED OUT: rate of what it committed)")
+                    for n, r in d.items()
+                ),
+            ]
+        )
         if raw:
-            rows.append(["   raw clicks sink alone (--agent clicks)", fmt(raw["rate"]), fmt(sd and sd["rate"]), "-",
-                         ratio(raw["rate"], sd and sd["rate"]), "-", TARGETS["drain"],
-                         "yes" if raw["rate"] >= 200_000 else "no",
-                         "a worker running only the raw clicks sink: the path the target describes"])
+            rows.append(
+                [
+                    "   raw clicks sink alone (--agent clicks)",
+                    fmt(raw["rate"]),
+                    fmt(sd and sd["rate"]),
+                    "-",
+                    ratio(raw["rate"], sd and sd["rate"]),
+                    "-",
+                    TARGETS["drain"],
+                    "yes" if raw["rate"] >= 200_000 else "no",
+                    "a worker running only the raw clicks sink: the path the target describes",
+                ]
+            )
     if "fresh" in results:
         f = results["fresh"]
         s, sd = f.get("streamapp"), f.get("seed")
-        rows.append([f"4. freshness p50 at {args.fresh_rate:.0f} ev/s (s)", fmt(s and s["p50"], "s"),
-                     fmt(sd and sd["p50"], "s"), "-", "", "", "", "",
-                     f"POST sent -> row's data file in the table's current snapshot (50 ms poll); "
-                     f"streamapp STREAMAPP_WINDOW_SECONDS=1; {args.fresh_seconds}s each"])
-        rows.append(["   freshness p99 (s)", fmt(s and s["p99"], "s"), fmt(sd and sd["p99"], "s"), "-",
-                     ratio(s and s["p99"], sd and sd["p99"]), "", TARGETS["fresh"],
-                     "yes" if s and s["p99"] is not None and s["p99"] <= 1.5 else "no",
-                     "; ".join(f"{n}: {r['visible']}/{r['sent']} visible, max {fmt(r['max'], 's')}" for n, r in f.items())])
+        rows.append(
+            [
+                f"4. freshness p50 at {args.fresh_rate:.0f} ev/s (s)",
+                fmt(s and s["p50"], "s"),
+                fmt(sd and sd["p50"], "s"),
+                "-",
+                "",
+                "",
+                "",
+                "",
+                f"POST sent -> row's data file in the table's current snapshot (50 ms poll); "
+                f"streamapp STREAMAPP_WINDOW_SECONDS=1; {args.fresh_seconds}s each",
+            ]
+        )
+        rows.append(
+            [
+                "   freshness p99 (s)",
+                fmt(s and s["p99"], "s"),
+                fmt(sd and sd["p99"], "s"),
+                "-",
+                ratio(s and s["p99"], sd and sd["p99"]),
+                "",
+                TARGETS["fresh"],
+                "yes" if s and s["p99"] is not None and s["p99"] <= 1.5 else "no",
+                "; ".join(f"{n}: {r['visible']}/{r['sent']} visible, max {fmt(r['max'], 's')}" for n, r in f.items()),
+            ]
+        )
     if "rss_web" in results:
         w = results["rss_web"]
-        rows.append(["5. web peak RSS (VmHWM)", fmt(w["streamapp"][0], "MB"), fmt(w["seed"][0], "MB"), "-",
-                     ratio(w["streamapp"][0], w["seed"][0]), "", TARGETS["rss_web"],
-                     "yes" if w["streamapp"][0] <= 120 else "no",
-                     f"after the ingest rounds; summed over {w['streamapp'][1]}/{w['seed'][1]} processes; "
-                     f"streamapp's valkey {results['rss_redis_ingest']['streamapp'][0]:.0f} MB"])
+        rows.append(
+            [
+                "5. web peak RSS (VmHWM)",
+                fmt(w["streamapp"][0], "MB"),
+                fmt(w["seed"][0], "MB"),
+                "-",
+                ratio(w["streamapp"][0], w["seed"][0]),
+                "",
+                TARGETS["rss_web"],
+                "yes" if w["streamapp"][0] <= 120 else "no",
+                f"after the ingest rounds; summed over {w['streamapp'][1]}/{w['seed'][1]} processes; "
+                f"streamapp's valkey {results['rss_redis_ingest']['streamapp'][0]:.0f} MB",
+            ]
+        )
     if "drain" in results:
         d = results["drain"]
         s, raw, sd = d.get("streamapp"), d.get("raw"), d.get("seed")
-        rows.append(["   worker peak RSS (VmHWM)", fmt(s and s["rss"][0], "MB"), fmt(sd and sd["rss"][0], "MB"), "-",
-                     "", "", TARGETS["rss_worker"], "",
-                     f"highest at the end of a drain of {args.drain:,} events (streamapp: default windows of 50,000; "
-                     f"raw sink alone {raw and fmt(raw['rss'][0], 'MB')})"])
+        rows.append(
+            [
+                "   worker peak RSS (VmHWM)",
+                fmt(s and s["rss"][0], "MB"),
+                fmt(sd and sd["rss"][0], "MB"),
+                "-",
+                "",
+                "",
+                TARGETS["rss_worker"],
+                "",
+                f"highest at the end of a drain of {args.drain:,} events (streamapp: default windows of 50,000; "
+                f"raw sink alone {raw and fmt(raw['rss'][0], 'MB')})",
+            ]
+        )
     if "commits" in results:
         c = results["commits"]
         s, sd = c["streamapp"], c["seed"]
         k = min(10, s["n"] // 2)
-        rows.append([f"6. commit latency, commit 1-{k} median (ms)", fmt(s["first"], "ms"), fmt(sd["first"], "ms"),
-                     "-", "", "", "", "", f"{args.commit_rows}-row windows, one table, one process"])
-        rows.append([f"   commit {s['n'] - k + 1}-{s['n']} median (ms)", fmt(s["last"], "ms"), fmt(sd["last"], "ms"),
-                     "-", "", "", "", "", f"sum of commit times {s['seconds']:.0f}s / {sd['seconds']:.0f}s; the two alternate commit by commit"])
-        rows.append(["   growth, last/first", f"{s['ratio']:.2f}x", f"{sd['ratio']:.2f}x", "-", "", "",
-                     TARGETS["commits"], ("yes" if s["ratio"] <= 2 else "no") if s["n"] >= 10_000 else "?" if s["n"] < 100 else
-                     ("no (extrap.)" if s["at10k"] > 2 * s["first"] else "likely (extrap.)"),
-                     f"linear fit: +{s['slope'] * 1e6:.0f}/+{sd['slope'] * 1e6:.0f} ms per 1,000 commits"
-                     + ("" if s["n"] >= 10_000 or s["n"] < 100 else
-                        f"; only {s['n']} commits (--commits): 10,000th extrapolated "
-                        f"{fmt(s['at10k'], 'ms')}/{fmt(sd['at10k'], 'ms')} = {s['at10k'] / s['first']:.0f}x/"
-                        f"{sd['at10k'] / sd['first']:.0f}x the first")])
+        rows.append(
+            [
+                f"6. commit latency, commit 1-{k} median (ms)",
+                fmt(s["first"], "ms"),
+                fmt(sd["first"], "ms"),
+                "-",
+                "",
+                "",
+                "",
+                "",
+                f"{args.commit_rows}-row windows, one table, one process",
+            ]
+        )
+        rows.append(
+            [
+                f"   commit {s['n'] - k + 1}-{s['n']} median (ms)",
+                fmt(s["last"], "ms"),
+                fmt(sd["last"], "ms"),
+                "-",
+                "",
+                "",
+                "",
+                "",
+                f"sum of commit times {s['seconds']:.0f}s / {sd['seconds']:.0f}s; the two alternate commit by commit",
+            ]
+        )
+        rows.append(
+            [
+                "   growth, last/first",
+                f"{s['ratio']:.2f}x",
+                f"{sd['ratio']:.2f}x",
+                "-",
+                "",
+                "",
+                TARGETS["commits"],
+                ("yes" if s["ratio"] <= 2 else "no")
+                if s["n"] >= 10_000
+                else "?"
+                if s["n"] < 100
+                else ("no (extrap.)" if s["at10k"] > 2 * s["first"] else "likely (extrap.)"),
+                f"linear fit: +{s['slope'] * 1e6:.0f}/+{sd['slope'] * 1e6:.0f} ms per 1,000 commits"
+                + (
+                    ""
+                    if s["n"] >= 10_000 or s["n"] < 100
+                    else f"; only {s['n']} commits (--commits): 10,000th extrapolated "
+                    f"{fmt(s['at10k'], 'ms')}/{fmt(sd['at10k'], 'ms')} = {s['at10k'] / s['first']:.0f}x/"
+                    f"{sd['at10k'] / sd['first']:.0f}x the first"
+                ),
+            ]
+        )
     return rows
 
 
@@ -133,22 +275,30 @@ def render(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for r in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     + "  " + r[-1])
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+            + "  "
+            + r[-1]
+        )
     return "\n".join(lines)
 
 
 def machine() -> str:
     mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) / 1024**2
-    return (f"{platform.uname().machine}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{platform.uname().machine}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def git_rev() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "streamapp"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "streamapp"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return rev + (" (streamapp/ modified)" if dirty else "")
     except OSError:
         return "?"

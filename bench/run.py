@@ -48,14 +48,23 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes for iteration (~3 min): 2 rounds of 3 s, 200k drain, 10 s freshness, 200 commits")
-    parser.add_argument("--profile", action="store_true", help="also profile web and worker with py-spy (after the figures)")
-    parser.add_argument("--only", default="ingest,drain,fresh,commits", help=f"comma-separated subset of {','.join(FIGURES)}")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes for iteration (~3 min): 2 rounds of 3 s, 200k drain, 10 s freshness, 200 commits",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile web and worker with py-spy (after the figures)"
+    )
+    parser.add_argument(
+        "--only", default="ingest,drain,fresh,commits", help=f"comma-separated subset of {','.join(FIGURES)}"
+    )
     parser.add_argument("--seconds", type=int, help="seconds per wrk round (10)")
     parser.add_argument("--rounds", type=int, help="alternating ingest rounds per side (3)")
     parser.add_argument("--drain", type=int, help="backlog for the drain figure (1,000,000)")
-    parser.add_argument("--drain-rounds", type=int, help="alternating drains per system (2: streamapp, seed, seed, streamapp)")
+    parser.add_argument(
+        "--drain-rounds", type=int, help="alternating drains per system (2: streamapp, seed, seed, streamapp)"
+    )
     parser.add_argument("--drain-timeout", type=float, help="give up waiting for a drain after this (600 s)")
     parser.add_argument("--fresh-seconds", type=float, help="seconds of paced sending per system (30)")
     parser.add_argument("--fresh-rate", type=float, default=200, help="events/s for freshness (200)")
@@ -64,10 +73,27 @@ def main() -> None:
     parser.add_argument("--xadd-requests", type=int, default=400_000, help="redis-benchmark -n for -P 16 (400,000)")
     parser.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
-    defaults = ({"seconds": 3, "rounds": 2, "drain": 200_000, "drain_rounds": 1, "drain_timeout": 60, "fresh_seconds": 10, "commits": 200}
-                if args.quick else
-                {"seconds": 10, "rounds": 3, "drain": 1_000_000, "drain_rounds": 2, "drain_timeout": 600, "fresh_seconds": 30,
-                 "commits": 10_000})
+    defaults = (
+        {
+            "seconds": 3,
+            "rounds": 2,
+            "drain": 200_000,
+            "drain_rounds": 1,
+            "drain_timeout": 60,
+            "fresh_seconds": 10,
+            "commits": 200,
+        }
+        if args.quick
+        else {
+            "seconds": 10,
+            "rounds": 3,
+            "drain": 1_000_000,
+            "drain_rounds": 2,
+            "drain_timeout": 600,
+            "fresh_seconds": 30,
+            "commits": 10_000,
+        }
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -117,15 +143,18 @@ def main() -> None:
     text = render(rows) if len(rows) > 1 else ""
     text += "".join(f"\nFAILED {f}" for f in failed)
     for name, top in results.get("profiles", {}).items():
-        text += (f"\n\npy-spy, {name}: inclusive% self% function (most self time first, then more of "
-                 f"streamapp's own functions; start-up imports left out)\n") + "\n".join(
-            f"{a:5.1f} {b:5.1f}  {f}" for a, b, f in top)
+        text += (
+            f"\n\npy-spy, {name}: inclusive% self% function (most self time first, then more of "
+            f"streamapp's own functions; start-up imports left out)\n"
+        ) + "\n".join(f"{a:5.1f} {b:5.1f}  {f}" for a, b, f in top)
     print(f"\n{command}\nmachine: {machine()}; took {took / 60:.1f} min\n\n{text}")
     if not args.no_write and not interrupted:
         with RESULTS.open("a") as f:
-            f.write(f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, issue 5 suite"
-                    f"{' (--quick)' if args.quick else ''}\n\nCommand: `{command.strip()}` (took {took / 60:.1f} min)  \n"
-                    f"Machine: {machine()}; streamapp at {git_rev()}\n\n```\n{text}\n```\n")
+            f.write(
+                f"\n## {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, issue 5 suite"
+                f"{' (--quick)' if args.quick else ''}\n\nCommand: `{command.strip()}` (took {took / 60:.1f} min)  \n"
+                f"Machine: {machine()}; streamapp at {git_rev()}\n\n```\n{text}\n```\n"
+            )
         log(f"appended to {RESULTS.relative_to(ROOT)}")
 
 

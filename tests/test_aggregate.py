@@ -7,6 +7,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import pytest
+
 from streamapp.engine.aggregations import count, distinct
 from streamapp.engine.aggregator import Aggregator, SessionAggregator
 from streamapp.engine.windows import Hopping, Sessions, Tumbling, Watermark
@@ -18,6 +20,12 @@ from streamapp.lake.aggregate_sink import Flush
 class E:
     page: str | None
     user: str | None
+
+
+@dataclass
+class X:
+    page: str | None
+    x: object
 
 
 class Feed:
@@ -320,3 +328,93 @@ def test_the_session_completeness_marker_waits_for_open_sessions():
     agg.add(feed.id(3600 * 8 + 390), E("c", "u"), 3600 * 8 + 390)  # W = 8:06:20
     f = agg.flush()
     assert f is not None and f.complete_before == 3600 * 7  # not 8:00: b's session started at 7:00
+
+
+def test_sum_min_max_skip_missing_values_and_min_max_of_none_is_null():
+    from streamapp.engine import aggregations
+
+    aggs = {
+        "total": aggregations.sum(lambda e: e.x),
+        "low": aggregations.min(lambda e: e.x, type=int),
+        "high": aggregations.max(lambda e: e.x, type=int),
+    }
+    agg = Aggregator(lambda e: e.page, "page_url", MINUTE, aggs, Watermark(10))
+    feed = Feed()
+    for t, page, x in [(1000, "a", 3), (1001, "a", None), (1002, "a", -7), (1003, "b", None), (1100, "a", 1)]:
+        agg.add(feed.id(t), X(page, x), t)
+    flush = agg.flush()
+    assert flush is not None
+    got = {(r["window_start"], r["page_url"]): (r["total"], r["low"], r["high"]) for r in flush.rows}
+    assert got == {(960, "a"): (-4.0, -7, 3), (960, "b"): (0.0, None, None)}
+    assert [type(v) for v in got[(960, "a")]] == [float, int, int]  # a double column, then two longs
+
+
+def test_a_value_that_does_not_fit_its_column_is_a_clear_error():
+    from streamapp.engine import aggregations
+
+    with pytest.raises(TypeError, match=r"fn returned 2.5 for a long column; pass type=float"):
+        aggregations.max(lambda e: e.x, type=int).add(None, X("a", 2.5))
+    with pytest.raises(TypeError, match="not a number"):
+        aggregations.sum(lambda e: e.x).add(0.0, X("a", "3"))
+    with pytest.raises(TypeError, match="not a finite number"):
+        aggregations.min(lambda e: e.x).add(None, X("a", math.nan))
+    with pytest.raises(TypeError, match="type must be int"):
+        aggregations.sum(lambda e: e.x, type=str)  # type: ignore[arg-type]
+
+
+class Mean:
+    """A user's own aggregation: nothing in streamapp names it, the Aggregation Protocol is enough."""
+
+    column_type = float
+    nullable = True
+
+    def new(self) -> list[float]:
+        return [0.0, 0]
+
+    def add(self, acc: list[float], event: X) -> list[float]:
+        if event.x is not None:
+            acc[0] += event.x
+            acc[1] += 1
+        return acc
+
+    def merge(self, a: list[float], b: list[float]) -> list[float]:
+        return [a[0] + b[0], a[1] + b[1]]
+
+    def result(self, acc: list[float]) -> float | None:
+        return acc[0] / acc[1] if acc[1] else None
+
+    def dump(self, acc: list[float]) -> list[float]:
+        return acc
+
+    def load(self, value: list[float]) -> list[float]:
+        return value
+
+
+def test_a_user_defined_aggregation_runs_in_sessions_through_a_restart():
+    """Sessions snapshot every accumulator (dump) and restore it (load); two sessions an event
+    bridges are merged."""
+    from streamapp.engine import aggregations
+
+    aggs = {"mean": Mean(), "high": aggregations.max(lambda e: e.x), "n": count()}
+    agg = SessionAggregator(lambda e: e.page, "page_url", Sessions(30), aggs, Watermark(60))
+    feed = Feed()
+    for t, page, x in [(900, "b", 1), (1000, "a", 2), (1050, "a", 4)]:  # "a": two sessions, 50 s apart
+        agg.add(feed.id(t), X(page, x), t)
+    first = agg.flush()  # W = 990: b's session closes; a's two stay open, in the snapshot
+    assert first is not None and [r["page_url"] for r in first.rows] == ["b"]
+    restored = SessionAggregator(
+        lambda e: e.page,
+        "page_url",
+        Sessions(30),
+        aggs,
+        Watermark(60, value=first.watermark, max_event=first.max_event, max_seen_at=first.max_seen_at),
+        closed=first.watermark,
+        position=first.position,
+        state=json.loads(json.dumps(first.state)),  # as committed: JSON
+    )
+    restored.add(feed.id(1060), X("a", 9), 1025)  # bridges them: one session [1000, 1080)
+    flush = restored.flush(now=2000)
+    assert flush is not None
+    assert [(r["window_start"], r["window_end"], r["mean"], r["high"], r["n"]) for r in flush.rows] == [
+        (1000, 1080, 5.0, 9.0, 3)
+    ]

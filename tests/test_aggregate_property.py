@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.click import ClickEvent
+from streamapp.engine import aggregations
 from streamapp.engine.aggregations import count, distinct
 from streamapp.engine.aggregator import Aggregator, SessionAggregator
 from streamapp.engine.windows import Hopping, Sessions, Tumbling, Watermark
@@ -38,6 +39,30 @@ event = st.tuples(
 )
 
 
+def AGGS() -> dict:
+    """Every shipped aggregation; `max` and `min` also over windows where no event has a value."""
+    return {
+        "clicks": count(),
+        "users": distinct(lambda e: e.user_id),
+        "total_x": aggregations.sum(lambda e: e.x, type=int),
+        "max_x": aggregations.max(lambda e: e.x if e.user_id else None, type=int),
+        "min_half_y": aggregations.min(lambda e: e.y / 2 if e.page_url else None),
+    }
+
+
+def recount(evs: list) -> tuple:
+    """The aggregations of AGGS, computed in one go over a window's events."""
+    xs = [e.x for e in evs if e.user_id]
+    halves = [e.y / 2 for e in evs if e.page_url]
+    return (
+        len(evs),
+        len({e.user_id for e in evs} - {None}),
+        sum(e.x for e in evs),
+        max(xs) if xs else None,
+        min(halves) if halves else None,
+    )
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     events=st.lists(event, min_size=8, max_size=60),
@@ -57,8 +82,8 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
     entries = []  # (stream id, event, event time, received)
     for seq, (received_ms, t, page, user) in enumerate(arrivals):
         ev = ClickEvent(
-            x=0,
-            y=0,
+            x=seq % 97 - 40,
+            y=seq % 13,
             event_id=f"e{seq}",
             page_url=page,
             user_id=user,
@@ -68,13 +93,13 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
 
     with tempfile.TemporaryDirectory() as tmp:
         catalog = open_catalog(Settings(warehouse=tmp))
-        spec = aggregate_spec("events.agg", "page_url", {"clicks": (int, False), "users": (int, False)})
+        spec = aggregate_spec("events.agg", "page_url", {n: (a.column_type, a.nullable) for n, a in AGGS().items()})
 
         def start():
             sink = AggregateSink(catalog, spec, STREAM, "prop", keep_snapshots=10)
             r = sink.open()
             wm = Watermark(LATENESS, value=r.watermark, max_event=r.max_event, max_seen_at=r.max_seen_at)
-            aggs = {"clicks": count(), "users": distinct(lambda e: e.user_id)}
+            aggs = AGGS()
             if kind == "session":  # restored from the snapshot the last commit referenced
                 agg = SessionAggregator(
                     lambda e: e.page_url,
@@ -166,9 +191,9 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
             for w in windows.assign(t):
                 if (stream_id, w.start) not in late_pairs:
                     members[(w.start, w.end, ev.page_url)].append(ev)
-    batch = {k: (len(evs), len({e.user_id for e in evs} - {None})) for k, evs in members.items()}
+    batch = {k: recount(evs) for k, evs in members.items()}
     stream = {
-        (r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): (r["clicks"], r["users"])
+        (r["window_start"].timestamp(), r["window_end"].timestamp(), r["page_url"]): tuple(r[n] for n in AGGS())
         for r in aggregated
     }
     assert stream == batch

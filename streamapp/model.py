@@ -88,7 +88,7 @@ ENVELOPE_FIELDS = frozenset(("type", *Event.__struct_fields__))
 # Columns every event table starts with, in this order: (name, Iceberg type, required). The model's
 # own columns follow, then `source`, last because it was added after v1: tables from then gain it
 # at the end by schema evolution, so a new table and an evolved one have the same column order.
-_COMMON_COLUMNS = [
+_COMMON_COLUMNS: list[Column] = [
     ("event_id", "string", True),
     ("event_time", "timestamptz", True),
     ("received_at", "timestamptz", True),
@@ -121,9 +121,12 @@ def _column_type(t: mi.Type) -> tuple[str, bool]:
     raise TypeError(f"no Iceberg column type for {t}; use bool, int, float or str")
 
 
-@functools.cache
-def iceberg_schema(model: type[Event]) -> Schema:
-    """The Iceberg schema of `model`'s table: the common columns, then the model's own fields."""
+Column = tuple[str, str, bool]  # (name, Iceberg type name, required)
+
+
+def table_schema(columns: list[Column]) -> Schema:
+    """An Iceberg schema of these columns, numbered from 1 in order. Type names: boolean, int, long,
+    double, string, timestamptz. Every table streamapp creates is declared this way."""
     # pyiceberg: the web process validates with the models and never loads it (35 MB of its RSS)
     from pyiceberg.schema import Schema
     from pyiceberg.types import (
@@ -145,6 +148,14 @@ def iceberg_schema(model: type[Event]) -> Schema:
         "string": StringType(),
         "timestamptz": TimestamptzType(),
     }
+    return Schema(
+        *(NestedField(i, name, kinds[kind], required=req) for i, (name, kind, req) in enumerate(columns, start=1))
+    )
+
+
+@functools.cache
+def iceberg_schema(model: type[Event]) -> Schema:
+    """The Iceberg schema of `model`'s table: the common columns, then the model's own fields."""
     columns = list(_COMMON_COLUMNS)
     info = mi.type_info(model)
     assert isinstance(info, mi.StructType)
@@ -154,9 +165,7 @@ def iceberg_schema(model: type[Event]) -> Schema:
         kind, nullable = _column_type(f.type)
         columns.append((f.name, kind, not nullable))
     columns.append(("source", "string", False))
-    return Schema(
-        *(NestedField(i, name, kinds[kind], required=req) for i, (name, kind, req) in enumerate(columns, start=1))
-    )
+    return table_schema(columns)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
+from streamapp.model import table_schema
 from streamapp.names import REJECTED_TABLE
 
 if TYPE_CHECKING:  # the web process never writes tables: it does not load pyarrow or pyiceberg
@@ -73,19 +74,17 @@ def _arrow_schema() -> pa.Schema:
 
 @functools.cache
 def _schema() -> Schema:
-    # pyiceberg: the web process stores rejected events and never loads it (35 MB of its RSS)
-    from pyiceberg.schema import Schema
-    from pyiceberg.types import NestedField, StringType, TimestamptzType
-
-    return Schema(
-        NestedField(1, "received_at", TimestamptzType(), required=True),
-        NestedField(2, "reason", StringType(), required=True),
-        NestedField(3, "field", StringType(), required=False),
-        NestedField(4, "raw", StringType(), required=True),
-        NestedField(5, "event_id", StringType(), required=False),
-        NestedField(6, "event_type", StringType(), required=False),
-        NestedField(7, "user_id", StringType(), required=False),
-        NestedField(8, "session_id", StringType(), required=False),
-        NestedField(9, "page_url", StringType(), required=False),
-        NestedField(10, "source", StringType(), required=False),
+    return table_schema(
+        [
+            ("received_at", "timestamptz", True),
+            ("reason", "string", True),
+            ("field", "string", False),
+            ("raw", "string", True),
+            ("event_id", "string", False),
+            ("event_type", "string", False),
+            ("user_id", "string", False),
+            ("session_id", "string", False),
+            ("page_url", "string", False),
+            ("source", "string", False),
+        ]
     )

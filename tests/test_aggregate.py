@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import pytest
 
 from streamapp.engine.aggregations import count, distinct
-from streamapp.engine.aggregator import Aggregator, SessionAggregator
+from streamapp.engine.aggregator import Aggregator, SessionAggregator, restore
 from streamapp.engine.windows import Hopping, Sessions, Tumbling, Watermark
 from streamapp.entries import entry_id
-from streamapp.lake.aggregate_sink import Flush
+from streamapp.lake.aggregate_sink import Flush, Restored
 
 
 @dataclass
@@ -42,22 +42,19 @@ class Feed:
 MINUTE = Tumbling(60)
 
 
-def make(windows=MINUTE, lateness: float = 10, keep: float = 0.0, **restore) -> Aggregator:
-    wm = Watermark(
-        lateness,
-        value=restore.pop("watermark", -math.inf),
-        max_event=restore.pop("max_event", -math.inf),
-        max_seen_at=restore.pop("max_seen_at", -math.inf),
-    )
-    return Aggregator(
-        lambda e: e.page,
-        "page_url",
-        windows,
-        {"clicks": count(), "users": distinct(lambda e: e.user)},
-        wm,
-        keep=keep,
-        closed=wm.value,
-        **restore,
+def make(windows=MINUTE, lateness: float = 10, keep: float = 0.0, after: Flush | None = None, aggs=None) -> Aggregator:
+    """An aggregator as a worker starts one: new, or restored from what the commit `after` recorded
+    (its snapshot through JSON, as the table holds it)."""
+    if after is None:
+        restored = Restored(None, "0-0", None, -math.inf, -math.inf, -math.inf, None)
+    else:
+        state = json.loads(json.dumps(after.state)) if after.state is not None else None
+        restored = Restored(
+            after.position, after.replay_after, None, after.watermark, after.max_event, after.max_seen_at, state
+        )
+    aggs = aggs or {"clicks": count(), "users": distinct(lambda e: e.user)}
+    return restore(
+        restored, key=lambda e: e.page, column="page_url", windows=windows, aggs=aggs, grace=lateness, keep=keep
     )
 
 
@@ -188,7 +185,7 @@ def test_a_restart_rebuilds_the_open_windows_and_counts_nothing_twice():
     emitted, late, flushes = run(make(), entries[:8])
     c = flushes[-1]  # the last commit: what the table properties hold
     assert c.position == entries[6][0] and entry_id(c.replay_after) < entry_id(entries[4][0])  # [1080, 1140) open
-    restarted = make(watermark=c.watermark, max_event=c.max_event, max_seen_at=c.max_seen_at, replay_through=c.position)
+    restarted = make(after=c)
     replayed = [x for x in entries if entry_id(x[0]) > entry_id(c.replay_after)]
     assert len(replayed) == len(entries) - 4  # from the first entry of the open window on
     more, more_late, _ = run(restarted, replayed)
@@ -209,22 +206,10 @@ def test_the_completeness_marker_is_the_last_hour_whose_windows_are_all_final():
     assert agg2.flush(now=3600 * 6 + 69.9).complete_before == 3600 * 5  # kept windows may still change
 
 
-def sessions(**restore) -> SessionAggregator:
-    wm = Watermark(
-        10,
-        value=restore.pop("watermark", -math.inf),
-        max_event=restore.pop("max_event", -math.inf),
-        max_seen_at=restore.pop("max_seen_at", -math.inf),
-    )
-    return SessionAggregator(
-        lambda e: e.page,
-        "page_url",
-        Sessions(30),
-        {"clicks": count(), "users": distinct(lambda e: e.user)},
-        wm,
-        closed=wm.value,
-        **restore,
-    )
+def sessions(after: Flush | None = None) -> SessionAggregator:
+    agg = make(Sessions(30), after=after)
+    assert isinstance(agg, SessionAggregator)
+    return agg
 
 
 def spans(flush: Flush | None) -> dict:
@@ -301,13 +286,7 @@ def test_sessions_restore_from_their_snapshot():
             commit = f
     assert commit is not None and commit.state["sessions"]  # open sessions in the snapshot
     assert commit.replay_after == commit.position  # read on after the position, nothing again
-    restarted = sessions(
-        watermark=commit.watermark,
-        max_event=commit.max_event,
-        max_seen_at=commit.max_seen_at,
-        position=commit.position,
-        state=json.loads(json.dumps(commit.state)),
-    )
+    restarted = sessions(after=commit)
     for stream_id, e, t in entries:
         if entry_id(stream_id) > entry_id(commit.position):
             restarted.add(stream_id, e, t)
@@ -396,22 +375,13 @@ def test_a_user_defined_aggregation_runs_in_sessions_through_a_restart():
     from streamapp.engine import aggregations
 
     aggs = {"mean": Mean(), "high": aggregations.max(lambda e: e.x), "n": count()}
-    agg = SessionAggregator(lambda e: e.page, "page_url", Sessions(30), aggs, Watermark(60))
+    agg = make(Sessions(30), lateness=60, aggs=aggs)
     feed = Feed()
     for t, page, x in [(900, "b", 1), (1000, "a", 2), (1050, "a", 4)]:  # "a": two sessions, 50 s apart
         agg.add(feed.id(t), X(page, x), t)
     first = agg.flush()  # W = 990: b's session closes; a's two stay open, in the snapshot
     assert first is not None and [r["page_url"] for r in first.rows] == ["b"]
-    restored = SessionAggregator(
-        lambda e: e.page,
-        "page_url",
-        Sessions(30),
-        aggs,
-        Watermark(60, value=first.watermark, max_event=first.max_event, max_seen_at=first.max_seen_at),
-        closed=first.watermark,
-        position=first.position,
-        state=json.loads(json.dumps(first.state)),  # as committed: JSON
-    )
+    restored = make(Sessions(30), lateness=60, aggs=aggs, after=first)  # as a restart finds it
     restored.add(feed.id(1060), X("a", 9), 1025)  # bridges them: one session [1000, 1080)
     flush = restored.flush(now=2000)
     assert flush is not None

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from models.click import ClickEvent
 from streamapp.engine import aggregations
 from streamapp.engine.aggregations import count, distinct
-from streamapp.engine.aggregator import Aggregator, SessionAggregator
+from streamapp.engine.aggregator import Aggregator, restore
 from streamapp.engine.windows import Hopping, Sessions, Tumbling, Watermark
 from streamapp.entries import entry_id
 from streamapp.lake.aggregate_sink import AggregateSink, aggregate_spec
@@ -95,35 +95,11 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
         catalog = open_catalog(Settings(warehouse=tmp))
         spec = aggregate_spec("events.agg", "page_url", {n: (a.column_type, a.nullable) for n, a in AGGS().items()})
 
-        def start():
-            sink = AggregateSink(catalog, spec, STREAM, "prop", keep_snapshots=10)
-            r = sink.open()
-            wm = Watermark(LATENESS, value=r.watermark, max_event=r.max_event, max_seen_at=r.max_seen_at)
-            aggs = AGGS()
-            if kind == "session":  # restored from the snapshot the last commit referenced
-                agg = SessionAggregator(
-                    lambda e: e.page_url,
-                    "page_url",
-                    windows,
-                    aggs,
-                    wm,
-                    closed=r.watermark,
-                    position=r.position,
-                    hold_until=r.late_position,
-                    state=r.state,
-                )
-            else:  # rebuilt by re-reading the stream after the replay cursor
-                agg = Aggregator(
-                    lambda e: e.page_url,
-                    "page_url",
-                    windows,
-                    aggs,
-                    wm,
-                    keep=keep,
-                    closed=r.watermark,
-                    replay_through=r.position,
-                    hold_until=r.late_position,
-                )
+        def start():  # as the worker (re)starts an aggregate agent: from what the tables hold
+            sink, r = AggregateSink.open(catalog, spec, STREAM, "prop", keep_snapshots=10)
+            agg = restore(
+                r, key=lambda e: e.page_url, column="page_url", windows=windows, aggs=AGGS(), grace=LATENESS, keep=keep
+            )
             return sink, agg, r.replay_after
 
         sink, agg, cursor = start()
@@ -206,14 +182,8 @@ def test_rewriting_a_window_keeps_the_null_key_row_of_the_same_window(tmp_path):
     copy-on-write delete took (window, null) with it."""
     T0 = 1_795_000_020  # on a minute
     catalog = open_catalog(Settings(warehouse=tmp_path))
-    sink = AggregateSink(
-        catalog,
-        aggregate_spec("events.agg", "page_url", {"clicks": (int, False), "users": (int, False)}),
-        STREAM,
-        "prop",
-        keep_snapshots=10,
-    )
-    sink.open()
+    spec = aggregate_spec("events.agg", "page_url", {"clicks": (int, False), "users": (int, False)})
+    sink, _ = AggregateSink.open(catalog, spec, STREAM, "prop", keep_snapshots=10)
     agg = Aggregator(
         lambda e: e.page_url, "page_url", Tumbling(60), {"clicks": count(), "users": count()}, Watermark(0), keep=600
     )

@@ -17,9 +17,9 @@ from typing import Any
 from pyiceberg.catalog import Catalog
 
 from streamapp.engine.aggregations import Aggregation
-from streamapp.engine.aggregator import Aggregator, SessionAggregator
+from streamapp.engine.aggregator import Aggregator, restore
 from streamapp.engine.reader import StreamReader
-from streamapp.engine.windows import Hopping, Sessions, Tumbling, Watermark
+from streamapp.engine.windows import Hopping, Sessions, Tumbling
 from streamapp.lake.aggregate_sink import AggregateSink, StaleState, aggregate_spec, iso
 from streamapp.settings import Settings
 
@@ -44,11 +44,16 @@ async def run_aggregate(
     """Aggregate `reader`'s stream into `table` until the worker stops; start over from the tables
     when another worker committed under this one."""
     spec = aggregate_spec(table, column, {name: (a.column_type, a.nullable) for name, a in aggs.items()})
-    sink = AggregateSink(
-        catalog, spec, reader.key, reader.consumer, keep_snapshots=settings.keep_snapshots, crash_at=settings.crash_at
-    )
     while True:
-        restored = await asyncio.to_thread(sink.open)
+        sink, restored = await asyncio.to_thread(
+            AggregateSink.open,
+            catalog,
+            spec,
+            reader.key,
+            reader.consumer,
+            keep_snapshots=settings.keep_snapshots,
+            crash_at=settings.crash_at,
+        )
         log.info(
             "%s: resuming from its last commit (position %s, watermark %s): re-reading after %s",
             reader.consumer,
@@ -56,34 +61,7 @@ async def run_aggregate(
             iso(restored.watermark) or "none",
             restored.replay_after,
         )
-        watermark = Watermark(
-            grace, value=restored.watermark, max_event=restored.max_event, max_seen_at=restored.max_seen_at
-        )
-        agg: Aggregator[Any]
-        if isinstance(windows, Sessions):
-            agg = SessionAggregator(
-                key,
-                column,
-                windows,
-                aggs,
-                watermark,
-                closed=restored.watermark,
-                position=restored.position,
-                hold_until=restored.late_position,
-                state=restored.state,
-            )
-        else:
-            agg = Aggregator(
-                key,
-                column,
-                windows,
-                aggs,
-                watermark,
-                keep=keep,
-                closed=restored.watermark,
-                replay_through=restored.position,
-                hold_until=restored.late_position,
-            )
+        agg = restore(restored, key=key, column=column, windows=windows, aggs=aggs, grace=grace, keep=keep)
         try:
             return await _run(reader, sink, agg, settings.window_count, restored.replay_after)
         except StaleState as e:

@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 from streamapp.engine.aggregations import Aggregation
 from streamapp.engine.windows import Hopping, Interval, Sessions, Tumbling, Watermark
 from streamapp.entries import BEFORE_ALL, EntryId, entry_id, format_id, id_before
-from streamapp.lake.aggregate_sink import Flush, LateEvent
+from streamapp.lake.aggregate_sink import Flush, LateEvent, Restored
 
 M = TypeVar("M")
 
@@ -271,3 +271,44 @@ class SessionAggregator(Aggregator[M]):
                 for s in self._slots()
             ]
         }
+
+
+def restore(
+    restored: Restored,
+    *,
+    key: Callable[[Any], str | None],
+    column: str,
+    windows: Tumbling | Hopping | Sessions,
+    aggs: dict[str, Aggregation[Any]],
+    grace: float,
+    keep: float = 0.0,
+) -> Aggregator[Any]:
+    """The aggregator as the last commit left it (see the module docstring): session windows from
+    the snapshot it referenced, reading on after its position; other windows rebuilt by re-reading
+    the stream after its replay cursor."""
+    watermark = Watermark(
+        grace, value=restored.watermark, max_event=restored.max_event, max_seen_at=restored.max_seen_at
+    )
+    if isinstance(windows, Sessions):
+        return SessionAggregator(
+            key,
+            column,
+            windows,
+            aggs,
+            watermark,
+            closed=restored.watermark,
+            position=restored.position,
+            hold_until=restored.late_position,
+            state=restored.state,
+        )
+    return Aggregator(
+        key,
+        column,
+        windows,
+        aggs,
+        watermark,
+        keep=keep,
+        closed=restored.watermark,
+        replay_through=restored.position,
+        hold_until=restored.late_position,
+    )

@@ -36,7 +36,6 @@ from pyiceberg.expressions import And, BooleanExpression, EqualTo, IsNull, NotNu
 from pyiceberg.expressions.literals import literal
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
-from pyiceberg.types import DoubleType, LongType, NestedField, StringType, TimestamptzType
 
 from streamapp import names
 from streamapp.entries import BEFORE_ALL, entry_id
@@ -44,6 +43,7 @@ from streamapp.faults import crashpoint
 from streamapp.lake.catalog import ensure_table
 from streamapp.lake.commit import commit_with_retry, table_name
 from streamapp.lake.upkeep import expire_old_snapshots
+from streamapp.model import table_schema
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,17 @@ class TableSpec:
 
 LATE_SPEC = TableSpec(
     names.LATE_TABLE,
-    Schema(
-        NestedField(1, "agent", StringType(), required=True),
-        NestedField(2, "stream_id", StringType(), required=True),
-        NestedField(3, "event_id", StringType(), required=False),
-        NestedField(4, "event_time", TimestamptzType(), required=True),
-        NestedField(5, "window_start", TimestamptzType(), required=True),
-        NestedField(6, "window_end", TimestamptzType(), required=True),
-        NestedField(7, "key", StringType(), required=False),
-        NestedField(8, "event", StringType(), required=True),
+    table_schema(
+        [
+            ("agent", "string", True),
+            ("stream_id", "string", True),
+            ("event_id", "string", False),
+            ("event_time", "timestamptz", True),
+            ("window_start", "timestamptz", True),
+            ("window_end", "timestamptz", True),
+            ("key", "string", False),
+            ("event", "string", True),
+        ]
     ),
     "event_time",
 )
@@ -114,16 +116,15 @@ LATE_SPEC = TableSpec(
 def aggregate_spec(table: str, column: str, columns: dict[str, tuple[type, bool]]) -> TableSpec:
     """An aggregate table: the window, the key `column`, then one column per aggregation, by name:
     (int -> long or float -> double, nullable)."""
-    fields = [
-        NestedField(1, "window_start", TimestamptzType(), required=True),
-        NestedField(2, "window_end", TimestamptzType(), required=True),
-        NestedField(3, column, StringType(), required=False),
-    ]
-    fields += [
-        NestedField(4 + i, name, LongType() if kind is int else DoubleType(), required=not nullable)
-        for i, (name, (kind, nullable)) in enumerate(columns.items())
-    ]
-    return TableSpec(table, Schema(*fields), "window_start")
+    schema = table_schema(
+        [
+            ("window_start", "timestamptz", True),
+            ("window_end", "timestamptz", True),
+            (column, "string", False),
+            *((name, "long" if kind is int else "double", not nullable) for name, (kind, nullable) in columns.items()),
+        ]
+    )
+    return TableSpec(table, schema, "window_start")
 
 
 def utc(t: float) -> datetime:
@@ -146,12 +147,32 @@ class Restored:
 
 
 class AggregateSink:
-    """Commits of one aggregate agent (blocking: call from a thread). Takes what it needs: the
-    catalog, its table's spec, the stream and consumer whose position it keeps, the snapshots to
-    keep (STREAMAPP_KEEP_SNAPSHOTS) and the test crash points (STREAMAPP_CRASH_AT)."""
+    """Commits of one aggregate agent (blocking: call from a thread), made by `open`, which takes
+    what it needs: the catalog, the table's spec, the stream and consumer whose position it keeps,
+    the snapshots to keep (STREAMAPP_KEEP_SNAPSHOTS) and the test crash points (STREAMAPP_CRASH_AT)."""
 
     def __init__(
         self,
+        table: Table,
+        late: Table,
+        spec: TableSpec,
+        stream_key: str,
+        consumer: str,
+        keep_snapshots: int,
+        crash_at: tuple[str, ...],
+    ) -> None:
+        self.table, self.late, self.spec, self.consumer = table, late, spec, consumer
+        self.keep_snapshots, self.crash_at = keep_snapshots, crash_at
+        self.pos_key = names.position_property(stream_key, consumer)
+        self.replay_key = names.replay_property(stream_key, consumer)
+        self.state_key = names.state_property(stream_key, consumer)
+        self.snapshot_key = names.snapshot_property(stream_key, consumer)
+        self.base = table.properties.get(self.pos_key)  # our position in the aggregate table, as last seen there
+        self.late_base = late.properties.get(self.pos_key)  # and in the late table
+
+    @classmethod
+    def open(
+        cls,
         catalog: Catalog,
         spec: TableSpec,
         stream_key: str,
@@ -159,49 +180,27 @@ class AggregateSink:
         *,
         keep_snapshots: int,
         crash_at: tuple[str, ...] = (),
-    ) -> None:
-        self.catalog = catalog
-        self.keep_snapshots = keep_snapshots
-        self.spec = spec
-        self.consumer = consumer
-        self.crash_at = crash_at
-        self.pos_key = names.position_property(stream_key, consumer)
-        self.replay_key = names.replay_property(stream_key, consumer)
-        self.state_key = names.state_property(stream_key, consumer)
-        self.snapshot_key = names.snapshot_property(stream_key, consumer)
-        self._table: Table | None = None
-        self._late: Table | None = None
-        self.base: str | None = None  # our position in the aggregate table, as last seen there
-        self.late_base: str | None = None  # and in the late table
-
-    @property
-    def table(self) -> Table:
-        if self._table is None:
-            raise RuntimeError("AggregateSink.open() first")
-        return self._table
-
-    @property
-    def late(self) -> Table:
-        if self._late is None:
-            raise RuntimeError("AggregateSink.open() first")
-        return self._late
-
-    def open(self) -> Restored:
-        """Create the tables if missing and read back the last commit."""
-        self._table = ensure_table(self.catalog, self.spec)
-        self._late = ensure_table(self.catalog, LATE_SPEC)
-        props = self.table.properties
-        self.base = props.get(self.pos_key)
-        self.late_base = self.late.properties.get(self.pos_key)
-        state = json.loads(props.get(self.state_key, "{}"))
+    ) -> tuple[AggregateSink, Restored]:
+        """Create the tables if missing; the sink, and what its last commit recorded."""
+        sink = cls(
+            ensure_table(catalog, spec),
+            ensure_table(catalog, LATE_SPEC),
+            spec,
+            stream_key,
+            consumer,
+            keep_snapshots,
+            crash_at,
+        )
+        props = sink.table.properties
+        state = json.loads(props.get(sink.state_key, "{}"))
         snapshot = None
-        if path := props.get(self.snapshot_key):
-            with self.table.io.new_input(path).open() as f:
+        if path := props.get(sink.snapshot_key):
+            with sink.table.io.new_input(path).open() as f:
                 snapshot = json.loads(f.read())
-        return Restored(
-            position=self.base,
-            replay_after=props.get(self.replay_key, "0-0"),
-            late_position=self.late_base,
+        return sink, Restored(
+            position=sink.base,
+            replay_after=props.get(sink.replay_key, "0-0"),
+            late_position=sink.late_base,
             watermark=state.get("watermark", -math.inf),
             max_event=state.get("max_event", -math.inf),
             max_seen_at=state.get("max_seen_at", -math.inf),

@@ -32,7 +32,8 @@ class TableSchema(Protocol):
 
 class TableModel(TableSchema, Protocol):
     """A model class whose events have a Redis stream and a table: every `Event` subclass, and
-    `Rejected`. The reader reads its stream (`type_name`), a raw sink builds its rows (`to_arrow`)."""
+    `Rejected`. The reader reads its stream (`type_name`), a raw sink builds its rows (`to_arrow`,
+    through `streamapp.lake.columns`)."""
 
     def type_name(self) -> str:
         """Its `type` on the wire, which names its Redis stream."""

@@ -13,7 +13,6 @@ also be null that default cannot be told from null, so those models go through m
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from streamapp.entries import ndjson_array
+from streamapp.table_model import TableModel
 
 NULL = b"null"
 
@@ -38,8 +38,20 @@ class _Plan:
     renormalise: Any  # None, or a msgspec (decode, encode) pair that writes every field
 
 
-@functools.cache
-def _plan(model: type, schema: pa.Schema, renames: tuple[tuple[str, str], ...], raw: str | None) -> _Plan:
+Renames = tuple[tuple[str, str], ...]
+_plans: dict[tuple[TableModel, pa.Schema, Renames, str | None], _Plan] = {}
+
+
+def _plan(model: TableModel, schema: pa.Schema, renames: Renames, raw: str | None) -> _Plan:
+    """How to read `model`'s payloads into `schema`, worked out once per model."""
+    key = (model, schema, renames, raw)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _make_plan(model, schema, renames, raw)
+    return plan
+
+
+def _make_plan(model: TableModel, schema: pa.Schema, renames: Renames, raw: str | None) -> _Plan:
     info = mi.type_info(model)
     assert isinstance(info, mi.StructType)
     by_column = {dict(renames).get(f.name, f.name): f for f in info.fields}
@@ -74,12 +86,12 @@ def _json_text(raws: list[msgspec.Raw]) -> pa.Array[Any]:
 
 
 def payloads_to_arrow(
-    model: type,
+    model: TableModel,
     schema: pa.Schema,
     payloads: list[bytes],
     received_us: list[int],
     *,
-    renames: tuple[tuple[str, str], ...] = (),
+    renames: Renames = (),
     raw: str | None = None,
 ) -> pa.Table:
     """The table of `payloads` (the stream's `e` values: one event's JSON, or several as NDJSON)

@@ -18,9 +18,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from tests.conftest import running_web, stream_events, wait_until
 from tests.test_http import CLICK
+from tests.test_ingest import FAR_FUTURE, _near_limits
 
 OK = {**CLICK, "event_id": "fine"}
 
@@ -93,6 +97,11 @@ PER_EVENT = [
     ("garbage-timestamp", {**CLICK, "timestamp": "yesterday"}, "timestamp", "Invalid"),
     ("far-future", {**CLICK, "timestamp": "2999-01-01T00:00:00Z"}, "timestamp", "ahead of the server's clock"),
     ("epoch-seconds", {**CLICK, "timestamp": 1_764_000_000}, "timestamp", "in seconds?"),
+    # In UTC these are past the year 9999 / before the year 1: converting them used to raise (500).
+    ("year-9999-west-of-utc", {**CLICK, "timestamp": "9999-12-31T23:59:59-01:00"}, "timestamp", "ahead of the"),
+    ("year-9999-max-offset", {**CLICK, "timestamp": "9999-12-31T23:59:59.999999-23:59"}, "timestamp", "ahead of"),
+    ("year-1-east-of-utc", {**CLICK, "timestamp": "0001-01-01T00:00:00+23:59"}, "timestamp", "before 2000-01-01"),
+    ("epoch-ms-past-year-9999", {**CLICK, "timestamp": 253_402_300_800_000}, "timestamp", "<= 253402300799999"),
     ("long-event-id", {**CLICK, "event_id": "e" * 129}, "event_id", "length <= 128"),
     ("newline-event-id", {**CLICK, "event_id": "a\nb"}, "event_id", "control character"),
     ("properties-list", {**CLICK, "properties": [1, 2]}, "properties", "Expected `object"),
@@ -164,6 +173,43 @@ async def test_malformed_http_is_refused_by_the_server(settings, web, redis_serv
     assert reply.split(b" ", 2)[1] == str(status).encode(), reply[:200]
     assert needle.lower() in reply.lower(), reply[:400]
     assert redis_server.client().keys("streamapp:*events*") == []
+
+
+def _post(port: int, target: str, body: bytes, headers: dict[str, str | bytes]) -> tuple[int, dict, bytes]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("POST", target, body=body, headers={"Content-Type": "application/json", **headers})  # type: ignore[arg-type]
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        c.close()
+
+
+def _no_error_logged(web) -> None:
+    out = web.output()
+    assert '"level":"ERROR"' not in out and "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("max_future", [86_400, FAR_FUTURE])
+def test_timestamps_near_the_datetime_limits_get_202_or_a_422_naming_timestamp(
+    settings, redis_server, spawn, max_future
+):
+    """Through the whole server: RFC 3339 times on the first and last days a datetime holds, with
+    every offset, and epoch milliseconds at and beyond the model's bounds."""
+    web = spawn("web", settings, STREAMAPP_MAX_FUTURE_SECONDS=str(max_future))
+    wait_until(lambda: _get_ok(settings.port), 15, what="web to answer")
+
+    @hsettings(max_examples=300, deadline=None)
+    @given(times=st.lists(_near_limits, min_size=1, max_size=4), with_good=st.booleans())
+    def check(times, with_good):
+        events = [{**CLICK, "timestamp": t} for t in times] + ([OK] if with_good else [])
+        status, _, body = _post(settings.port, "/api/events", json.dumps(events).encode(), {})
+        reply = json.loads(body)
+        assert status == (202 if reply["accepted"] + reply["duplicates"] else 422), (status, reply)
+        assert reply["rejected"] == len(reply["errors"]) and {e["field"] for e in reply["errors"]} <= {"timestamp"}
+
+    check()
+    _no_error_logged(web)
 
 
 async def test_a_chunked_body_over_the_limit_is_refused_when_it_arrives_at_once(settings, redis_server):

@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -175,6 +176,52 @@ async def test_malformed_http_is_refused_by_the_server(settings, web, redis_serv
     assert redis_server.client().keys("streamapp:*events*") == []
 
 
+KEYS = {"k-web-123": "website"}
+
+# A write key no configured key can match, as a client can send it: (id, the request's target, its
+# X-Write-Key header as raw bytes, or None). Header bytes that are not UTF-8 reach the view as lone
+# surrogates, which encoding the key for the comparison refused (500).
+BAD_KEYS = [
+    ("header-invalid-utf8", b"/api/events", b"\xff\xfe"),
+    ("header-latin-1", b"/api/events", b"k-web-12\xe9"),
+    ("header-valid-key-then-invalid-byte", b"/api/events", b"k-web-123\xff"),
+    ("header-encoded-surrogate", b"/api/events", b"\xed\xa0\x80"),
+    ("header-utf8-text", b"/api/events", "k-wéb-123 ключ 🔑".encode()),
+    ("query-invalid-utf8", b"/api/events?writeKey=%FF%FE", None),
+]
+
+
+async def _raw_post(port: int, target: bytes, headers: bytes, body: bytes) -> tuple[int, dict[str, str], dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST "
+        + target
+        + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        + headers
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    head, _, content = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), fields, json.loads(content)
+
+
+@pytest.mark.parametrize(("target", "key"), [c[1:] for c in BAD_KEYS], ids=[c[0] for c in BAD_KEYS])
+async def test_a_write_key_of_any_bytes_is_refused_with_401(settings, redis_server, target, key):
+    headers = b"Origin: https://shop.example\r\n" + (b"X-Write-Key: " + key + b"\r\n" if key is not None else b"")
+    async with running_web(dataclasses.replace(settings, write_keys=KEYS)):
+        status, fields, reply = await _raw_post(settings.port, target, headers, json.dumps(OK).encode())
+        ok = await _raw_post(settings.port, b"/api/events", b"X-Write-Key: k-web-123\r\n", json.dumps(OK).encode())
+    assert (status, reply) == (401, {"error": "the write key is not valid"})  # as for any wrong key
+    assert fields["Access-Control-Allow-Origin"] == "*"
+    assert ok[0] == 202  # the server goes on as before
+    assert [json.loads(e)["source"] for e in stream_events(redis_server, "click")] == ["website"]
+
+
 def _post(port: int, target: str, body: bytes, headers: dict[str, str | bytes]) -> tuple[int, dict, bytes]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -207,6 +254,52 @@ def test_timestamps_near_the_datetime_limits_get_202_or_a_422_naming_timestamp(
         reply = json.loads(body)
         assert status == (202 if reply["accepted"] + reply["duplicates"] else 422), (status, reply)
         assert reply["rejected"] == len(reply["errors"]) and {e["field"] for e in reply["errors"]} <= {"timestamp"}
+
+    check()
+    _no_error_logged(web)
+
+
+_HEADER_CONTROL = set(range(0x20)) - {0x09} | {0x7F}  # what an HTTP header value may not hold (RFC 9110)
+
+
+def test_write_keys_of_any_bytes_get_401_never_500(settings, redis_server, spawn):
+    """Any bytes as the X-Write-Key header or (percent-encoded) the writeKey parameter: the valid
+    key is accepted, anything else is a 401 with CORS headers, and the HTTP parser refuses control
+    characters in a header (400) before the view sees them."""
+    web = spawn("web", settings, STREAMAPP_WRITE_KEYS="k-web-123:website")
+    wait_until(lambda: _get_ok(settings.port), 15, what="web to answer")
+    origin = {"Origin": "https://shop.example"}
+
+    @hsettings(max_examples=300, deadline=None)
+    @given(
+        key=st.binary(max_size=40) | st.text(max_size=20).map(str.encode) | st.just(b"k-web-123"),
+        in_query=st.booleans(),
+    )
+    def check(key, in_query):
+        if not in_query and (b"\r" in key or b"\n" in key):
+            return  # not a header: http.client refuses to send it
+        if in_query:
+            status, headers, body = _post(
+                settings.port,
+                "/api/events?writeKey=" + urllib.parse.quote_from_bytes(key),
+                json.dumps(OK).encode(),
+                origin,
+            )
+            given_key = key
+        else:
+            status, headers, body = _post(
+                settings.port, "/api/events", json.dumps(OK).encode(), {"X-Write-Key": key, **origin}
+            )
+            given_key = key.strip(b" \t")  # optional whitespace around a header value is not part of it
+            if _HEADER_CONTROL & set(key):
+                assert status == 400, (status, body)
+                return
+        if given_key == b"k-web-123":
+            assert status == 202, (status, body)
+            return
+        message = "the write key is not valid" if given_key else "a write key is required"
+        assert (status, message in json.loads(body)["error"]) == (401, True), (key, status, body)
+        assert headers["Access-Control-Allow-Origin"] == "*"
 
     check()
     _no_error_logged(web)

@@ -42,9 +42,13 @@ def _source(request: web.Request, write_keys: dict[str, str]) -> str | None:
         raise BodyError(
             401, "a write key is required: send it in the X-Write-Key header or the writeKey query parameter"
         )
+    # Bytes, whatever the text holds: aiohttp hands a header's non-UTF-8 bytes over as lone
+    # surrogates (surrogateescape), which a plain encode() refuses; surrogatepass encodes any
+    # str, and such a key matches only a configured key decoded the same way (from os.environ).
+    given_bytes = given.encode("utf-8", "surrogatepass")
     found = None
     for key, source in write_keys.items():
-        if hmac.compare_digest(key.encode(), given.encode()):
+        if hmac.compare_digest(key.encode("utf-8", "surrogatepass"), given_bytes):
             found = source
     if found is None:
         raise BodyError(401, "the write key is not valid")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from datetime import UTC, datetime
 
 import msgspec
@@ -23,8 +24,18 @@ from streamapp.settings import Settings
 from streamapp.web.backlog import Backlog
 from streamapp.web.cors import Cors
 from streamapp.web.ingest import Batch, Ingest, InvalidBody, TooManyEvents, uuid7
-from streamapp.web.wire import BodyError, IngestReply, body_kind, error_response, json_response, read_body
+from streamapp.web.wire import (
+    BodyError,
+    IngestReply,
+    InternalErrorReply,
+    body_kind,
+    error_response,
+    json_response,
+    read_body,
+)
 from streamapp.web.writer import Entry, StreamWriter
+
+log = logging.getLogger(__name__)
 
 INGEST_PATH = "/api/events"
 
@@ -80,7 +91,10 @@ class IngestView:
         if not self.cors.allowed(origin):
             response = self.cors.refuse(origin or "")
         else:
-            response = await self._handle(request)
+            try:
+                response = await self._handle(request)
+            except Exception:  # noqa: BLE001 - a bug or an unforeseen failure: still a reply the client can read
+                response = _internal_error()
             if origin is not None:
                 response.headers.update(self.cors.headers(origin))
         self._requests.add(response.status)
@@ -162,6 +176,20 @@ class IngestView:
             # A label value is never client-chosen: an unknown type is counted as "unknown".
             add(r.event_type if r.event_type in known else "unknown", "rejected")
         return accepted, duplicates
+
+
+def _internal_error() -> web.Response:
+    """500 for what `_handle` raised: one ERROR line with the traceback and a request id, which the
+    reply carries too, so that an operator finds the line a client reports."""
+    request_id = uuid7()
+    log.error(
+        "POST %s failed: answered 500, request_id %s",
+        INGEST_PATH,
+        request_id,
+        exc_info=True,
+        extra={"request_id": request_id},
+    )
+    return json_response(500, InternalErrorReply("internal error", request_id), {"X-Request-Id": request_id})
 
 
 # The reply to one event, by whether it was written (1) or a duplicate (0).

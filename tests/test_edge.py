@@ -46,6 +46,38 @@ async def test_write_keys_are_required_and_name_the_source(settings, redis_serve
     assert [r["source"] for r in stored(redis_server, "rejected")] == ["website", "website"]
 
 
+async def test_with_write_keys_an_event_id_is_deduplicated_per_source(settings, redis_server, http):
+    """One source cannot claim another's event_ids in advance (they used to be dropped as
+    duplicates for an hour); a source's own retries are still duplicates, whichever way its key is
+    sent. The stored events keep their own event_id."""
+    keyed = dataclasses.replace(settings, write_keys=KEYS)
+    web_key, ios_key = {"X-Write-Key": "k-web-123"}, {"X-Write-Key": "k-ios-456"}
+    bad = {"type": "click", "x": 1, "event_id": "bad-1"}  # no y
+    async with running_web(keyed) as base:
+        status, body, _ = await post(http, base, [{**CLICK, "event_id": "c-1", "x": 1}, bad], **ios_key)
+        assert (status, body["accepted"], body["duplicates"], body["rejected"]) == (202, 1, 0, 1)
+        status, body, _ = await post(http, base, [{**CLICK, "event_id": "c-1", "x": 2}, bad], **web_key)
+        assert (status, body["accepted"], body["duplicates"], body["rejected"]) == (202, 1, 0, 1)
+        # website retries, also twice inside one request, and by the query parameter (sendBeacon)
+        events = [{**CLICK, "event_id": "c-1", "x": 3}, {**CLICK, "event_id": "c-2"}, {**CLICK, "event_id": "c-2"}]
+        status, body, _ = await post(http, base, [*events, bad], **web_key)
+        assert (status, body["accepted"], body["duplicates"], body["rejected"]) == (202, 1, 2, 1)
+        async with http.post(
+            base + "/api/events?writeKey=k-web-123", data=json.dumps([{**CLICK, "event_id": "c-1"}])
+        ) as r:
+            assert (r.status, (await r.json())["duplicates"]) == (202, 1)
+    assert [(e["event_id"], e["source"], e["x"]) for e in stored(redis_server, "click")] == [
+        ("c-1", "ios", 1),
+        ("c-1", "website", 2),
+        ("c-2", "website", 10),
+    ]
+    # the same bad event: once per source
+    assert sorted((r["event_id"], r["source"]) for r in stored(redis_server, "rejected")) == [
+        ("bad-1", "ios"),
+        ("bad-1", "website"),
+    ]
+
+
 async def test_without_write_keys_source_is_null(web, http, redis_server):
     assert (await post(http, web, {**CLICK, "event_id": "open"}))[0] == 202
     assert stored(redis_server, "click")[0]["source"] is None

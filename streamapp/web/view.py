@@ -33,7 +33,7 @@ from streamapp.web.wire import (
     json_response,
     read_body,
 )
-from streamapp.web.writer import Entry, StreamWriter
+from streamapp.web.writer import Entry, StreamWriter, dedupe_ids, rejected_dedupe_id
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +197,18 @@ _ONE_REPLY = {n: _encode(IngestReply(n, 1 - n, 0, [])) for n in (0, 1)}
 
 
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
-    """One entry per event type of the request, then one for its rejected events."""
+    """One entry per event type of the request, then one for its rejected events. Their dedupe ids
+    are scoped by the request's source (see `streamapp.web.writer`); the events are stored as sent."""
     received_us = int(received_at.timestamp() * 1_000_000)
-    entries = [Entry(names.stream(a.event_type), a.ids, a.payload, received_us) for a in batch.accepted]
+    source = batch.source
+    entries = [
+        Entry(names.stream(a.event_type), dedupe_ids(a.ids, source), a.payload, received_us) for a in batch.accepted
+    ]
     if batch.rejected:
         entries.append(
             Entry(
                 names.stream("rejected"),
-                ["rejected:" + uuid7() for _ in batch.rejected],
+                [rejected_dedupe_id(r.raw, source) for r in batch.rejected],
                 _encode_lines(batch.rejected)[:-1],
                 received_us,
             )

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import running_web, stream_events, wait_until
 from tests.test_http import CLICK
-from tests.test_ingest import FAR_FUTURE, _near_limits
+from tests.test_ingest import FAR_FUTURE, NEAR_LIMITS
 
 OK = {**CLICK, "event_id": "fine"}
 
@@ -225,7 +225,7 @@ async def test_a_write_key_of_any_bytes_is_refused_with_401(settings, redis_serv
 def _post(port: int, target: str, body: bytes, headers: dict[str, str | bytes]) -> tuple[int, dict, bytes]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        c.request("POST", target, body=body, headers={"Content-Type": "application/json", **headers})  # type: ignore[arg-type]
+        c.request("POST", target, body=body, headers={"Content-Type": "application/json", **headers})
         r = c.getresponse()
         return r.status, dict(r.getheaders()), r.read()
     finally:
@@ -247,7 +247,7 @@ def test_timestamps_near_the_datetime_limits_get_202_or_a_422_naming_timestamp(
     wait_until(lambda: _get_ok(settings.port), 15, what="web to answer")
 
     @hsettings(max_examples=300, deadline=None)
-    @given(times=st.lists(_near_limits, min_size=1, max_size=4), with_good=st.booleans())
+    @given(times=st.lists(NEAR_LIMITS, min_size=1, max_size=4), with_good=st.booleans())
     def check(times, with_good):
         events = [{**CLICK, "timestamp": t} for t in times] + ([OK] if with_good else [])
         status, _, body = _post(settings.port, "/api/events", json.dumps(events).encode(), {})

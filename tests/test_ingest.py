@@ -222,7 +222,7 @@ def test_every_offset_on_the_first_and_last_days_is_accepted_or_refused_by_name(
 
 
 _MAX_MS = 253_402_300_799_999  # the model's bound: 9999-12-31T23:59:59.999Z
-_near_limits = st.one_of(
+NEAR_LIMITS = st.one_of(
     st.builds(
         "{}T{:02d}:{:02d}:{:02d}{}{}".format,
         st.sampled_from(["0001-01-01", "0001-01-02", "9999-12-30", "9999-12-31"]),
@@ -240,7 +240,7 @@ _near_limits = st.one_of(
 
 @hsettings(max_examples=500, deadline=None)
 @given(
-    times=st.lists(_near_limits, min_size=1, max_size=5),
+    times=st.lists(NEAR_LIMITS, min_size=1, max_size=5),
     kind=st.sampled_from([JSON, NDJSON]),
     max_future=st.sampled_from([86_400, FAR_FUTURE]),
 )

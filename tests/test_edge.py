@@ -8,13 +8,16 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from streamapp.logs import JsonFormatter
 from streamapp.web.backlog import Backlog, retry_after
+from streamapp.web.ingest import Ingest
 from tests.conftest import RedisServer, free_port, running_web, stream_events
 from tests.test_http import CLICK, post, stored
 
@@ -41,6 +44,38 @@ async def test_write_keys_are_required_and_name_the_source(settings, redis_serve
         assert status == 422 and [e["field"] for e in body["errors"]] == ["source", "x"]
     assert {e["event_id"]: e["source"] for e in stored(redis_server, "click")} == {"h": "website", "q": "ios"}
     assert [r["source"] for r in stored(redis_server, "rejected")] == ["website", "website"]
+
+
+async def test_with_write_keys_an_event_id_is_deduplicated_per_source(settings, redis_server, http):
+    """One source cannot claim another's event_ids in advance (they used to be dropped as
+    duplicates for an hour); a source's own retries are still duplicates, whichever way its key is
+    sent. The stored events keep their own event_id."""
+    keyed = dataclasses.replace(settings, write_keys=KEYS)
+    web_key, ios_key = {"X-Write-Key": "k-web-123"}, {"X-Write-Key": "k-ios-456"}
+    bad = {"type": "click", "x": 1, "event_id": "bad-1"}  # no y
+    async with running_web(keyed) as base:
+        status, body, _ = await post(http, base, [{**CLICK, "event_id": "c-1", "x": 1}, bad], **ios_key)
+        assert (status, body["accepted"], body["duplicates"], body["rejected"]) == (202, 1, 0, 1)
+        status, body, _ = await post(http, base, [{**CLICK, "event_id": "c-1", "x": 2}, bad], **web_key)
+        assert (status, body["accepted"], body["duplicates"], body["rejected"]) == (202, 1, 0, 1)
+        # website retries, also twice inside one request, and by the query parameter (sendBeacon)
+        events = [{**CLICK, "event_id": "c-1", "x": 3}, {**CLICK, "event_id": "c-2"}, {**CLICK, "event_id": "c-2"}]
+        status, body, _ = await post(http, base, [*events, bad], **web_key)
+        assert (status, body["accepted"], body["duplicates"], body["rejected"]) == (202, 1, 2, 1)
+        async with http.post(
+            base + "/api/events?writeKey=k-web-123", data=json.dumps([{**CLICK, "event_id": "c-1"}])
+        ) as r:
+            assert (r.status, (await r.json())["duplicates"]) == (202, 1)
+    assert [(e["event_id"], e["source"], e["x"]) for e in stored(redis_server, "click")] == [
+        ("c-1", "ios", 1),
+        ("c-1", "website", 2),
+        ("c-2", "website", 10),
+    ]
+    # the same bad event: once per source
+    assert sorted((r["event_id"], r["source"]) for r in stored(redis_server, "rejected")) == [
+        ("bad-1", "ios"),
+        ("bad-1", "website"),
+    ]
 
 
 async def test_without_write_keys_source_is_null(web, http, redis_server):
@@ -241,6 +276,29 @@ async def test_slow_clients_are_cut_off(settings, redis_server, http):
     assert [e["event_id"] for e in stored(redis_server, "click")] == ["ok"]
 
 
+async def test_a_client_gone_mid_body_is_counted_not_logged_as_an_error(web, http, redis_server, caplog):
+    """A page closed while its request was on the way: nothing to answer, nothing stored, and no
+    ERROR line (before the catch-all in the view, aiohttp logged a traceback for each)."""
+    caplog.set_level(logging.INFO)
+    async with http.get(web + "/metrics") as r:
+        before = await r.text()
+    _, writer = await _raw(int(web.rsplit(":", 1)[1]))
+    writer.write(b'POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"type":')
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the view is waiting for the rest of the body
+    writer.close()
+    name, labels = "streamapp_http_requests_total", {"route": "/api/events", "status": "400"}
+    for _ in range(50):
+        async with http.get(web + "/metrics") as r:
+            after = await r.text()
+        if _metric(after, name, **labels) > _metric(before, name, **labels):
+            break
+        await asyncio.sleep(0.05)
+    assert _metric(after, name, **labels) - _metric(before, name, **labels) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert redis_server.client().keys("streamapp:*events*") == []
+
+
 def _metric(text: str, name: str, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # the exposition sorts labels
     pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
@@ -314,6 +372,44 @@ async def test_web_metrics_count_every_route_and_what_no_route_takes(settings, r
     assert grew(route="/metrics", status="200") == 1  # the scrape before, counted once it was answered
 
 
+async def test_an_unforeseen_failure_is_a_json_500_with_cors_counted_and_logged_once(
+    settings, redis_server, http, monkeypatch, caplog
+):
+    """Whatever the view raises (here a bug planted in validation) is answered like any error: JSON
+    with a request id, the CORS headers the page needs to read it, counted, and one ERROR line
+    holding that id and the traceback, which aiohttp does not log again."""
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a bug in validation")
+
+    listed = dataclasses.replace(settings, cors_origins=("https://shop.example",))
+    caplog.set_level(logging.INFO)
+    async with running_web(listed) as base:
+        async with http.get(base + "/metrics") as r:
+            before = await r.text()
+        with monkeypatch.context() as m:
+            m.setattr(Ingest, "parse", broken)
+            status, body, headers = await post(http, base, {**CLICK, "event_id": "x"}, Origin="https://shop.example")
+        assert (await post(http, base, {**CLICK, "event_id": "y"}, Origin="https://shop.example"))[0] == 202
+        async with http.get(base + "/metrics") as r:
+            after = await r.text()
+    request_id = body["request_id"]
+    assert (status, body) == (500, {"error": "internal error", "request_id": request_id}) and len(request_id) == 36
+    assert (headers["Access-Control-Allow-Origin"], headers["Vary"]) == ("https://shop.example", "Origin")
+    assert headers["X-Request-Id"] == request_id
+    name = "streamapp_http_requests_total"
+    assert (
+        _metric(after, name, route="/api/events", status="500")
+        - _metric(before, name, route="/api/events", status="500")
+        == 1
+    )
+    [error] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert error.levelno == logging.ERROR and request_id in error.getMessage()
+    line = json.loads(JsonFormatter().format(error))
+    assert line["request_id"] == request_id and line["exception"].count("RuntimeError: a bug in validation") == 1
+    assert [e["event_id"] for e in stored(redis_server, "click")] == ["y"]
+
+
 async def test_worker_metrics_and_json_commit_log(settings, web, http, spawn):
     worker = spawn("worker", settings)
     await post(http, web, [{**CLICK, "event_id": f"w{i}"} for i in range(25)])
@@ -366,7 +462,9 @@ async def test_openapi_is_generated_from_the_models(web, http):
     assert "source" not in click["properties"]  # server-set
     assert "key" in schemas["KeydownEvent"]["required"]
     post_op = doc["paths"]["/api/events"]["post"]
-    assert set(post_op["responses"]) == {"202", "422", "400", "401", "403", "408", "413", "415", "429", "503"}
+    assert set(post_op["responses"]) == {"202", "422", "400", "401", "403", "408", "413", "415", "429", "503", "500"}
+    internal = post_op["responses"]["500"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert schemas[internal]["required"] == ["error", "request_id"]
     assert post_op["requestBody"]["content"]["application/json"]["schema"]["oneOf"][1]["maxItems"] == 500
     assert "security" not in post_op
 

@@ -14,13 +14,18 @@ import http.client
 import json
 import os
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from tests.conftest import running_web, stream_events, wait_until
 from tests.test_http import CLICK
+from tests.test_ingest import FAR_FUTURE, NEAR_LIMITS
 
 OK = {**CLICK, "event_id": "fine"}
 
@@ -93,6 +98,11 @@ PER_EVENT = [
     ("garbage-timestamp", {**CLICK, "timestamp": "yesterday"}, "timestamp", "Invalid"),
     ("far-future", {**CLICK, "timestamp": "2999-01-01T00:00:00Z"}, "timestamp", "ahead of the server's clock"),
     ("epoch-seconds", {**CLICK, "timestamp": 1_764_000_000}, "timestamp", "in seconds?"),
+    # In UTC these are past the year 9999 / before the year 1: converting them used to raise (500).
+    ("year-9999-west-of-utc", {**CLICK, "timestamp": "9999-12-31T23:59:59-01:00"}, "timestamp", "ahead of the"),
+    ("year-9999-max-offset", {**CLICK, "timestamp": "9999-12-31T23:59:59.999999-23:59"}, "timestamp", "ahead of"),
+    ("year-1-east-of-utc", {**CLICK, "timestamp": "0001-01-01T00:00:00+23:59"}, "timestamp", "before 2000-01-01"),
+    ("epoch-ms-past-year-9999", {**CLICK, "timestamp": 253_402_300_800_000}, "timestamp", "<= 253402300799999"),
     ("long-event-id", {**CLICK, "event_id": "e" * 129}, "event_id", "length <= 128"),
     ("newline-event-id", {**CLICK, "event_id": "a\nb"}, "event_id", "control character"),
     ("properties-list", {**CLICK, "properties": [1, 2]}, "properties", "Expected `object"),
@@ -164,6 +174,135 @@ async def test_malformed_http_is_refused_by_the_server(settings, web, redis_serv
     assert reply.split(b" ", 2)[1] == str(status).encode(), reply[:200]
     assert needle.lower() in reply.lower(), reply[:400]
     assert redis_server.client().keys("streamapp:*events*") == []
+
+
+KEYS = {"k-web-123": "website"}
+
+# A write key no configured key can match, as a client can send it: (id, the request's target, its
+# X-Write-Key header as raw bytes, or None). Header bytes that are not UTF-8 reach the view as lone
+# surrogates, which encoding the key for the comparison refused (500).
+BAD_KEYS = [
+    ("header-invalid-utf8", b"/api/events", b"\xff\xfe"),
+    ("header-latin-1", b"/api/events", b"k-web-12\xe9"),
+    ("header-valid-key-then-invalid-byte", b"/api/events", b"k-web-123\xff"),
+    ("header-encoded-surrogate", b"/api/events", b"\xed\xa0\x80"),
+    ("header-utf8-text", b"/api/events", "k-wéb-123 ключ 🔑".encode()),
+    ("query-invalid-utf8", b"/api/events?writeKey=%FF%FE", None),
+]
+
+
+async def _raw_post(port: int, target: bytes, headers: bytes, body: bytes) -> tuple[int, dict[str, str], dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST "
+        + target
+        + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        + headers
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    head, _, content = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), fields, json.loads(content)
+
+
+@pytest.mark.parametrize(("target", "key"), [c[1:] for c in BAD_KEYS], ids=[c[0] for c in BAD_KEYS])
+async def test_a_write_key_of_any_bytes_is_refused_with_401(settings, redis_server, target, key):
+    headers = b"Origin: https://shop.example\r\n" + (b"X-Write-Key: " + key + b"\r\n" if key is not None else b"")
+    async with running_web(dataclasses.replace(settings, write_keys=KEYS)):
+        status, fields, reply = await _raw_post(settings.port, target, headers, json.dumps(OK).encode())
+        ok = await _raw_post(settings.port, b"/api/events", b"X-Write-Key: k-web-123\r\n", json.dumps(OK).encode())
+    assert (status, reply) == (401, {"error": "the write key is not valid"})  # as for any wrong key
+    assert fields["Access-Control-Allow-Origin"] == "*"
+    assert ok[0] == 202  # the server goes on as before
+    assert [json.loads(e)["source"] for e in stream_events(redis_server, "click")] == ["website"]
+
+
+def _post(port: int, target: str, body: bytes, headers: dict[str, str | bytes]) -> tuple[int, dict, bytes]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("POST", target, body=body, headers={"Content-Type": "application/json", **headers})
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        c.close()
+
+
+def _no_error_logged(web) -> None:
+    out = web.output()
+    assert '"level":"ERROR"' not in out and "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("max_future", [86_400, FAR_FUTURE])
+def test_timestamps_near_the_datetime_limits_get_202_or_a_422_naming_timestamp(
+    settings, redis_server, spawn, max_future
+):
+    """Through the whole server: RFC 3339 times on the first and last days a datetime holds, with
+    every offset, and epoch milliseconds at and beyond the model's bounds."""
+    web = spawn("web", settings, STREAMAPP_MAX_FUTURE_SECONDS=str(max_future))
+    wait_until(lambda: _get_ok(settings.port), 15, what="web to answer")
+
+    @hsettings(max_examples=300, deadline=None)
+    @given(times=st.lists(NEAR_LIMITS, min_size=1, max_size=4), with_good=st.booleans())
+    def check(times, with_good):
+        events = [{**CLICK, "timestamp": t} for t in times] + ([OK] if with_good else [])
+        status, _, body = _post(settings.port, "/api/events", json.dumps(events).encode(), {})
+        reply = json.loads(body)
+        assert status == (202 if reply["accepted"] + reply["duplicates"] else 422), (status, reply)
+        assert reply["rejected"] == len(reply["errors"]) and {e["field"] for e in reply["errors"]} <= {"timestamp"}
+
+    check()
+    _no_error_logged(web)
+
+
+_HEADER_CONTROL = set(range(0x20)) - {0x09} | {0x7F}  # what an HTTP header value may not hold (RFC 9110)
+
+
+def test_write_keys_of_any_bytes_get_401_never_500(settings, redis_server, spawn):
+    """Any bytes as the X-Write-Key header or (percent-encoded) the writeKey parameter: the valid
+    key is accepted, anything else is a 401 with CORS headers, and the HTTP parser refuses control
+    characters in a header (400) before the view sees them."""
+    web = spawn("web", settings, STREAMAPP_WRITE_KEYS="k-web-123:website")
+    wait_until(lambda: _get_ok(settings.port), 15, what="web to answer")
+    origin = {"Origin": "https://shop.example"}
+
+    @hsettings(max_examples=300, deadline=None)
+    @given(
+        key=st.binary(max_size=40) | st.text(max_size=20).map(str.encode) | st.just(b"k-web-123"),
+        in_query=st.booleans(),
+    )
+    def check(key, in_query):
+        if not in_query and (b"\r" in key or b"\n" in key):
+            return  # not a header: http.client refuses to send it
+        if in_query:
+            status, headers, body = _post(
+                settings.port,
+                "/api/events?writeKey=" + urllib.parse.quote_from_bytes(key),
+                json.dumps(OK).encode(),
+                origin,
+            )
+            given_key = key
+        else:
+            status, headers, body = _post(
+                settings.port, "/api/events", json.dumps(OK).encode(), {"X-Write-Key": key, **origin}
+            )
+            given_key = key.strip(b" \t")  # optional whitespace around a header value is not part of it
+            if _HEADER_CONTROL & set(key):
+                assert status == 400, (status, body)
+                return
+        if given_key == b"k-web-123":
+            assert status == 202, (status, body)
+            return
+        message = "the write key is not valid" if given_key else "a write key is required"
+        assert (status, message in json.loads(body)["error"]) == (401, True), (key, status, body)
+        assert headers["Access-Control-Allow-Origin"] == "*"
+
+    check()
+    _no_error_logged(web)
 
 
 async def test_a_chunked_body_over_the_limit_is_refused_when_it_arrives_at_once(settings, redis_server):

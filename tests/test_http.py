@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 
 import msgspec
 import pytest
 
+from streamapp import names
+from streamapp.web.writer import DEDUPE_SPANS
 from tests.conftest import stream_events
 
 CLICK = {"type": "click", "x": 10, "y": 20}
@@ -132,6 +135,39 @@ async def test_duplicates_within_and_across_requests_keep_the_first_payload(web,
     r = redis_server.client()
     [holder] = [k for k in r.keys("streamapp:{streamapp}:dedupe:*") if r.sismember(k, "dup-1")]
     assert 3590 < r.ttl(holder) <= 3600 + 1800
+
+
+async def test_a_rejected_event_sent_again_is_stored_once(web, http, redis_server):
+    """A client retrying a request whose events were refused (the 422 was lost, say) is told again
+    what is wrong, but events.rejected gets each bad event once, as sent: its dedupe id is its raw
+    JSON's hash. Two different bad events are two, even with the same event_id."""
+    bad = {"type": "click", "x": 1, "event_id": "bad-1"}  # no y
+    same_id = {"type": "click", "y": 1, "event_id": "bad-1"}  # no x
+    no_id = {"type": "keydown", "key": 5}
+    for _ in range(2):
+        status, body, _ = await post(http, web, [bad, no_id])
+        assert (status, body["rejected"], [e["field"] for e in body["errors"]]) == (422, 2, ["y", "key"])
+    status, body, _ = await post(http, web, [same_id, same_id, {**CLICK, "event_id": "good"}])
+    assert (status, body["accepted"], body["rejected"]) == (202, 1, 2)
+    assert sorted(r["raw"] for r in stored(redis_server, "rejected")) == sorted(
+        json.dumps(e, separators=(",", ":")) for e in (bad, no_id, same_id)
+    )
+
+
+async def test_without_write_keys_an_id_recorded_before_the_upgrade_is_still_found(web, http, redis_server, settings):
+    """Dedupe ids are scoped by source only with write keys: without them an event_id is recorded
+    as itself, as it was before, so ids already in Redis still make a retry a duplicate."""
+    r = redis_server.client()
+    span = math.ceil(settings.dedupe_seconds * 1000 / DEDUPE_SPANS)
+    seconds, micros = r.time()
+    now_ms = seconds * 1000 + micros // 1000
+    r.sadd(names.dedupe_bucket(now_ms // span * span), "legacy-1")  # as the previous version recorded it
+    status, body, _ = await post(http, web, {**CLICK, "event_id": "legacy-1"})
+    assert (status, body["accepted"], body["duplicates"]) == (202, 0, 1)
+    status, body, _ = await post(http, web, {**CLICK, "event_id": "new-1"})
+    assert (status, body["accepted"]) == (202, 1)
+    assert [k for k in r.keys(f"{names.PREFIX}:dedupe:*") if r.sismember(k, "new-1")]
+    assert [e["event_id"] for e in stored(redis_server, "click")] == ["new-1"]
 
 
 async def test_multi_member_gzip_is_read_whole(web, http, redis_server):

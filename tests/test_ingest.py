@@ -173,3 +173,84 @@ def test_one_bad_event_id_in_a_batch_is_refused_alone(ingest, kind):
     assert (error.index, error.event_id, error.field) == (1, "tab\there", "event_id")
     assert error.message == "contains a control character (U+0000 to U+001F or U+007F)"
     assert json.loads(batch.rejected[0].raw)["event_id"] == "tab\there"  # kept as sent
+
+
+# The first and last days a datetime can hold, and every offset RFC 3339 allows (-23:59 to +23:59).
+_LIMIT_DAYS = ("0001-01-01", "9999-12-31")
+_OFFSETS = ["Z"] + [f"{'+' if m >= 0 else '-'}{abs(m) // 60:02d}:{abs(m) % 60:02d}" for m in range(-1439, 1440)]
+FAR_FUTURE = 10**12  # STREAMAPP_MAX_FUTURE_SECONDS past year 9999: conversion to UTC is the last check
+
+
+def _offset(suffix: str) -> int:
+    """The offset of an RFC 3339 suffix, in minutes."""
+    return 0 if suffix == "Z" else (1 if suffix[0] == "+" else -1) * (int(suffix[1:3]) * 60 + int(suffix[4:6]))
+
+
+@pytest.mark.parametrize("max_future", [86_400, FAR_FUTURE])
+@pytest.mark.parametrize("kind", [JSON, NDJSON])
+def test_every_offset_on_the_first_and_last_days_is_accepted_or_refused_by_name(kind, max_future):
+    """Converting these to UTC overflows (9999-12-31 west of UTC, 0001-01-01 east of it): each is
+    refused on its own, naming `timestamp`, beside a good event, on the fast and slow paths alike;
+    with a limit far enough ahead, the ones that stay within year 9999 in UTC are stored in UTC."""
+    ingest = Ingest(App().discover_models(), max_events=500, max_event_bytes=32 * 1024, max_future_seconds=max_future)
+    times = [f"{day}T{clock}{o}" for day in _LIMIT_DAYS for clock in ("00:00:00", "23:59:59.999999") for o in _OFFSETS]
+    good = {"type": "click", "x": 1, "y": 1, "event_id": "good"}
+    for start in range(0, len(times), 499):
+        chunk = times[start : start + 499]
+        events = [good] + [{"type": "click", "x": 1, "y": 1, "event_id": t, "timestamp": t} for t in chunk]
+        body = json.dumps(events) if kind == JSON else "\n".join(map(json.dumps, events))
+        batch = ingest.parse(body.encode(), kind, NOW)
+        stored = {
+            e["event_id"]: e["timestamp"]
+            for e in map(json.loads, b"\n".join(a.payload for a in batch.accepted).split(b"\n"))
+        }
+        refused = {e.event_id: (e.field, e.message) for e in batch.errors}
+        assert len(stored) + len(refused) == len(events) and "good" in stored
+        for t in chunk:
+            if t.startswith("0001"):
+                assert refused[t] == ("timestamp", "is before 2000-01-01"), t
+            elif max_future == 86_400:
+                assert refused[t][0] == "timestamp" and "ahead of the server's clock" in refused[t][1], t
+            elif t[11:19] == "23:59:59" and _offset(t[26:]) < 0:  # past the year 9999 in UTC
+                assert refused[t] == (
+                    "timestamp",
+                    "is after 9999-12-31T23:59:59.999999Z, the latest time streamapp can store",
+                ), t
+            else:
+                utc = datetime.fromisoformat(t).astimezone(UTC)
+                assert stored[t] == utc.isoformat().replace("+00:00", "Z"), t
+
+
+_MAX_MS = 253_402_300_799_999  # the model's bound: 9999-12-31T23:59:59.999Z
+NEAR_LIMITS = st.one_of(
+    st.builds(
+        "{}T{:02d}:{:02d}:{:02d}{}{}".format,
+        st.sampled_from(["0001-01-01", "0001-01-02", "9999-12-30", "9999-12-31"]),
+        st.integers(0, 23),
+        st.integers(0, 59),
+        st.integers(0, 59),
+        st.sampled_from(["", ".999999", ".000001", ".5"]),
+        st.sampled_from(_OFFSETS),
+    ),
+    st.integers(_MAX_MS - 10**8, _MAX_MS + 10**8),  # epoch ms at and beyond the model's bound
+    st.integers(-(10**3), 10**3),
+    st.integers(-(2**70), 2**70),
+)
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(
+    times=st.lists(NEAR_LIMITS, min_size=1, max_size=5),
+    kind=st.sampled_from([JSON, NDJSON]),
+    max_future=st.sampled_from([86_400, FAR_FUTURE]),
+)
+def test_timestamps_near_the_datetime_limits_are_accepted_or_refused_by_name(times, kind, max_future):
+    ingest = Ingest(App().discover_models(), max_events=500, max_event_bytes=32 * 1024, max_future_seconds=max_future)
+    events = [{"type": "click", "x": 1, "y": 1, "event_id": f"e{i}", "timestamp": t} for i, t in enumerate(times)]
+    events.append({"type": "click", "x": 1, "y": 1, "event_id": "good"})
+    body = json.dumps(events) if kind == JSON else "\n".join(map(json.dumps, events))
+    batch = ingest.parse(body.encode(), kind, NOW)
+    assert batch.accepted_events + len(batch.errors) == len(events)
+    assert {e.field for e in batch.errors} <= {"timestamp"} and "good" in batch.accepted[0].ids
+    for line in b"\n".join(a.payload for a in batch.accepted).split(b"\n"):
+        assert json.loads(line)["timestamp"].endswith("Z")  # stored in UTC

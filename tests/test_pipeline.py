@@ -20,7 +20,7 @@ from streamapp.engine.worker import trim_streams
 from streamapp.entries import stream_events
 from streamapp.lake.catalog import open_catalog
 from streamapp.redis_client import reader_client
-from tests.conftest import table_rows, wait_until
+from tests.conftest import running_web, table_rows, wait_until
 from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 
 
@@ -72,6 +72,31 @@ async def test_events_reach_iceberg_with_every_column(web, http, settings, spawn
     assert k["event_time"] == k["received_at"]  # no timestamp sent: the receive time
     assert rej["event_id"] == "bad-1" and rej["field"] == "y" and json.loads(rej["raw"]) == bad
     assert "Traceback" not in worker.output()
+
+
+async def test_one_event_id_from_two_sources_and_a_retried_rejected_event_reach_iceberg_once_each(
+    settings, redis_server, http, spawn
+):
+    """With write keys each source's events are deduplicated on their own: the same event_id from
+    two sources is two rows, each with its own event_id and source; a request retried whole (its
+    reply lost) adds nothing, its rejected event included."""
+    keyed = dataclasses.replace(settings, write_keys={"k-web": "website", "k-ios": "ios"})
+    spawn("worker", settings)
+    events = [{"type": "click", "x": 1, "y": 2, "event_id": "c-1"}, {"type": "click", "x": 1, "event_id": "bad-1"}]
+    async with running_web(keyed) as base:
+        for key in ("k-web", "k-web", "k-ios", "k-ios"):
+            async with http.post(base + "/api/events", data=json.dumps(events), headers={"X-Write-Key": key}) as r:
+                assert r.status == 202
+    await wait_rows(settings, "events.clicks", 2)
+    await wait_rows(settings, "events.rejected", 2)
+    await asyncio.sleep(settings.window_seconds * 3)  # anything written twice would be committed by now
+    clicks = table_rows(settings, "events.clicks")
+    assert sorted((r["event_id"], r["source"]) for r in clicks) == [("c-1", "ios"), ("c-1", "website")]
+    rejected = table_rows(settings, "events.rejected")
+    assert sorted((r["event_id"], r["source"], r["field"]) for r in rejected) == [
+        ("bad-1", "ios", "y"),
+        ("bad-1", "website", "y"),
+    ]
 
 
 async def test_tables_are_partitioned_by_day(web, http, settings, spawn):

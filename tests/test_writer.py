@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from streamapp import names
 from streamapp.entries import stream_events
 from streamapp.web.backlog import Backlog
-from streamapp.web.writer import DEDUPE_SPANS, Entry, StreamWriter
+from streamapp.web.writer import DEDUPE_SPANS, Entry, StreamWriter, dedupe_ids, rejected_dedupe_id
 from tests.conftest import stream_events as stored
 
 CLICKS = names.stream("click")
@@ -209,3 +213,51 @@ async def test_a_flush_whose_sets_cannot_be_placed_is_refused_whole(writer, redi
     monkeypatch.undo()
     assert redis_server.client().exists(CLICKS) == 0 and redis_server.client().keys(SETS) == []
     assert await writer.write([entry(["j1", "j2"])]) == [()]  # a client's retry is written
+
+
+# What ingest lets through as an event_id (1-128 characters, no control character), and source names.
+_event_ids = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=128)
+_sources = st.none() | st.text(min_size=1, max_size=20)
+
+
+@hsettings(max_examples=500)
+@given(a=st.tuples(_sources, _event_ids), b=st.tuples(_sources, _event_ids), cut=st.integers(1, 127))
+def test_a_dedupe_id_is_one_event_id_of_one_source(a, b, cut):
+    """Scoped ids of different (source, event_id) pairs never meet: whatever a client chooses as its
+    event_id, it cannot produce the id of another source's event, nor one from before keys."""
+
+    def one(source, event_id):
+        return dedupe_ids([event_id], source)[0]
+
+    assert (one(*a) == one(*b)) == (a == b)
+    source, event_id = a
+    if cut < len(event_id):  # the same text split elsewhere between source and event_id
+        head, tail = event_id[:cut], event_id[cut:]
+        for other in ((source or "") + head, (source or "") + "\x1f" + head):
+            assert one(other, tail) != one(*a)
+    assert one("website", event_id) != one(None, event_id) != one("ios", event_id)
+
+
+def test_without_write_keys_the_dedupe_id_is_the_event_id():
+    """As before scoping: ids already in Redis keep being found after an upgrade."""
+    ids = ["c-1", "k-1"]
+    assert dedupe_ids(ids, None) is ids
+    assert dedupe_ids(ids, "website") == ["website\x1fc-1", "website\x1fk-1"]
+
+
+@given(a=st.tuples(_sources, st.text()), b=st.tuples(_sources, st.text()), event=st.tuples(_sources, _event_ids))
+def test_a_rejected_events_dedupe_id_is_its_source_and_raw_json(a, b, event):
+    assert rejected_dedupe_id(a[1], a[0]) == rejected_dedupe_id(a[1], a[0])  # a retry is a duplicate
+    assert (rejected_dedupe_id(a[1], a[0]) == rejected_dedupe_id(b[1], b[0])) == (a == b)
+    rid = rejected_dedupe_id(a[1], a[0])
+    assert rid not in dedupe_ids([event[1]], event[0])  # never an event's
+    # nor that of an event whose event_id copies it as far as an event_id can (no control characters)
+    printable = re.sub(r"[\x00-\x1f\x7f]", "", rid)
+    for forged in (printable, printable[-32:], rid.rpartition("\x1f")[2].lstrip("\x1e")):
+        assert rid not in dedupe_ids([forged], a[0])
+
+
+def test_different_rejected_events_never_share_a_dedupe_id():
+    raws = [json.dumps({"type": "click", "x": i}) for i in range(20_000)]
+    assert len({rejected_dedupe_id(r, None) for r in raws}) == len(raws)
+    assert len({rejected_dedupe_id(r, s) for r in raws[:100] for s in ("website", "ios", None)}) == 300

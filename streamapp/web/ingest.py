@@ -132,6 +132,7 @@ def _not_json(error: Exception, what: str = "the body", data: bytes = b"") -> In
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 EARLIEST_MS = int(EARLIEST.timestamp() * 1000)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # An escaped NUL in encoded JSON: `\u0000` after an even number of backslashes.
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 # Checked here rather than as the model's pattern, which msgspec runs per event in Python's `re`:
@@ -312,23 +313,27 @@ class Ingest:
         if ts is None:
             event.timestamp = received
         else:
+            # Checked before the conversion to UTC, which overflows past 9999-12-31 (an offset
+            # behind UTC on the last day): comparing and subtracting aware datetimes cannot.
             if isinstance(ts, int):
                 if ts < EARLIEST_MS:
                     return "timestamp", (
                         f"{ts} ms is before 2000-01-01; epoch timestamps are milliseconds (was it sent in seconds?)"
                     )
-                ts = datetime.fromtimestamp(ts / 1000, UTC)
+                ahead = timedelta(milliseconds=ts) - (received - _EPOCH)
             else:
                 if ts < EARLIEST:
                     return "timestamp", "is before 2000-01-01"
-                ts = ts.astimezone(UTC)
-            event.timestamp = ts
-            ahead = ts - received
+                ahead = ts - received
             if ahead > self.max_future:
                 return "timestamp", (
                     f"is {ahead.total_seconds():.0f} s ahead of the server's clock; the limit is "
                     f"{self.max_future.total_seconds():.0f} s (STREAMAPP_MAX_FUTURE_SECONDS)"
                 )
+            try:  # exact for milliseconds, which a float of seconds is not
+                event.timestamp = _EPOCH + timedelta(milliseconds=ts) if isinstance(ts, int) else ts.astimezone(UTC)
+            except OverflowError:  # only with STREAMAPP_MAX_FUTURE_SECONDS beyond year 9999
+                return "timestamp", "is after 9999-12-31T23:59:59.999999Z, the latest time streamapp can store"
         if event.event_id is None:
             event.event_id = uuid7()
         return None

@@ -17,7 +17,7 @@ import msgspec
 from streamapp.model import Event
 from streamapp.settings import Settings
 from streamapp.web.ingest import EARLIEST_MS
-from streamapp.web.wire import ErrorReply, IngestReply
+from streamapp.web.wire import ErrorReply, IngestReply, InternalErrorReply
 
 REF = "#/components/schemas/{name}"
 _YEAR_2000_ON = r"^([2-9][0-9]{3})-"  # RFC 3339 date-times from 2000 on
@@ -53,7 +53,9 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
 def document(models: dict[str, type[Event]], settings: Settings) -> dict[str, Any]:
     """The OpenAPI document for these event models and limits."""
     union = Union[tuple(models.values())]  # type: ignore[valid-type] # noqa: UP007 - a runtime union
-    (event, reply, _), components = msgspec.json.schema_components([union, IngestReply, ErrorReply], ref_template=REF)
+    (event, reply, _, internal), components = msgspec.json.schema_components(
+        [union, IngestReply, ErrorReply, InternalErrorReply], ref_template=REF
+    )
     for model in models.values():
         name = model.__name__
         components[name] = _event_schema(components[name])
@@ -90,6 +92,10 @@ def document(models: dict[str, type[Event]], settings: Settings) -> dict[str, An
             "415": _error("the Content-Type, charset or Content-Encoding is not supported"),
             "429": _error("too many events wait to be written to Iceberg; retry after Retry-After", True),
             "503": _error("the event store (Redis) is unavailable or full; retry after Retry-After", True),
+            "500": {
+                "description": "the server failed; request_id names its line in the server's error log",
+                "content": {"application/json": {"schema": internal}},
+            },
         },
     }
     if settings.write_keys:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from datetime import UTC, datetime
 
 import msgspec
@@ -23,8 +24,18 @@ from streamapp.settings import Settings
 from streamapp.web.backlog import Backlog
 from streamapp.web.cors import Cors
 from streamapp.web.ingest import Batch, Ingest, InvalidBody, TooManyEvents, uuid7
-from streamapp.web.wire import BodyError, IngestReply, body_kind, error_response, json_response, read_body
-from streamapp.web.writer import Entry, StreamWriter
+from streamapp.web.wire import (
+    BodyError,
+    IngestReply,
+    InternalErrorReply,
+    body_kind,
+    error_response,
+    json_response,
+    read_body,
+)
+from streamapp.web.writer import Entry, StreamWriter, dedupe_ids, rejected_dedupe_id
+
+log = logging.getLogger(__name__)
 
 INGEST_PATH = "/api/events"
 
@@ -42,9 +53,13 @@ def _source(request: web.Request, write_keys: dict[str, str]) -> str | None:
         raise BodyError(
             401, "a write key is required: send it in the X-Write-Key header or the writeKey query parameter"
         )
+    # Bytes, whatever the text holds: aiohttp hands a header's non-UTF-8 bytes over as lone
+    # surrogates (surrogateescape), which a plain encode() refuses; surrogatepass encodes any
+    # str, and such a key matches only a configured key decoded the same way (from os.environ).
+    given_bytes = given.encode("utf-8", "surrogatepass")
     found = None
     for key, source in write_keys.items():
-        if hmac.compare_digest(key.encode(), given.encode()):
+        if hmac.compare_digest(key.encode("utf-8", "surrogatepass"), given_bytes):
             found = source
     if found is None:
         raise BodyError(401, "the write key is not valid")
@@ -76,7 +91,10 @@ class IngestView:
         if not self.cors.allowed(origin):
             response = self.cors.refuse(origin or "")
         else:
-            response = await self._handle(request)
+            try:
+                response = await self._handle(request)
+            except Exception:  # noqa: BLE001 - a bug or an unforeseen failure: still a reply the client can read
+                response = _internal_error()
             if origin is not None:
                 response.headers.update(self.cors.headers(origin))
         self._requests.add(response.status)
@@ -160,19 +178,37 @@ class IngestView:
         return accepted, duplicates
 
 
+def _internal_error() -> web.Response:
+    """500 for what `_handle` raised: one ERROR line with the traceback and a request id, which the
+    reply carries too, so that an operator finds the line a client reports."""
+    request_id = uuid7()
+    log.error(
+        "POST %s failed: answered 500, request_id %s",
+        INGEST_PATH,
+        request_id,
+        exc_info=True,
+        extra={"request_id": request_id},
+    )
+    return json_response(500, InternalErrorReply("internal error", request_id), {"X-Request-Id": request_id})
+
+
 # The reply to one event, by whether it was written (1) or a duplicate (0).
 _ONE_REPLY = {n: _encode(IngestReply(n, 1 - n, 0, [])) for n in (0, 1)}
 
 
 def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
-    """One entry per event type of the request, then one for its rejected events."""
+    """One entry per event type of the request, then one for its rejected events. Their dedupe ids
+    are scoped by the request's source (see `streamapp.web.writer`); the events are stored as sent."""
     received_us = int(received_at.timestamp() * 1_000_000)
-    entries = [Entry(names.stream(a.event_type), a.ids, a.payload, received_us) for a in batch.accepted]
+    source = batch.source
+    entries = [
+        Entry(names.stream(a.event_type), dedupe_ids(a.ids, source), a.payload, received_us) for a in batch.accepted
+    ]
     if batch.rejected:
         entries.append(
             Entry(
                 names.stream("rejected"),
-                ["rejected:" + uuid7() for _ in batch.rejected],
+                [rejected_dedupe_id(r.raw, source) for r in batch.rejected],
                 _encode_lines(batch.rejected)[:-1],
                 received_us,
             )

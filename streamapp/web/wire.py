@@ -43,6 +43,13 @@ class ErrorReply(msgspec.Struct):
     error: str
 
 
+class InternalErrorReply(msgspec.Struct):
+    """The answer when the server failed (500): `request_id` finds its one line in the error log."""
+
+    error: str
+    request_id: str
+
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -91,26 +98,29 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return body
     out = bytearray()
     received = 0
-    async for chunk in request.content.iter_any():
-        received += len(chunk)
-        if received > limit:  # compressed input alone is over the limit
-            raise BodyError(413, f"the body is over the limit of {limit} bytes")
-        if inflate is None:
-            out += chunk
-            continue
-        try:
-            data = chunk
-            while data:
-                # max_length bounds the memory one chunk can inflate to.
-                out += inflate.decompress(data, limit + 1 - len(out))
-                if len(out) > limit:
-                    raise BodyError(413, f"the body inflates to over the limit of {limit} bytes")
-                if inflate.eof and inflate.unused_data:  # another gzip member follows (cat a.gz b.gz)
-                    data, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
-                else:
-                    data = inflate.unconsumed_tail
-        except zlib.error as e:
-            raise BodyError(400, f"the body is not valid gzip: {e}") from None
+    try:
+        async for chunk in request.content.iter_any():
+            received += len(chunk)
+            if received > limit:  # compressed input alone is over the limit
+                raise BodyError(413, f"the body is over the limit of {limit} bytes")
+            if inflate is None:
+                out += chunk
+                continue
+            try:
+                data = chunk
+                while data:
+                    # max_length bounds the memory one chunk can inflate to.
+                    out += inflate.decompress(data, limit + 1 - len(out))
+                    if len(out) > limit:
+                        raise BodyError(413, f"the body inflates to over the limit of {limit} bytes")
+                    if inflate.eof and inflate.unused_data:  # another gzip member follows (cat a.gz b.gz)
+                        data, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+                    else:
+                        data = inflate.unconsumed_tail
+            except zlib.error as e:
+                raise BodyError(400, f"the body is not valid gzip: {e}") from None
+    except ConnectionResetError:  # aiohttp's "Connection lost": the client left mid-body, nobody reads this
+        raise BodyError(400, "the connection closed before the whole body arrived") from None
     if inflate is not None:
         if not inflate.eof:
             raise BodyError(400, "the gzip body is truncated")

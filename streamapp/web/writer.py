@@ -17,13 +17,17 @@ and one SMISMEMBER per set checks a whole flush.
 
 Every event carries a dedupe id (server-assigned ids and rejected events included), which makes a
 flush idempotent: when a connection drops after Redis ran the script but before its reply arrived,
-the client's automatic retry writes nothing twice (what it wrote comes back as duplicates).
+the client's automatic retry writes nothing twice (what it wrote comes back as duplicates). The
+ids are `dedupe_ids` and `rejected_dedupe_id`: scoped by the write key's source, so that one source
+cannot claim another's event_ids in advance, and deterministic for rejected events, so that a
+client retrying a bad event does not store it twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import string
@@ -161,13 +165,37 @@ MAX_IN_FLIGHT = 2
 
 _NONE: tuple[int, ...] = ()
 
+# An event_id holds no control character (ingest refuses them), so these separators cannot occur in
+# one: "<source>\x1f<event_id>" splits at its last \x1f, and a rejected event's id, which holds
+# \x1e, is never an event's.
+_SCOPE = "\x1f"
+_REJECTED = "\x1e"
+
+
+def dedupe_ids(event_ids: list[str], source: str | None) -> list[str]:
+    """The dedupe ids of events sent with `source`'s write key: each event_id scoped by the source.
+    Without write keys (source None) the event_id itself, as before scoping existed, so that ids
+    already in Redis keep being found."""
+    if source is None:
+        return event_ids
+    prefix = source + _SCOPE
+    return [prefix + i for i in event_ids]
+
+
+def rejected_dedupe_id(raw: str, source: str | None) -> str:
+    """The dedupe id of a rejected event: a hash of its raw JSON (as ingest normalised it), scoped by
+    the source like an event_id. The same bad event retried gets the same id, so it is stored once;
+    two different ones differ (128-bit BLAKE2b)."""
+    own = _REJECTED + hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+    return own if source is None else source + _SCOPE + own
+
 
 @dataclasses.dataclass(slots=True)
 class Entry:
     """The events of one request for one stream: they become one stream entry."""
 
     stream: str  # Redis stream key
-    ids: list[str]  # one dedupe id per event: the event_id; a fresh unique id for rejected events
+    ids: list[str]  # one dedupe id per event: `dedupe_ids`, `rejected_dedupe_id`
     payload: bytes  # the events' JSON, separated by "\n"
     received_us: int
 

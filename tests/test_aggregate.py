@@ -237,8 +237,8 @@ def test_sessions_merge_bridge_and_close_gap_plus_lateness_after_their_last_even
 def test_an_event_bridging_two_open_sessions_makes_one():
     agg, feed = sessions(), Feed()
     agg.add(feed.id(1000), E("a", "u1"), 1000)
-    agg.add(feed.id(1001), E("a", "u2"), 1050)
-    agg.add(feed.id(1002), E("a", "u1"), 1025)  # within 30 s of both
+    agg.add(feed.id(1050), E("a", "u2"), 1050)
+    agg.add(feed.id(1051), E("a", "u1"), 1025)  # within 30 s of both
     assert spans(agg.flush(now=10_000)) == {(1000, 1080, "a"): (3, 2)}
 
 
@@ -388,3 +388,55 @@ def test_a_user_defined_aggregation_runs_in_sessions_through_a_restart():
     assert [(r["window_start"], r["window_end"], r["mean"], r["high"], r["n"]) for r in flush.rows] == [
         (1000, 1080, 5.0, 9.0, 3)
     ]
+
+
+HOUR0 = 3600 * 500_000  # on an hour
+DAY_AHEAD = 23 * 3600  # within STREAMAPP_MAX_FUTURE_SECONDS: accepted by the web
+
+
+@pytest.mark.parametrize(
+    "windows, keep", [(MINUTE, 0.0), (MINUTE, 300.0), (Hopping(60, 20), 0.0)], ids=["tumbling", "keep", "hopping"]
+)
+def test_an_event_stamped_a_day_ahead_holds_the_replay_for_one_window_plus_grace_plus_keep(windows, keep):
+    """The issue: one event stamped now + 23 h opened a window 23 h ahead, and the replay cursor
+    (the stream's trim point with it) stayed behind that entry for 23 h. It is windowed at its
+    receipt time, so after window + grace + keep of processing time the cursor is past it."""
+    agg, feed = make(windows=windows, keep=keep), Feed()
+    received = HOUR0 + 30.5
+    flushes = []
+    for s in range(900):  # an on-time click a second, flushed each second (processing time)
+        now = HOUR0 + s
+        agg.add(feed.id(now), E("a", "u1"), now)
+        if s == 30:
+            ahead = feed.id(received)
+            agg.add(ahead, E("b", "u2"), received + DAY_AHEAD)
+        if (f := agg.flush(now=now)) is not None:
+            flushes.append((now, f))
+    bound = received + windows.size + 10 + keep
+    past = [(now, entry_id(f.replay_after) >= entry_id(ahead)) for now, f in flushes if now >= bound]
+    assert past and all(is_past for _, is_past in past), past[:3]
+    b_rows = [
+        (r["window_start"], r["window_end"], r["clicks"]) for _, f in flushes for r in f.rows if r["page_url"] == "b"
+    ]
+    assert b_rows == [(w.start, w.end, 1) for w in windows.assign(received)]  # counted at its receipt
+
+
+def test_a_session_event_stamped_a_day_ahead_closes_gap_plus_grace_after_its_receipt():
+    """A session has no replay cursor (its snapshot is written each commit), but a session 23 h
+    ahead would sit open in every snapshot for 23 h: it starts at its receipt instead."""
+    agg, feed = sessions(), Feed()
+    received = HOUR0 + 60.5
+    written = {}
+    for s in range(400):
+        now = HOUR0 + s
+        if s % 40 == 0:  # on-time clicks of "a", 40 s apart: a session each
+            agg.add(feed.id(now), E("a", "u1"), now)
+        if s == 60:
+            agg.add(feed.id(received), E("b", "u2"), received + DAY_AHEAD)
+        if (f := agg.flush(now=now)) is not None:
+            written.update({(r["window_start"], r["page_url"]): now for r in f.rows})
+            ends = [end for _, _, end, *_ in f.state["sessions"]]
+            assert all(end <= now + 30 for end in ends), (
+                "a session in the snapshot reaches past the newest receipt + gap"
+            )
+    assert written[(received, "b")] == math.ceil(received + 30 + 10)  # gap + grace after its receipt

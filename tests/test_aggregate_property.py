@@ -1,5 +1,6 @@
-"""Property: for random event times, delivery delays, read batches, idle ticks and crashes, the
-committed aggregate equals a batch recomputation over the raw events, window by window.
+"""Property: for random event times, delivery delays, clocks running ahead, read batches, idle ticks
+and crashes, the committed aggregate equals a batch recomputation over the raw events, window by
+window, and no event holds the replay (or, for sessions, the snapshot) beyond its receipt.
 
 The Aggregator and the real AggregateSink (a SQLite Iceberg catalog) are driven as the worker
 drives them; the stream is a list of entries read from a cursor, and a crash throws away the
@@ -36,6 +37,9 @@ event = st.tuples(
     st.one_of(st.integers(0, 5_000), st.integers(15_000, 120_000)),  # delivery delay: on time, or late-ish
     st.sampled_from(["a", "b", None]),
     st.sampled_from(["u0", "u1", "u2", None]),
+    # stamped this far (ms) after its receipt: a client clock running ahead, up to a day (the web
+    # accepts that); mostly 0, an event stamped when it happened
+    st.one_of(st.just(0), st.just(0), st.integers(1, 2_000), st.integers(1, 86_400_000)),
 )
 
 
@@ -78,18 +82,21 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
     windows = {"tumbling": Tumbling(60), "hopping": Hopping(60, 20), "session": Sessions(GAP)}[kind]
     if kind == "session":
         keep = 0.0  # sessions are never rewritten
-    arrivals = sorted(((BASE * 1000 + t + d, t, page, user) for t, d, page, user in events), key=lambda a: a[0])
+    arrivals = sorted(
+        ((BASE * 1000 + t + d, t, ahead, page, user) for t, d, page, user, ahead in events), key=lambda a: a[0]
+    )
     entries = []  # (stream id, event, event time, received)
-    for seq, (received_ms, t, page, user) in enumerate(arrivals):
+    for seq, (received_ms, t, ahead, page, user) in enumerate(arrivals):
+        stamp = (received_ms + ahead if ahead else BASE * 1000 + t) / 1000
         ev = ClickEvent(
             x=seq % 97 - 40,
             y=seq % 13,
             event_id=f"e{seq}",
             page_url=page,
             user_id=user,
-            timestamp=datetime.fromtimestamp(BASE + t / 1000, UTC),
+            timestamp=datetime.fromtimestamp(stamp, UTC),
         )
-        entries.append((f"{received_ms}-{seq}", ev, BASE + t / 1000, received_ms / 1000))
+        entries.append((f"{received_ms}-{seq}", ev, stamp, received_ms / 1000))
 
     with tempfile.TemporaryDirectory() as tmp:
         catalog = open_catalog(Settings(warehouse=tmp))
@@ -123,6 +130,7 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
             flush = agg.flush(now)
             if flush is not None:
                 flushes += 1
+                assert_replay_bounded(flush, kind, windows, keep, entries)
                 crash = crashes.get(flushes)
                 if crash == "after_late" and flush.late:
                     sink.commit_late(flush)
@@ -147,12 +155,13 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
         assert r["event_time"].timestamp() < received[r["stream_id"]] - LATENESS
         assert r["window_end"].timestamp() <= received[r["stream_id"]] - LATENESS
     members: dict[tuple, list] = defaultdict(list)  # (start, end, key) -> its events
+    # The rule under test: an event is windowed at its time, or at its receipt if stamped later.
     if kind == "session":  # per key, sorted by time, cut where two events are `GAP` or more apart
         late_ids = {stream_id for stream_id, _ in late_pairs}
         by_key = defaultdict(list)
-        for stream_id, ev, t, _ in entries:
+        for stream_id, ev, t, rcv in entries:
             if stream_id not in late_ids:
-                by_key[ev.page_url].append((t, ev))
+                by_key[ev.page_url].append((min(t, rcv), ev))
         for key, items in by_key.items():
             items.sort(key=lambda x: x[0])
             session: list = []
@@ -163,8 +172,8 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
                 session.append((t, ev))
             members[(session[0][0], session[-1][0] + GAP, key)] = [e for _, e in session]
     else:
-        for stream_id, ev, t, _ in entries:
-            for w in windows.assign(t):
+        for stream_id, ev, t, rcv in entries:
+            for w in windows.assign(min(t, rcv)):
                 if (stream_id, w.start) not in late_pairs:
                     members[(w.start, w.end, ev.page_url)].append(ev)
     batch = {k: recount(evs) for k, evs in members.items()}
@@ -175,6 +184,20 @@ def test_streaming_aggregate_equals_batch_recount(events, kind, keep, batches, t
     assert stream == batch
     if keep == 1e9:
         assert late == []  # every late event updated its window
+
+
+def assert_replay_bounded(flush, kind, windows, keep, entries) -> None:
+    """Tumbling, hopping: the replay cursor is past every entry received a window plus `keep`
+    before the watermark (its windows all ended by then, whatever its time stamp). Sessions: no
+    session in the snapshot reaches past the newest receipt + gap (it closes `gap` + lateness
+    after it). The watermark trails processing time by the lateness (plus delivery delay), so
+    both bound the replay in processing time."""
+    if kind == "session":
+        newest = entry_id(flush.position)[0] / 1000
+        assert all(end <= newest + GAP for _, _, end, *_ in flush.state["sessions"]), "a session ends ahead"
+        return
+    behind = [sid for sid, _, _, rcv in entries if rcv + windows.size + keep <= flush.watermark]
+    assert not behind or entry_id(flush.replay_after) >= entry_id(behind[-1]), (behind[-1], flush.replay_after)
 
 
 def test_rewriting_a_window_keeps_the_null_key_row_of_the_same_window(tmp_path):

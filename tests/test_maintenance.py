@@ -4,6 +4,7 @@ exactly once and the stream position, bound snapshots and files, and lose a race
 from __future__ import annotations
 
 import dataclasses
+import os
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -14,10 +15,11 @@ from pyiceberg.io import pyarrow as iceberg_arrow
 from models.click import ClickEvent
 from streamapp.entries import Window
 from streamapp.lake import upkeep
+from streamapp.lake.aggregate_sink import AggregateSink, Flush, aggregate_spec
 from streamapp.lake.catalog import ensure_table, open_catalog
 from streamapp.lake.sink import TableSink
 from streamapp.lake.upkeep import compact, data_files
-from streamapp.names import position_property
+from streamapp.names import COMPLETE_BEFORE, position_property
 from streamapp.settings import Settings
 from tests.helpers import assert_exactly_once
 
@@ -65,6 +67,30 @@ def test_commits_keep_rows_position_and_few_snapshots_and_files(sink):
     assert data_files(table) < 60, data_files(table)
     assert len({t.file.partition for t in table.scan().plan_files()}) == 2
     assert sink.write(_window(249)) == 0  # a window delivered again still writes nothing
+
+
+def test_commits_without_rows_each_make_a_snapshot_and_expiry_keeps_the_metadata_flat(settings):
+    """An aggregate commit with no rows (the hourly completeness marker) adds an empty snapshot, so
+    that it asserts the one it read (tests/test_compare_and_set.py): expiry keeps them to
+    `keep_snapshots`, and the metadata file stays the same size however many there were."""
+    spec = aggregate_spec("events.agg", "page_url", {"clicks": (int, False)})
+    sink, _ = AggregateSink.open(open_catalog(settings), spec, "stream", "agent", keep_snapshots=5)
+    table = sink.table
+    sizes, seen = {}, set()
+    for n in range(1, 121):
+        pos = f"{n}-0"
+        sink.commit(Flush([], [], [], pos, pos, 3600.0 * n, 3600.0 * n, 0.0, 0.0))
+        table.refresh()
+        seen.add(table.current_snapshot().snapshot_id)
+        if n in (20, 120):
+            sizes[n] = os.path.getsize(table.metadata_location.removeprefix("file://"))
+    assert len(seen) == 120  # every commit made its own snapshot
+    assert table.properties[position_property("stream", "agent")] == "120-0"
+    assert table.properties[COMPLETE_BEFORE].startswith("1970-01-06T00:00:00")  # 120 h
+    assert len(table.metadata.snapshots) == len(table.metadata.snapshot_log) == 5
+    assert len(table.metadata.metadata_log) <= 20  # METADATA_PREVIOUS_VERSIONS_MAX
+    assert abs(sizes[120] - sizes[20]) < 100, sizes  # the same snapshots, properties and log lengths
+    assert table.scan().to_arrow().num_rows == 0
 
 
 def test_compaction_that_loses_a_race_changes_nothing(sink, settings, monkeypatch):

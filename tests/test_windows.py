@@ -116,8 +116,8 @@ def test_a_slow_backfill_is_not_declared_late():
 
 
 def test_a_clock_in_the_future_does_not_push_the_watermark():
-    """A client whose clock is an hour ahead: its events count where they say, but they cannot
-    move the watermark past the time they were received, or everyone else would be late."""
+    """A client whose clock is an hour ahead: its events cannot move the watermark past the time
+    they were received, or everyone else would be late (aggregates window them there too)."""
     wm = Watermark(10)
     wm.observe(1000 + 3600, received=1000)
     assert wm.value == 990

@@ -71,7 +71,7 @@ async def run_aggregate(
 async def _run(reader: StreamReader, sink: AggregateSink, agg: Aggregator[Any], n: int, after: str) -> None:
     async for batch in reader.windows(after, n, TICK_SECONDS, idle=True):
         for stream_id, event in zip(batch.ids, batch.events, strict=True):
-            agg.add(stream_id, event, event.timestamp.timestamp())
+            agg.add(stream_id, event, event.timestamp.timestamp())  # stamped after its receipt: windowed at the receipt
         flush = agg.flush(time.time() if len(batch) < n else None)  # a full batch: a backlog, not idle
         if flush is not None:
             await asyncio.to_thread(sink.commit, flush)

@@ -13,6 +13,14 @@ windows, below), then goes on past `P` as new. Why not keep the state in Redis: 
 change atomically with an Iceberg commit, which no Redis operation can; a replay of at most one
 window's span plus the grace period needs no second source of truth.
 
+An event is windowed at its time stamp, or at its receipt (the ms part of its entry id) when it is
+stamped later than that: `windowed_time`, the time the watermark counts it at too. A device clock
+running ahead (the web accepts up to a day) would otherwise open a window a day ahead, and the
+replay cursor, the stream's trim point and a restart's replay would stay behind that entry for the
+day. So an entry's windows all end within one window of its receipt, and the replay stays bounded
+by one window plus the grace period (plus `keep`) of processing time, whatever the stamps.
+`events.late` and the raw tables keep the event's own time.
+
 Late events (their window's end is at or behind the watermark) are never dropped. Lateness is
 judged against the watermark of the last commit, not the live one, so a replay after a crash
 takes exactly the decisions the lost run took. A late event whose window closed less than
@@ -25,7 +33,8 @@ event joined a session depends on sessions that merged, closed and were evicted 
 cannot tell. Their open (and recently closed) sessions are written as a snapshot file with each
 commit instead, referenced from the commit's properties, and reading resumes after `P`. A session
 event is late when its own session would already be closed (`t + gap` at or behind the watermark)
-or when it falls within `gap` of a session already written; sessions have no `keep`.
+or when it falls within `gap` of a session already written; sessions have no `keep`. Sessions use
+the same `windowed_time`, so no session in a snapshot reaches past the newest receipt plus `gap`.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from streamapp.engine.aggregations import Aggregation
-from streamapp.engine.windows import Hopping, Interval, Sessions, Tumbling, Watermark
+from streamapp.engine.windows import Hopping, Interval, Sessions, Tumbling, Watermark, windowed_time
 from streamapp.entries import BEFORE_ALL, EntryId, entry_id, format_id, id_before
 from streamapp.lake.aggregate_sink import Flush, LateEvent, Restored
 
@@ -107,11 +116,14 @@ class Aggregator(Generic[M]):
         self.complete = self.complete_before(closed)  # the marker the last commit recorded
 
     def add(self, stream_id: str, event: M, event_time: float) -> None:
+        """The event of entry `stream_id`, stamped `event_time`, into its windows: those of its
+        `windowed_time` (never after the entry's receipt)."""
         pos = entry_id(stream_id)
-        self.watermark.observe(event_time, pos[0] / 1000)
+        received = pos[0] / 1000
+        self.watermark.observe(event_time, received)
         replaying = pos <= self._replay_through
         key = self.key(event)
-        for w in self.windows.assign(event_time):
+        for w in self.windows.assign(windowed_time(event_time, received)):
             if w.end <= self.closed - self.keep:
                 if not replaying:
                     self.late.append(LateEvent(stream_id, event, event_time, w.start, w.end, key))
@@ -217,16 +229,18 @@ class SessionAggregator(Aggregator[M]):
 
     def add(self, stream_id: str, event: M, event_time: float) -> None:
         pos = entry_id(stream_id)
-        self.watermark.observe(event_time, pos[0] / 1000)
+        received = pos[0] / 1000
+        self.watermark.observe(event_time, received)
+        t = windowed_time(event_time, received)
         key = self.key(event)
         mine = self.by_key.setdefault(key, [])
-        touching = [s for s in mine if self.sessions.touches(s.window, event_time)]
+        touching = [s for s in mine if self.sessions.touches(s.window, t)]
         written = [s for s in touching if s.emitted]
-        if written or event_time + self.sessions.gap <= self.closed:
-            w = written[0].window if written else self.sessions.window(event_time, event_time)
+        if written or t + self.sessions.gap <= self.closed:
+            w = written[0].window if written else self.sessions.window(t, t)
             self.late.append(LateEvent(stream_id, event, event_time, w.start, w.end, key))
         else:
-            slot = Slot(self.sessions.window(event_time, event_time), key, [a.new() for a in self.aggs], pos)
+            slot = Slot(self.sessions.window(t, t), key, [a.new() for a in self.aggs], pos)
             for s in touching:  # the event bridges them: one session
                 mine.remove(s)
                 slot.window = Interval(min(slot.window.start, s.window.start), max(slot.window.end, s.window.end))

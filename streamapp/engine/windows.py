@@ -8,7 +8,9 @@ The watermark is the event time before which no more events are expected. It is
     W = max_event_time - lateness + max(0, clock - clock_when_max_event_time_was_seen)
 
 floored by its own past values (it never goes back); an event time later than the event's
-receipt counts as its receipt time (a client clock running ahead must not make everyone late).
+receipt counts as its receipt time (`windowed_time`: a client clock running ahead must not make
+everyone late, and the event cannot have happened after Redis received it). Aggregates window an
+event at that same time, so no event opens a window later than its own receipt.
 `clock` is processing time as seen through the stream: the Redis receive time (entry id) of each
 entry read, and the wall clock only when the reader is caught up (`tick`). So:
 
@@ -28,6 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+def windowed_time(event_time: float, received: float) -> float:
+    """The time an aggregate windows an event at, and the watermark counts: its own time, or its
+    receipt (the Redis entry id) when it is stamped later than that. Such a stamp is a clock
+    running ahead (up to STREAMAPP_MAX_FUTURE_SECONDS is accepted); kept as sent, it would hold its
+    window, and the aggregate's replay and the stream's trim point, open until that time came."""
+    return min(event_time, received)
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,7 @@ class Watermark:
         receipt (a client clock ahead) counts as its receipt time here, so it cannot push the
         watermark past every other event."""
         self.clock = max(self.clock, received)
-        event_time = min(event_time, received)
+        event_time = windowed_time(event_time, received)
         if event_time > self.max_event:
             self._value = self.value  # what the old maximum extrapolated to: W never goes back
             self.max_event, self.max_seen_at = event_time, self.clock

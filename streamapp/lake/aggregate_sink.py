@@ -13,10 +13,13 @@ all (a file left by a killed attempt is unreferenced, like an orphan data file).
 
 Both commits are compare-and-sets on this agent's position in that table: each goes in only while
 the table still holds the position this agent last saw there; otherwise another worker moved it,
-and the agent starts over from what is committed. A crash between 1 and 2 replays the same
-entries against the same committed watermark, so the same events are late again and are dropped
-by commit 1's position check (`Aggregator` holds its first flush until it has read up to that
-position).
+and the agent starts over from what is committed. The check reads a refreshed table, and the
+commit asserts the snapshot it read (a commit with no rows adds an empty snapshot for that,
+`streamapp.lake.commit.assert_snapshot_read`), so a commit landing in between fails this one.
+
+A crash between 1 and 2 replays the same entries against the same committed watermark, so the
+same events are late again and are dropped by commit 1's position check (`Aggregator` holds its
+first flush until it has read up to that position).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from streamapp import names
 from streamapp.entries import BEFORE_ALL, entry_id
 from streamapp.faults import crashpoint
 from streamapp.lake.catalog import ensure_table
-from streamapp.lake.commit import commit_with_retry, table_name
+from streamapp.lake.commit import assert_snapshot_read, commit_with_retry, table_name
 from streamapp.lake.upkeep import expire_old_snapshots
 from streamapp.model import table_schema
 
@@ -284,6 +287,8 @@ class AggregateSink:
                     tx.delete(self._rows_of(flush.rewrite))
                 if rows.num_rows:
                     tx.append(rows)
+                else:  # the completeness marker or a late-only flush: still a compare-and-set
+                    assert_snapshot_read(tx)
                 tx.set_properties(props)
                 expire_old_snapshots(tx, self.keep_snapshots)
                 crashpoint(self.crash_at, "aggregate_during_write")

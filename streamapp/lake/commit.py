@@ -6,6 +6,13 @@ retry by itself, but it re-applies the same changes without looking at what the 
 (`commit.retry.num-retries=0`, see `streamapp.lake.catalog`) and retries here instead. Every
 attempt starts from a refreshed table, so the caller's `attempt` re-reads the stream position and
 drops what is already committed before it writes.
+
+A commit that moves a stream position must also be conditional on the table state the position
+was read from: pyiceberg applies a transaction's updates onto the catalog's latest metadata and
+checks only the transaction's requirements, and only a snapshot (an append, a delete) brings one,
+`AssertRefSnapshotId(main, <snapshot read>)`. A commit that only sets properties asserts nothing
+and would overwrite a position another writer committed after the check: such a commit adds an
+empty snapshot (`assert_snapshot_read`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pyiceberg.exceptions import CommitFailedException
-from pyiceberg.table import Table
+from pyiceberg.table import Table, Transaction
 
 from streamapp import metrics
 
@@ -36,6 +43,14 @@ def table_name(table: Table) -> str:
 def backoff_seconds(attempt: int) -> float:
     """Exponential from 0.1 s, capped at 2 s, jittered so that writers that collided spread out."""
     return min(2.0, 0.05 * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def assert_snapshot_read(tx: Transaction) -> None:
+    """Make `tx`, which writes no rows, fail if the table gained a snapshot since it was read: an
+    empty append (no files) is a snapshot, and with it comes that requirement. Only for a
+    transaction that makes no other snapshot (it would make two)."""
+    with tx.update_snapshot().fast_append():
+        pass
 
 
 def commit_with_retry(table: Table, attempt: Callable[[Table], T]) -> T:

@@ -3,7 +3,9 @@
 Exactly once, by construction: the table property `streamapp.position.<stream>|<consumer>` (see
 `streamapp.names`) moves in the same snapshot commit as the rows. Before every attempt the sink
 refreshes the table and drops the entries at or before that position, so a window delivered again
-(after a crash, a failed ack, a second worker) writes only what is not in the table yet.
+(after a crash, a failed ack, a second worker) writes only what is not in the table yet; the
+append asserts the snapshot that position was read from, so a commit that got in meanwhile fails
+this attempt and the next one reads again.
 """
 
 from __future__ import annotations

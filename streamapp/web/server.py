@@ -127,7 +127,7 @@ def build(app: App, settings: Settings) -> web.Application:
     webapp[OPENAPI] = msgspec.json.encode(document(models, settings))
 
     async def lifecycle(webapp: web.Application) -> AsyncIterator[None]:
-        client = writer_client(settings)
+        client = await asyncio.to_thread(writer_client, settings)  # may read the password file
         writer = StreamWriter(client, settings.dedupe_seconds)
         writer.start()
         backlog = Backlog(client, [names.stream(t) for t in [*models, "rejected"]], settings.max_backlog)

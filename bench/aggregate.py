@@ -153,7 +153,10 @@ def main() -> None:
         time.sleep(0.5)
         events = make_events(args.events, args.pages, args.users)
         last_id = prefill(port, events)
-        settings = Settings(redis_port=port, warehouse=work / "wh", log_level="WARNING")
+        # This valkey is started without a password: a REDIS_URL, used as it is.
+        settings = Settings(
+            redis_port=port, redis_url=f"redis://127.0.0.1:{port}/0", warehouse=work / "wh", log_level="WARNING"
+        )
         catalog = open_catalog(settings)
         ensure_table(catalog, ClickEvent)
         raw_s = asyncio.run(drain(settings, "bench_raw", raw_agent, ClickEvent.table, last_id))

@@ -114,7 +114,7 @@ def wrk(port: int, body: str, seconds: float, connections: int = 64) -> dict:
     }
 
 
-def redis_benchmark(port: int, pipeline: int, n: int) -> float:
+def redis_benchmark(port: int, password: str, pipeline: int, n: int) -> float:
     exe = ensure_tool(("valkey-benchmark", "redis-benchmark"), "redis-tools")
     out = subprocess.run(
         [
@@ -123,6 +123,8 @@ def redis_benchmark(port: int, pipeline: int, n: int) -> float:
             "127.0.0.1",
             "-p",
             str(port),
+            "-a",  # on the command line: a throwaway server of the benchmark's own
+            password,
             "-c",
             "64",
             "-n",
@@ -190,9 +192,9 @@ def fig_ingest(procs: Procs, work: Path, args, results: dict) -> None:
         # The Redis limit, on a fresh server of the same build and configuration.
         ours.redis.flush()
         n = args.xadd_requests
-        results["xadd"] = {"P1": redis_benchmark(ours.redis.port, 1, n // 4)}
+        results["xadd"] = {"P1": redis_benchmark(ours.redis.port, ours.redis.password, 1, n // 4)}
         ours.redis.flush()
-        results["xadd"]["P16"] = redis_benchmark(ours.redis.port, 16, n)
+        results["xadd"]["P16"] = redis_benchmark(ours.redis.port, ours.redis.password, 16, n)
         log(f"redis-benchmark XADD: {results['xadd']['P1']:,.0f}/s unpipelined, {results['xadd']['P16']:,.0f}/s -P 16")
     finally:
         ours.stop()

@@ -129,7 +129,12 @@ class Redis:
         wait_port(self.port, self.proc)
         import redis
 
-        self.client = redis.Redis(port=self.port)
+        from streamapp.redis_server import embedded_password
+        from streamapp.settings import Settings
+
+        # The password the server made at its start, in the warehouse.
+        self.password = embedded_password(Settings(redis_port=self.port, warehouse=warehouse))
+        self.client = redis.Redis(port=self.port, password=self.password)
 
     def flush(self) -> None:
         self.client.flushall()  # synchronous; the next round starts on an empty server
@@ -229,7 +234,7 @@ class Seed:
         self.python = str(SEED_VENV / "bin" / "python")
         self.env = clean_env(
             PORT=str(self.port),
-            REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
+            REDIS_URL=f"redis://:{self.redis.password}@127.0.0.1:{self.redis.port}/0",
             STREAMAPP_WAREHOUSE=str(self.warehouse),
             PYTHONPATH=str(SEED_DIR),
         )

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from streamapp import logs, names
-from streamapp.redis_server import exec_server
+from streamapp.redis_server import RedisPasswordError, embedded_password, exec_server
 from streamapp.settings import Settings, SettingsError
 from streamapp.web.processes import CHILD_FLAG, supervise
 
@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as e:
         parser.exit(2, f"streamapp: {e}\n")
     logs.setup(settings.log_level, settings.log_format)
+    if args.command in ("redis", "web", "worker") and settings.embedded_redis:
+        try:
+            embedded_password(settings)  # made, or checked, before anything starts: a clear error
+        except RedisPasswordError as e:
+            parser.exit(2, f"streamapp: {e}\n")
     if args.command == "redis":
         exec_server(settings)
     elif args.command == "web":

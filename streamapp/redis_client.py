@@ -1,4 +1,9 @@
-"""Redis clients, configured once for the two very different jobs they do."""
+"""Redis clients, configured once for the two very different jobs they do.
+
+Against the embedded server (REDIS_URL unset) they authenticate with its password, read from (or,
+first, created in) the warehouse; a REDIS_URL is used as it is. Either way the password is in no
+command line and no log line. Building a client reads that file: do it off the event loop.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,27 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from streamapp.redis_server import embedded_password
 from streamapp.settings import Settings
+
+
+def _address(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The URL to connect to and, for the embedded server, its password."""
+    if settings.embedded_redis:
+        return settings.embedded_redis_url, {"password": embedded_password(settings)}
+    return settings.redis_url, {}
 
 
 def writer_client(settings: Settings) -> Redis:
     """For ingest: a few quick retries (a pooled connection may be stale after a Redis restart;
     flushes are idempotent, see `writer`), then fail fast so the client gets 503 and retries."""
+    url, auth = _address(settings)
     return Redis.from_url(
-        settings.redis_url,
+        url,
         socket_connect_timeout=0.5,
         socket_timeout=5,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
+        **auth,
     )
 
 
@@ -29,9 +44,8 @@ def reader_client(settings: Settings) -> Redis:
     XREAD replies are left as hiredis parsed them: redis-py's own callback turns each entry's
     fields into a dict in Python, 14% of a draining worker's time (py-spy); `Stream` reads the
     two fields it wrote directly."""
-    client = Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, socket_timeout=10, retry=Retry(NoBackoff(), 0)
-    )
+    url, auth = _address(settings)
+    client = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, retry=Retry(NoBackoff(), 0), **auth)
     client.set_response_callback("XREAD", _as_parsed)
     return client
 

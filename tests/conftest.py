@@ -91,9 +91,12 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 def settings(tmp_path, redis_server) -> Settings:
+    """Settings for this test's valkey-server, given as REDIS_URL: used as it is, no password (the
+    embedded server's password is tested in test_redis_password.py and test_procfile.py)."""
     return Settings(
         port=free_port(),
         redis_port=redis_server.port,
+        redis_url=redis_server.url,
         warehouse=tmp_path / "warehouse",
         window_count=1000,
         window_seconds=0.3,

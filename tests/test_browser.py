@@ -290,8 +290,10 @@ async def test_full_queue_drops_the_oldest_and_a_422_is_not_retried(web, page):
 
 async def test_batches_stay_under_the_keepalive_limit(web, page):
     posts = Posts(page)
-    await page.goto(web + "/demo#" + "x" * 20_000)  # every event carries a 20 kB page_url
-    await page.evaluate("streamapp.init({flushInterval: 60000})")
+    await page.goto(web + "/demo")
+    # Every event carries a 20 kB page_url (a URL the server itself would refuse: over 8190 bytes).
+    await page.evaluate("history.replaceState(null, '', '/demo?pad=' + 'x'.repeat(20000))")
+    await page.evaluate("streamapp.init({flushInterval: 60000, keepParams: ['pad']})")
     for x in range(100, 107):
         await page.mouse.click(x, 10)
     await page.evaluate("streamapp.flush()")  # one flush sends all of it, batch after batch
@@ -350,3 +352,92 @@ async def test_ids_session_per_tab_user_per_browser_and_without_random_uuid(web,
     assert len(set(sessions[:4])) == 1 and sessions[4] != sessions[0]
     assert sessions[4] == await other.evaluate("sessionStorage.getItem('streamapp.session_id')")
     assert {e["user_id"] for e in events} == {await other.evaluate("localStorage.getItem('streamapp.anonymous_id')")}
+
+
+async def test_keys_typed_into_sensitive_fields_are_never_recorded(web, settings, spawn, page):
+    """Card, one-time-code and password fields (by type, autocomplete or inputmode) and a field
+    marked data-streamapp-ignore: no keydown at all, while the plain text field's keys are recorded."""
+    spawn("worker", settings)
+    posts = Posts(page)
+    await page.goto(web + "/demo")
+    await page.evaluate("streamapp.init({flushInterval: 60000})")
+    # Beside the demo's #password, #card (cc-number) and #otp (one-time-code): the other rules.
+    await page.evaluate(
+        """for (const [id, attrs] of [
+            ['csc', {autocomplete: 'section-pay billing CC-CSC'}],  // one token of several, any case
+            ['expiry', {autocomplete: 'cc-exp'}],
+            ['holder', {autocomplete: 'cc-name'}],
+            ['fresh', {autocomplete: 'new-password'}],
+            ['shown', {type: 'password', autocomplete: 'current-password'}],  // "show password" below
+            ['pin', {inputmode: 'numeric'}],
+            ['opted', {'data-streamapp-ignore': ''}],
+        ]) {
+            const input = document.createElement('input');
+            input.id = id;
+            for (const [k, v] of Object.entries(attrs)) input.setAttribute(k, v);
+            document.body.append(input);
+        }"""
+    )
+    typed = {
+        "#password": "hunter2",
+        "#card": "4242424242424242",
+        "#otp": "918273",
+        "#csc": "737",
+        "#expiry": "1230",
+        "#holder": "Ada Lovelace",
+        "#fresh": "correcthorse",
+        "#shown": "battery",
+        "#pin": "5150",
+        "#opted": "private",
+    }
+    await page.focus("#name")
+    await page.keyboard.type("ab", delay=10)
+    for field, text in typed.items():
+        if field == "#shown":  # a "show password" button turns the field into plain text
+            await page.evaluate("document.getElementById('shown').type = 'text'")
+        await page.focus(field)
+        await page.keyboard.type(text, delay=10)
+        await page.keyboard.press("Enter")
+    await page.focus("#name")
+    await page.keyboard.type("c", delay=10)
+    await page.evaluate("streamapp.flush()")
+    await until(lambda: sent_all(page, 3), "the tracker to send the 3 keys typed into #name")
+    assert (await stats(page))["recorded"] == 3  # nothing else was even queued
+    rows = await wait_rows(settings, "events.keydowns", 3)
+    assert sorted((r["key"], r["target"]) for r in rows) == [
+        ("a", "input#name"),
+        ("b", "input#name"),
+        ("c", "input#name"),
+    ]
+    await until(lambda: len(posts.events()) == 3, "Playwright to see the responses")
+    assert sorted(e["event_id"] for e in posts.events()) == sorted(r["event_id"] for r in rows)
+
+
+async def test_page_url_without_query_and_fragment_unless_kept(web, page):
+    posts = Posts(page)
+    warnings: list[str] = []
+    page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
+    await page.goto(web + "/demo?token=secret&utm_source=x#access_token=y")
+    await page.evaluate("streamapp.init({flushInterval: 60000})")
+    await page.mouse.click(100, 10)
+    await page.evaluate("streamapp.init({keepParams: ['utm_source', 'utm_campaign']})")
+    await page.mouse.click(101, 10)
+    # The page's order and encoding; a parameter repeated is kept each time; another is dropped.
+    await page.evaluate(
+        "history.replaceState(null, '', '/demo?utm_campaign=a%20b&q=typed+text&utm_source=y&utm_source=z#t')"
+    )
+    await page.mouse.click(102, 10)
+    await page.evaluate("streamapp.init({keepParams: 'utm_source'})")  # not a list: warned, keeps none
+    await page.mouse.click(103, 10)
+    await page.evaluate("streamapp.flush()")
+    await until(lambda: sent_all(page, 4), "the tracker to send 4 events")
+    await until(lambda: len(posts.events()) == 4, "Playwright to see the responses")
+    assert [e["page_url"] for e in posts.events()] == [
+        web + "/demo",
+        web + "/demo?utm_source=x",
+        web + "/demo?utm_campaign=a%20b&utm_source=y&utm_source=z",
+        web + "/demo",
+    ]
+    body = "".join(p["body"] for p in posts.seen)
+    assert "secret" not in body and "access_token" not in body and "typed" not in body
+    assert warnings == ["streamapp: keepParams must be an array of parameter names; keeping none"]

@@ -1,11 +1,14 @@
 """The README's first command: `honcho start` runs the embedded Redis, the web view and the worker
-from the Procfile; a click and a keydown reach Iceberg; SIGTERM stops all three losing nothing."""
+from the Procfile; the Redis needs the password the three share; a click and a keydown reach
+Iceberg; SIGTERM stops all three losing nothing."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -72,6 +75,11 @@ def test_honcho_start_runs_the_whole_pipeline(tmp_path):
     try:
         wait_until(lambda: _healthy(port), 60, 0.2, "web /readyz")
         wait_until(lambda: "agents clicks" in (tmp_path / "honcho.log").read_text(), 60, 0.2, "worker start")
+        # Web (ready: it pings Redis) and worker (rows below) have the password; no one else does.
+        assert stat.S_IMODE(settings.redis_password_file.stat().st_mode) == 0o600
+        with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as unauthenticated:
+            unauthenticated.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
+            assert unauthenticated.recv(1024).startswith(b"-NOAUTH")
         sent = time.monotonic()
         assert _post(port, {"type": "click", "x": 3, "y": 4, "event_id": "hc-1"})[0] == 202
         assert _post(port, {"type": "keydown", "key": "q", "event_id": "hk-1"})[0] == 202

@@ -12,7 +12,8 @@ def test_defaults(tmp_path, monkeypatch):
     s = Settings.from_env({}, dotenv=None)
     assert (s.port, s.redis_port, s.window_count, s.window_seconds, s.dedupe_seconds) == (8000, 6379, 50000, 10.0, 3600)
     assert s.grace_seconds == 10.0
-    assert s.redis_url == "redis://127.0.0.1:6379/0" and s.embedded_redis
+    assert s.redis_url == "" and s.embedded_redis and s.embedded_redis_url == "redis://127.0.0.1:6379/0"
+    assert s.redis_password_file == (tmp_path / "warehouse" / "redis" / "password").resolve()
     assert s.warehouse == (tmp_path / "warehouse").resolve()
     assert s.catalog_uri == f"sqlite:///{tmp_path / 'warehouse'}/catalog.db"
 
@@ -31,10 +32,12 @@ def test_environment_wins_over_dotenv(tmp_path):
 
 
 def test_redis_url_and_port():
-    s = Settings.from_env({"STREAMAPP_REDIS_PORT": "7000"}, dotenv=None)
-    assert s.redis_url == "redis://127.0.0.1:7000/0" and s.embedded_redis
+    s = Settings.from_env({"STREAMAPP_REDIS_PORT": "7000", "REDIS_URL": ""}, dotenv=None)
+    assert s.embedded_redis and s.embedded_redis_url == "redis://127.0.0.1:7000/0"
     s = Settings.from_env({"REDIS_URL": "redis://cache.internal:6379/2"}, dotenv=None)
-    assert not s.embedded_redis
+    assert not s.embedded_redis and s.redis_url == "redis://cache.internal:6379/2"
+    # A REDIS_URL is the user's server, with its own password, even at the embedded server's address.
+    assert not Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0"}, dotenv=None).embedded_redis
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     metrics_server = (
         await serve_metrics(settings.host, settings.worker_metrics_port) if settings.worker_metrics_port else None
     )
-    redis = reader_client(settings)
+    redis = await asyncio.to_thread(reader_client, settings)  # may read the password file
     # The agents another worker runs hold their place in the trim from here on, even before that
     # worker first starts: this one's trimmer must not drop what they have not read.
     for agent in others:

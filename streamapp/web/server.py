@@ -35,6 +35,28 @@ REDIS = web.AppKey("redis", Redis)
 OPENAPI = web.AppKey("openapi", bytes)
 
 
+class Readiness:
+    """Whether Redis answered the last probe. The cause of a failure (an address, an error text) is
+    logged, not answered: /readyz is public. Once per change, not per probe: a load balancer
+    probes every few seconds."""
+
+    def __init__(self) -> None:
+        self.ready: bool | None = None
+
+    def answered(self) -> None:
+        if self.ready is False:
+            log.info("readyz: Redis answers again")
+        self.ready = True
+
+    def failed(self, error: BaseException) -> None:
+        if self.ready is not False:
+            log.warning("readyz: Redis is unavailable: %s", str(error) or type(error).__name__)
+        self.ready = False
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
 async def openapi_view(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
@@ -48,11 +70,13 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), timeout=1.0)
     except (TimeoutError, *UNAVAILABLE) as e:
+        request.app[READINESS].failed(e)
         return json_response(
             503,
-            {"status": "unavailable", "redis": str(e) or type(e).__name__},
+            {"status": "unavailable", "error": "the event store is unavailable"},
             {"Retry-After": str(request.app[SETTINGS].retry_after_seconds)},
         )
+    request.app[READINESS].answered()
     return json_response(200, {"status": "ready"})
 
 
@@ -99,10 +123,11 @@ def build(app: App, settings: Settings) -> web.Application:
     view = IngestView(settings, ingest, cors)
     webapp = web.Application()
     webapp[SETTINGS] = settings
+    webapp[READINESS] = Readiness()
     webapp[OPENAPI] = msgspec.json.encode(document(models, settings))
 
     async def lifecycle(webapp: web.Application) -> AsyncIterator[None]:
-        client = writer_client(settings)
+        client = await asyncio.to_thread(writer_client, settings)  # may read the password file
         writer = StreamWriter(client, settings.dedupe_seconds)
         writer.start()
         backlog = Backlog(client, [names.stream(t) for t in [*models, "rejected"]], settings.max_backlog)

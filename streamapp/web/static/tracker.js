@@ -4,9 +4,11 @@
  *   <script src="http://localhost:8000/tracker.js"></script>
  *   <script>streamapp.init({flushInterval: 2000})</script>
  *
- * Never recorded: keys typed into <input type=password>, and anything (clicks, keys) inside an
- * element marked data-streamapp-ignore. Such keydowns are skipped entirely, not sent redacted:
- * even a redacted keydown carries its `code` (the physical key) and its timing.
+ * Never recorded: keys typed into a sensitive field (see `sensitive`), and anything (clicks, keys)
+ * inside an element marked data-streamapp-ignore. Such keydowns are skipped entirely, not sent
+ * redacted: even a redacted keydown carries its `code` (the physical key) and its timing.
+ * page_url is the page's origin and path only (plus the query parameters listed in keepParams):
+ * queries and fragments carry reset tokens, `#access_token=` and what was typed into a search.
  */
 (function () {
   'use strict';
@@ -27,7 +29,8 @@
     flushInterval: 5000,
     maxBatch: 100,
     maxQueue: 1000,
-    userId: null
+    userId: null,
+    keepParams: [] // query parameters page_url keeps, e.g. ['utm_source', 'utm_campaign']
   };
   var queue = [];
   var sending = false;
@@ -86,12 +89,43 @@
     return !!(el && el.closest && el.closest('[data-streamapp-ignore]'));
   }
 
+  // autocomplete tokens of fields whose keys are secrets: any payment-card field (cc-number,
+  // cc-csc, cc-exp, cc-exp-month, cc-name...), one-time codes and passwords.
+  var SECRET_AUTOCOMPLETE = /^(cc-.*|one-time-code|current-password|new-password)$/;
+
+  // A field whose keystrokes are never recorded: <input type=password>; an `autocomplete` naming a
+  // card, a one-time code or a password (a "show password" button that turns the field into
+  // type=text keeps it); inputmode=numeric, the digit keypad of codes, PINs and card numbers
+  // (nothing else tells them from a quantity field).
+  function sensitive(el) {
+    if (!el || !el.getAttribute) return false;
+    if (el.tagName === 'INPUT' && el.type === 'password') return true;
+    if ((el.getAttribute('inputmode') || '').trim().toLowerCase() === 'numeric') return true;
+    var tokens = (el.getAttribute('autocomplete') || '').toLowerCase().split(/\s+/);
+    for (var i = 0; i < tokens.length; i++) if (SECRET_AUTOCOMPLETE.test(tokens[i])) return true;
+    return false;
+  }
+
+  // Origin and path, then only the query parameters named in keepParams, in the page's order and
+  // encoding; never the fragment (nor any user:password@, which location.host leaves out).
+  function pageUrl() {
+    var base = location.protocol + '//' + location.host + location.pathname;
+    var keep = config.keepParams;
+    if (!keep.length || location.search.length < 2) return base;
+    var kept = location.search.slice(1).split('&').filter(function (pair) {
+      var name = pair.split('=')[0].replace(/\+/g, ' ');
+      try { name = decodeURIComponent(name); } catch (e) { /* a stray %: compare it as it is */ }
+      return keep.indexOf(name) >= 0;
+    });
+    return kept.length ? base + '?' + kept.join('&') : base;
+  }
+
   function record(event, target) {
     event.event_id = uuid();
     event.timestamp = new Date().toISOString();
     event.session_id = sessionId;
     event.user_id = config.userId || anonymousId || (anonymousId = storedId('localStorage', ANONYMOUS_KEY));
-    event.page_url = location.href;
+    event.page_url = pageUrl();
     if (target) event.target = selector(target);
     var json = JSON.stringify(event);
     var size = encoder.encode(json).length + 1; // + its comma in the batch
@@ -123,7 +157,7 @@
   function onKeydown(e) {
     // The focused element itself, also inside an open shadow root (e.target would be its host).
     var el = e.composedPath()[0];
-    if (ignored(el) || (el && el.tagName === 'INPUT' && el.type === 'password')) return;
+    if (ignored(el) || sensitive(el)) return;
     record({type: 'keydown', key: e.key, code: e.code, alt: e.altKey, ctrl: e.ctrlKey, meta: e.metaKey,
             shift: e.shiftKey, repeat: e.repeat}, el);
   }
@@ -211,6 +245,10 @@
   function init(options) {
     for (var k in options) {
       if (Object.prototype.hasOwnProperty.call(config, k) && options[k] !== undefined) config[k] = options[k];
+    }
+    if (!Array.isArray(config.keepParams)) {
+      console.warn('streamapp: keepParams must be an array of parameter names; keeping none');
+      config.keepParams = [];
     }
     clearInterval(flushTimer);
     flushTimer = setInterval(flush, config.flushInterval);

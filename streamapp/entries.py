@@ -7,8 +7,10 @@ One entry holds the events of one request for one stream:
   JSON, so each newline separates two events);
 - `n` (COUNT): how many events `e` holds (absent in entries written before entries held several: 1);
 - `r` (RECEIVED): when the server received the request, epoch microseconds;
-- `c` (RUNNING_COUNT): how many events the stream has had up to and including this entry, so the
-  backlog is counted in events from a stream's first and last entries alone.
+- `c` (RUNNING_COUNT): how many events the stream has had up to and including this entry, and
+- `b` (RUNNING_BYTES): how many bytes of `e` it has had up to and including this entry, so the
+  backlog is counted in events and bytes from a stream's entries at two positions alone (see
+  `Mark`); entries written before `b` existed have `c` only, older ones neither.
 
 Entry ids are Redis's "ms-seq". An entry is one position: a window never splits one, so every
 event of an entry has the entry's id. `Window` is a run of consecutive entries as the reader hands
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import msgspec
@@ -30,8 +33,8 @@ if TYPE_CHECKING:  # the web process never builds Arrow tables
 
 M = TypeVar("M")
 
-EVENTS, COUNT, RECEIVED, RUNNING_COUNT = "e", "n", "r", "c"
-_E, _N, _R = EVENTS.encode(), COUNT.encode(), RECEIVED.encode()
+EVENTS, COUNT, RECEIVED, RUNNING_COUNT, RUNNING_BYTES = "e", "n", "r", "c", "b"
+_E, _N, _R, _C, _B = EVENTS.encode(), COUNT.encode(), RECEIVED.encode(), RUNNING_COUNT.encode(), RUNNING_BYTES.encode()
 
 EntryId = tuple[int, int]
 BEFORE_ALL: EntryId = (-1, -1)  # before every entry: nothing committed yet
@@ -58,42 +61,62 @@ def ndjson_array(ndjson: bytes) -> bytes:
     return b"[" + ndjson.replace(b"\n", b",") + b"]"
 
 
-def unpack(entries: list[Any], limit: int, ids: list[str], payloads: list[bytes], received: list[int]) -> None:
-    """Append the events of XREAD `entries` ([[id, [field, value, ...]], ...], as hiredis parsed
-    them) to `ids` (one per event), `payloads` (one per entry) and `received` (one per event),
-    stopping at the first entry that finds `ids` holding `limit`: the rest are read again for the
-    next window."""
-    for raw_id, fields in entries:
-        if len(ids) >= limit:
-            break
-        if len(fields) == 4:  # [e, payload, r, received_us]: one event, written before entries held several
-            e, r = (1, 3) if fields[0] == _E else (3, 1)
-            ids.append(raw_id.decode())
-            payloads.append(fields[e])
-            received.append(int(fields[r]))
-            continue
-        f = dict(zip(fields[::2], fields[1::2], strict=True))  # several events of one request
-        count = int(f.get(_N, 1))
-        ids.extend([raw_id.decode()] * count)
-        payloads.append(f[_E])
-        received.extend([int(f[_R])] * count)
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Where a stream stands at one of its entries: the entry's id and the stream's running totals
+    there. Events (or bytes) after a mark = the last entry's totals minus the mark's."""
+
+    id: str
+    events: int  # `c` of the entry
+    bytes: int  # `b` of the entry
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.events} {self.bytes}"
+
+    @classmethod
+    def parse(cls, text: str) -> Mark | None:
+        """A mark as `str` wrote it; None for anything else (a bare id written before marks)."""
+        parts = text.split()
+        if len(parts) != 3:
+            return None
+        return cls(parts[0], int(parts[1]), int(parts[2]))
 
 
-def stream_events(info: dict[str, Any]) -> tuple[int, int]:
-    """(events the stream holds, events ever added to it) from its XINFO STREAM reply.
+@dataclass(slots=True)
+class Collected:
+    """Events read for one window: ids and receive times one per event, payloads one per entry."""
 
-    Entries without `c` count as one event each: when the first entry has no `c` and the last has,
-    the older entries are counted as one each on top of the newer ones' events, which can only
-    overcount (by the newer entries)."""
-    c, n = RUNNING_COUNT.encode(), _N
-    length = info["length"]
-    first, last = info.get("first-entry"), info.get("last-entry")
-    if not length or not last or c not in last[1]:
-        return length, info.get("entries-added", length)
-    total = int(last[1][c])
-    if first and c in first[1]:
-        return total - int(first[1][c]) + int(first[1].get(n, 1)), total
-    return length + total, total
+    ids: list[str]
+    payloads: list[bytes]
+    received: list[int]
+    bytes: int = 0  # of the payloads
+    last: Mark | None = None  # the stream's totals at the last entry, when it carries them
+
+    def add(self, entries: list[Any], limit: int, max_bytes: int) -> None:
+        """Add the events of XREAD `entries` ([[id, [field, value, ...]], ...], as hiredis parsed
+        them), stopping at the first entry that finds `limit` events or `max_bytes` of payloads
+        collected: the rest are read again for the next window."""
+        ids, payloads, received = self.ids, self.payloads, self.received
+        for raw_id, fields in entries:
+            if len(ids) >= limit or self.bytes >= max_bytes:
+                break
+            if len(fields) == 4:  # [e, payload, r, received_us]: one event, written before entries held several
+                e, r = (1, 3) if fields[0] == _E else (3, 1)
+                ids.append(raw_id.decode())
+                payloads.append(fields[e])
+                received.append(int(fields[r]))
+                self.bytes += len(fields[e])
+                self.last = None
+                continue
+            f = dict(zip(fields[::2], fields[1::2], strict=True))  # several events of one request
+            count = int(f.get(_N, 1))
+            entry = raw_id.decode()
+            ids.extend([entry] * count)
+            payloads.append(f[_E])
+            received.extend([int(f[_R])] * count)
+            self.bytes += len(f[_E])
+            c, b = f.get(_C), f.get(_B)
+            self.last = Mark(entry, int(c), int(b)) if c is not None and b is not None else None
 
 
 class Window(Sequence[M], Generic[M]):
@@ -114,6 +137,7 @@ class Window(Sequence[M], Generic[M]):
         ids: list[str],
         payloads: list[bytes],
         received_us: list[int],
+        last: Mark | None = None,
     ) -> None:
         self.model = model
         self.stream_key = stream_key
@@ -121,6 +145,7 @@ class Window(Sequence[M], Generic[M]):
         self.ids = ids
         self.payloads = payloads
         self.received_us = received_us
+        self.last = last  # the stream's totals at the window's last entry, when the entry carries them
 
     @functools.cached_property
     def events(self) -> list[M]:

@@ -43,8 +43,20 @@ REDIS_WRITE_SECONDS = Histogram(
 # Every web process samples the same streams: with several, the most recent sample is the figure.
 BACKLOG = Gauge(
     "streamapp_backlog_events",
-    "Events held in the Redis streams, not yet committed and trimmed",
+    "Events in the Redis streams that their slowest consumer has not handled, summed over streams",
     multiprocess_mode="mostrecent",
+)
+BACKLOG_BYTES = Gauge(
+    "streamapp_backlog_bytes",
+    "Bytes of events in the Redis streams that their slowest consumer has not handled, summed over streams",
+    multiprocess_mode="mostrecent",
+)
+REDIS_MEMORY_BYTES = Gauge(
+    "streamapp_redis_memory_bytes", "Redis's used_memory, as last sampled", multiprocess_mode="mostrecent"
+)
+REDIS_EVICTED_KEYS = Counter(
+    "streamapp_redis_evicted_keys",
+    "Keys Redis evicted at maxmemory (dedupe ids among them: a retried event may then be stored twice)",
 )
 DRAIN_RATE = Gauge(
     "streamapp_drain_events_per_second",
@@ -66,6 +78,12 @@ FRESHNESS_SECONDS = Histogram(
     "Commit time minus received_at of the oldest row of each window: how stale the freshest table data can be",
     ["table"],
     buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 5, 10, 15, 30, 60, 300, 3600),
+)
+REDIS_LOST_EVENTS = Counter(
+    "streamapp_redis_lost_events",
+    "Events a Redis that came back with older data no longer held, by stream and by the consumer that had not "
+    'committed them (consumer "": gone from Redis, whether or not any consumer had them)',
+    ["stream", "consumer"],
 )
 WINDOW_EVENTS = Histogram(
     "streamapp_window_events",

@@ -28,11 +28,25 @@ def ack_field(stream_key: str, consumer: str) -> str:
     return f"{stream_key}|{consumer}"
 
 
+def progress(stream_key: str) -> str:
+    """Hash: consumer -> the `entries.Mark` ("id events bytes") of the last entry it has handled
+    (committed, or read into an aggregate's windows, which its replay cursor keeps in the stream).
+    The web refuses new events (429) when the slowest consumer is too far behind its stream."""
+    return f"{stream_key}:progress"
+
+
+# String: the run_id of the Redis server a worker last checked against the lake (see
+# `streamapp.engine.recovery`). The web writes only while it names the server it talks to, so a
+# Redis that restarted, maybe from older data, takes no event before it has been checked.
+CHECKED = f"{PREFIX}:checked"
+
+
 # Iceberg table properties, per (stream, consumer): "<prefix><stream key>|<consumer>"
 POSITION_PREFIX = "streamapp.position."  # the last stream entry id whose rows the table holds
 REPLAY_PREFIX = "streamapp.replay."  # aggregates: the entry just before the oldest one open windows need
 STATE_PREFIX = "streamapp.state."  # aggregates: the watermark the last commit closed windows with (JSON)
 SNAPSHOT_PREFIX = "streamapp.snapshot."  # session aggregates: the file holding their open sessions
+MARK_PREFIX = "streamapp.mark."  # the `entries.Mark` at the position: what a Redis that lost data lost
 
 # Iceberg table properties of an aggregate table, read by people and `python -m streamapp complete`.
 WATERMARK = "streamapp.watermark"  # ISO time: the watermark of the last commit
@@ -41,6 +55,10 @@ COMPLETE_BEFORE = "streamapp.complete_before"  # ISO time: every window starting
 
 def position_property(stream_key: str, consumer: str) -> str:
     return f"{POSITION_PREFIX}{stream_key}|{consumer}"
+
+
+def mark_property(stream_key: str, consumer: str) -> str:
+    return f"{MARK_PREFIX}{stream_key}|{consumer}"
 
 
 def replay_property(stream_key: str, consumer: str) -> str:
@@ -60,6 +78,14 @@ def position_stream(prop: str) -> str | None:
     if not prop.startswith(POSITION_PREFIX):
         return None
     return prop[len(POSITION_PREFIX) :].rpartition("|")[0]
+
+
+def mark_owner(prop: str) -> tuple[str, str] | None:
+    """(stream key, consumer) of a mark property, None for any other property."""
+    if not prop.startswith(MARK_PREFIX):
+        return None
+    stream, _, consumer = prop[len(MARK_PREFIX) :].rpartition("|")
+    return stream, consumer
 
 
 # Tables streamapp creates itself.

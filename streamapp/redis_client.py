@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from streamapp import names
 from streamapp.redis_server import embedded_password
 from streamapp.settings import Settings
 
@@ -53,6 +54,18 @@ def reader_client(settings: Settings) -> Redis:
 def text(value: bytes | str) -> str:
     """A reply's value as text. redis-py types replies as bytes or str; these clients get bytes."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def server_run_id(redis: Redis) -> str:
+    """The run_id of the server `redis` talks to: it changes with every start of the server."""
+    return str((await redis.info("server"))["run_id"])
+
+
+async def is_checked(redis: Redis) -> bool:
+    """Has this server been checked against the lake since it started (`streamapp.engine.recovery`)?
+    The web takes events only then (the ingest script tests the same marker)."""
+    marker = await redis.get(names.CHECKED)
+    return marker is not None and text(marker) == await server_run_id(redis)
 
 
 def _as_parsed(response: Any, **options: Any) -> Any:

@@ -48,9 +48,9 @@ def server_binary() -> str:
 def server_command(
     port: int, data_dir: Path, appendfsync: str = "everysec", maxmemory: str = "2gb", config_on_stdin: bool = False
 ) -> list[str]:
-    """valkey-server's command line. At `maxmemory` it evicts dedupe sets (the only keys with a TTL),
-    soonest to expire first, and never stream entries: the events are kept, at the price of a shorter
-    dedupe window; with no dedupe set left to evict, writes fail with OOM (503). `config_on_stdin`:
+    """valkey-server's command line. At `maxmemory` it evicts nothing: not an event, and not a dedupe
+    id (evicting those would store a retried event twice); ingest answers 429 before Redis is that
+    full, and a write that still reaches the cap fails with OOM (503). `config_on_stdin`:
     valkey reads more configuration (the password) from its standard input first."""
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
@@ -71,7 +71,7 @@ def server_command(
         "--maxmemory",
         maxmemory,
         "--maxmemory-policy",
-        "volatile-ttl",
+        "noeviction",
         "--daemonize",
         "no",
         "--loglevel",

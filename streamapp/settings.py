@@ -31,6 +31,9 @@ class Settings:
     catalog_uri: str = ""  # empty: sqlite file inside the warehouse
     window_count: int = 50_000  # a backlog drains ~20% faster than with 10,000 (fewer commits)
     window_seconds: float = 10.0
+    # A window also closes once its events' JSON holds this many bytes: 50,000 events of 32 KiB
+    # would be 1.6 GB in one worker.
+    window_bytes: int = 64 * 1024 * 1024
     dedupe_seconds: int = 3600
     grace_seconds: float = 10.0  # event-time windows: allowed lateness behind the newest event
     redis_appendfsync: str = "everysec"
@@ -45,11 +48,15 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     # write key -> source name. Empty: no key needed and `source` stays null.
     write_keys: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Ingest answers 429 while Redis holds more unprocessed events than this (see streamapp.web.backlog).
+    # Ingest answers 429 while an event's stream holds more than this many events, or bytes of
+    # events, that its slowest consumer has not handled (see streamapp.web.backlog). Bytes 0: half
+    # of Redis's maxmemory (1 GiB where Redis has none).
     max_backlog: int = 1_000_000
+    max_backlog_bytes: int = 0
     # Events timestamped further ahead of the server's clock than this are rejected.
     max_future_seconds: int = 86_400
-    # The embedded server's memory cap; dedupe sets (which expire) are evicted first at the cap.
+    # The embedded server's memory cap. It evicts nothing (dedupe ids included): ingest answers 429
+    # before Redis is that full (see streamapp.web.backlog).
     redis_maxmemory: str = "2gb"
     # Snapshots each table keeps (time travel reaches back this many commits); more makes every
     # commit slower (see streamapp.lake.upkeep).
@@ -85,6 +92,10 @@ class Settings:
             raise SettingsError("STREAMAPP_KEEP_SNAPSHOTS must be >= 1")
         if self.max_backlog < 1:
             raise SettingsError("STREAMAPP_MAX_BACKLOG must be >= 1")
+        if self.max_backlog_bytes < 0:
+            raise SettingsError("STREAMAPP_MAX_BACKLOG_BYTES must be >= 0 (0: half of Redis's maxmemory)")
+        if self.window_bytes < 1:
+            raise SettingsError("STREAMAPP_WINDOW_BYTES must be >= 1")
         if self.web_processes < 0:
             raise SettingsError("STREAMAPP_WEB_PROCESSES must be >= 0 (0: one per CPU core)")
         if self.request_timeout_seconds <= 0:
@@ -141,6 +152,7 @@ class Settings:
             ("STREAMAPP_CATALOG_URI", str, "catalog_uri"),
             ("STREAMAPP_WINDOW_COUNT", int, "window_count"),
             ("STREAMAPP_WINDOW_SECONDS", float, "window_seconds"),
+            ("STREAMAPP_WINDOW_BYTES", int, "window_bytes"),
             ("STREAMAPP_DEDUPE_SECONDS", int, "dedupe_seconds"),
             ("STREAMAPP_GRACE_SECONDS", float, "grace_seconds"),
             ("STREAMAPP_REDIS_APPENDFSYNC", str, "redis_appendfsync"),
@@ -149,6 +161,7 @@ class Settings:
             ("STREAMAPP_MAX_EVENT_BYTES", int, "max_event_bytes"),
             ("STREAMAPP_REQUEST_TIMEOUT_SECONDS", float, "request_timeout_seconds"),
             ("STREAMAPP_MAX_BACKLOG", int, "max_backlog"),
+            ("STREAMAPP_MAX_BACKLOG_BYTES", int, "max_backlog_bytes"),
             ("STREAMAPP_MAX_FUTURE_SECONDS", int, "max_future_seconds"),
             ("STREAMAPP_REDIS_MAXMEMORY", str, "redis_maxmemory"),
             ("STREAMAPP_WORKER_METRICS_PORT", int, "worker_metrics_port"),

@@ -4,6 +4,7 @@ disk in tmp_path, the web server in-process or as a subprocess, the worker as a 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -51,6 +52,14 @@ class RedisServer:
         self.data_dir = data_dir
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen | None = None
+        self.settings: Settings | None = None  # once set, each start is checked against its lake
+
+    def check(self, settings: Settings | None = None) -> None:
+        """What a worker does after each start of Redis (streamapp.engine.recovery), for tests that
+        run the web without one: the web writes only to a checked server."""
+        self.settings = settings or self.settings
+        assert self.settings is not None
+        check_redis(self.settings)
 
     @property
     def url(self) -> str:
@@ -59,7 +68,8 @@ class RedisServer:
     def client(self) -> redis_sync.Redis:
         return redis_sync.Redis.from_url(self.url)
 
-    def start(self) -> None:
+    def start(self, check: bool = True) -> None:
+        """Start the server; `check`: then check it against the lake, as a running worker would."""
         self.proc = subprocess.Popen(
             server_command(self.port, self.data_dir, maxmemory=self.maxmemory),
             stdout=subprocess.DEVNULL,
@@ -73,6 +83,8 @@ class RedisServer:
                 return False
 
         wait_until(up, 10, what="valkey-server to answer PING")
+        if check and self.settings is not None:
+            self.check()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -93,7 +105,7 @@ def redis_server(tmp_path):
 def settings(tmp_path, redis_server) -> Settings:
     """Settings for this test's valkey-server, given as REDIS_URL: used as it is, no password (the
     embedded server's password is tested in test_redis_password.py and test_procfile.py)."""
-    return Settings(
+    settings = Settings(
         port=free_port(),
         redis_port=redis_server.port,
         redis_url=redis_server.url,
@@ -104,6 +116,29 @@ def settings(tmp_path, redis_server) -> Settings:
         worker_metrics_port=free_port(),
         web_processes=1,  # the web's pid is the server (tests measure its CPU and memory)
     )
+    redis_server.check(settings)
+    return settings
+
+
+def check_redis(settings: Settings) -> None:
+    """Check the Redis of `settings` against its lake with the worker's own code."""
+    from streamapp.engine.recovery import check
+    from streamapp.redis_client import reader_client
+
+    async def run() -> None:
+        client = reader_client(settings)
+        try:
+            await check(client, open_catalog(settings))
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(run())
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # called from a test's event loop
+        pool.submit(asyncio.run, run()).result()
 
 
 def clean_env() -> dict[str, str]:

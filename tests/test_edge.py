@@ -14,11 +14,14 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from redis.asyncio import Redis
 
 from streamapp.logs import JsonFormatter
 from streamapp.web.backlog import Backlog, retry_after
 from streamapp.web.ingest import Ingest
+from streamapp.web.writer import Limits
 from tests.conftest import RedisServer, free_port, running_web, stream_events
+from tests.helpers import wait_rows
 from tests.test_http import CLICK, post, stored
 
 KEYS = {"k-web-123": "website", "k-ios-456": "ios"}
@@ -159,41 +162,36 @@ def test_retry_after_follows_the_measured_drain_rate():
     assert retry_after(800, 1_000, drain_per_second=0) == 1
 
 
-async def test_backlog_over_the_limit_gives_429_until_the_worker_drains_it(settings, redis_server, http, spawn):
-    # The clicks_per_minute agent keeps the entries of its open windows (it re-reads them after a
-    # restart): events at the end of a minute, with 1 s of grace, let it close that window at once.
+async def test_a_stalled_backlog_gives_429_at_the_limit_and_202_within_2_s_of_the_drain(
+    settings, redis_server, http, spawn
+):
+    """No worker runs: each stream's backlog is all it holds, and the script that writes refuses the
+    request that finds it over the limit, whatever was sampled: one request over, never more."""
     small = dataclasses.replace(settings, max_backlog=20, grace_seconds=1)
-    late_in_minute = "2026-11-27T10:00:59.900Z"
     async with running_web(small) as base:
-        for i in range(3):
-            batch = [{**CLICK, "event_id": f"b{i}-{j}", "timestamp": late_in_minute} for j in range(10)]
+        for i in range(3):  # 0, 10, then 20 waiting: not over the limit of 20
+            batch = [{**CLICK, "event_id": f"b{i}-{j}"} for j in range(10)]
             assert (await post(http, base, batch))[0] == 202
-
-        # An empty body probes without adding events: the backlog is checked before the body.
-        deadline = time.monotonic() + 10
-        while (await post(http, base, b""))[0] != 429:
-            assert time.monotonic() < deadline, "no 429 within 10 s of a backlog over the limit"
-            await asyncio.sleep(0.2)
-        status, body, headers = await post(http, base, {**CLICK, "event_id": "late"})
-        assert status == 429
-        assert "30 events are waiting" in body["error"] and "the limit is 20" in body["error"]
-        assert headers["Retry-After"] == "30"  # no worker runs yet: nothing drains
-        assert len(stored(redis_server, "click")) == 30  # the refused event is nowhere
+        status, body, headers = await post(http, base, [{**CLICK, "event_id": f"late-{j}"} for j in range(10)])
+        assert status == 429, body
+        assert "30 events" in body["error"] and "'click' stream" in body["error"] and "20 events" in body["error"]
+        assert headers["Retry-After"] == "30"  # nothing drains: come back later, not in a tight loop
+        assert len(stored(redis_server, "click")) == 30  # the refused events are nowhere
+        assert (await post(http, base, {"type": "keydown", "key": "a"}))[0] == 202  # other streams are not held
 
         spawn("worker", small)
-        deadline = time.monotonic() + 30
-        while (status := (await post(http, base, b""))[0]) == 429:
-            assert time.monotonic() < deadline, "still 429 30 s after a worker started draining"
-            await asyncio.sleep(0.5)
-        assert status == 400  # past the backlog check: the empty body itself is refused
-        assert (await post(http, base, {**CLICK, "event_id": "after"}))[0] == 202
+        await wait_rows(small, "events.clicks", 30)
+        drained = time.monotonic()
+        while (status := (await post(http, base, {**CLICK, "event_id": "after"}))[0]) == 429:
+            await asyncio.sleep(0.05)
+        assert status == 202 and time.monotonic() - drained < 2.0
         async with http.get(base + "/metrics") as r:
             text = await r.text()
-        assert float(re.search(r"^streamapp_drain_events_per_second (\S+)$", text, re.M)[1]) > 0
+        assert float(re.search(r"^streamapp_drain_events_per_second (\S+)$", text, re.M)[1]) >= 0
 
 
 async def test_the_backlog_sampler_stops_when_redis_py_swallows_its_cancellation():
-    backlog = Backlog(None, [], 10)
+    backlog = Backlog(Redis.from_url("redis://127.0.0.1:1"), [], Limits(10, 10), bytes_from_maxmemory=False)
 
     async def sample_swallowing_cancel():  # what redis-py's pipeline sometimes does
         with contextlib.suppress(asyncio.CancelledError):
@@ -207,24 +205,51 @@ async def test_the_backlog_sampler_stops_when_redis_py_swallows_its_cancellation
     assert done and task.cancelled()
 
 
-async def test_redis_out_of_memory_is_503_and_loses_nothing(settings, tmp_path, http):
-    tight = RedisServer(free_port(), tmp_path / "tight", maxmemory="3mb")
+@pytest.mark.parametrize(
+    ("backlog_bytes", "refusal"),
+    [
+        (0, "bytes"),  # the default: half of maxmemory waiting in one stream is its limit
+        (10**9, "nearly full"),  # a byte limit past the memory: Redis at 90% of it is the limit
+    ],
+)
+async def test_redis_nearly_full_is_429_before_maxmemory_and_keeps_every_dedupe_id(
+    settings, tmp_path, http, backlog_bytes, refusal
+):
+    """Limits count bytes as well: a few big events fill Redis long before the event limit. The
+    web answers 429 before maxmemory, Redis evicts nothing (a dedupe id evicted would let a retry
+    in twice), and a write that still reaches the cap is a 503 that stores nothing of its request."""
+    tight = RedisServer(free_port(), tmp_path / "tight", maxmemory="8mb")
     tight.start()
     try:
-        small = dataclasses.replace(settings, redis_port=tight.port, redis_url=tight.url, max_event_bytes=40_000)
+        small = dataclasses.replace(
+            settings,
+            redis_port=tight.port,
+            redis_url=tight.url,
+            max_event_bytes=40_000,
+            max_backlog_bytes=backlog_bytes,
+        )
+        tight.check(small)
         answered: dict[str, int] = {}
         async with running_web(small) as base:
-            for i in range(200):
-                batch = [{**CLICK, "event_id": f"m{i}-{j}", "properties": {"pad": "x" * 30_000}} for j in range(10)]
+            for i in range(400):
+                batch = [{**CLICK, "event_id": f"m{i}-{j}", "properties": {"pad": "x" * 30_000}} for j in range(5)]
                 status, body, _ = await post(http, base, batch)
-                assert status in (202, 503), (status, body)
+                assert status in (202, 429, 503), (status, body)
                 for event in batch:
                     answered[event["event_id"]] = status
-                if status == 503:
-                    assert "out of memory" in body["error"]
+                if status == 429:
+                    assert refusal in body["error"], body
                     break
+                await asyncio.sleep(0.3)  # slower than the sampler: the guard, not the cap, stops it
             else:
-                raise AssertionError("3 MB of maxmemory never filled")
+                raise AssertionError("8 MB of maxmemory never filled")
+            info = tight.client().info()
+            assert info["used_memory"] < info["maxmemory"] and info["evicted_keys"] == 0
+            assert info["maxmemory_policy"] == "noeviction"
+            first = next(k for k, v in answered.items() if v == 202)
+            status, body, _ = await post(http, base, {**CLICK, "event_id": first})
+            assert status == 429  # still full; the id is remembered all the same:
+            assert tight.client().sismember(tight.client().keys("streamapp:*dedupe*")[0], first)
         in_redis = stream_events(tight, "click")
         kept = {json.loads(e)["event_id"] for e in in_redis}
         assert kept == {k for k, v in answered.items() if v == 202}  # all or nothing per request

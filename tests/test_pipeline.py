@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import shutil
 import signal
 import time
 from datetime import UTC, datetime
@@ -17,10 +18,9 @@ from streamapp import names
 from streamapp.engine.app import Agent
 from streamapp.engine.stream import Stream
 from streamapp.engine.worker import trim_streams
-from streamapp.entries import stream_events
 from streamapp.lake.catalog import open_catalog
 from streamapp.redis_client import reader_client
-from tests.conftest import running_web, table_rows, wait_until
+from tests.conftest import running_web, stream_events, table_rows, wait_until
 from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 
 
@@ -225,7 +225,7 @@ async def test_a_restart_after_everything_was_committed_writes_nothing_again(web
     await asyncio.to_thread(wait_until, lambda: "agents" in worker.output(), 20, 0.1, "worker start")
     await asyncio.sleep(1.5)
     assert_exactly_once(table_rows(settings, "events.clicks"), {f"d{i}" for i in range(10)})
-    assert "Moved" not in worker.output()
+    assert "came back without the entries" not in worker.output()
 
 
 async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, http, settings, spawn, redis_server):
@@ -242,12 +242,12 @@ async def test_streams_are_trimmed_only_past_what_every_consumer_committed(web, 
     await asyncio.sleep(0.5)
     client = reader_client(settings)
     await trim_streams(client)
-    assert stream_events(r.xinfo_stream(names.stream("click")))[0] == 30  # the laggard still needs them all
+    assert len(stream_events(redis_server, "click")) == 30  # the laggard still needs them all
     r.hdel(names.ACKS, names.ack_field(names.stream("click"), "laggard"))
     await trim_streams(client)
     await client.aclose()
     # Everything below the committed position is gone: the last entry, 10 events, is at it.
-    assert stream_events(r.xinfo_stream(names.stream("click")))[0] == 10
+    assert len(stream_events(redis_server, "click")) == 10
 
 
 async def test_workers_can_split_the_agents_between_them(web, http, settings, spawn, redis_server):
@@ -312,49 +312,58 @@ def test_workers_starting_together_create_the_tables_once(settings):
     assert sorted(t for _, t in open_catalog(settings).list_tables("events")) == ["clicks", "keydowns", "rejected"]
 
 
+async def _refused_until_checked(http, web: str, events: list[dict]) -> None:
+    """POST `events` until they are taken; the first answers must be the 503 of an unchecked Redis."""
+    async with http.post(web + "/api/events", json=events) as r:
+        assert r.status == 503 and "checked" in (await r.json())["error"]
+    for _ in range(200):
+        async with http.post(web + "/api/events", json=events) as r:
+            if r.status == 202:
+                return
+            assert r.status == 503
+        await asyncio.sleep(0.1)
+    raise AssertionError("the web never took events after the Redis restart")
+
+
 async def test_a_replaced_redis_with_a_clock_behind_loses_nothing(web, http, settings, spawn, redis_server):
-    """Redis is wiped (or replaced) and its clock is behind the last committed position: new
-    entries get ids the sink would take as already committed. The worker moves them past it."""
+    """The lake holds positions ahead of the clock of the Redis that answers now (the old server's
+    clock was ahead, or this one's is behind), and this Redis has none of their entries: a new event
+    would get an id a sink takes as committed, and be skipped. The web takes no event on a Redis a
+    worker has not checked against the lake since it started, and the check moves the stream's last
+    id past every committed position."""
+    r = redis_server.client()
+    ahead = int(time.time() * 1000) + 3_600_000
+    for i in range(3):  # what a server whose clock is an hour ahead wrote
+        ev = ClickEvent(x=i, y=i, event_id=f"ahead{i}", timestamp=datetime.now(UTC))
+        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"}, id=f"{ahead}-{i}")
     worker = spawn("worker", settings)
-    await send(http, web, clicks("old", 5))
-    await wait_rows(settings, "events.clicks", 5)
+    await wait_rows(settings, "events.clicks", 3)
     worker.stop()
-    r = redis_server.client()
-    r.flushall()
-    for i in range(3):  # what a server whose clock is an hour behind writes
-        ev = ClickEvent(x=i, y=i, event_id=f"late{i}", timestamp=datetime.now(UTC))
-        r.xadd(
-            names.stream("click"),
-            {"e": msgspec.json.encode(ev), "r": "0"},
-            id=f"{int(time.time() * 1000) - 3_600_000}-{i}",
-        )
+
+    def wipe() -> None:  # a new, empty server in its place
+        redis_server.stop()
+        shutil.rmtree(redis_server.data_dir)
+        redis_server.start(check=False)
+
+    await asyncio.to_thread(wipe)
     worker = spawn("worker", settings)
+    await _refused_until_checked(http, web, clicks("new", 5))
     rows = await wait_rows(settings, "events.clicks", 8)
-    assert_exactly_once(rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)})
-    assert "Moved 3 entries past it" in worker.output()
+    assert_exactly_once(rows, {f"ahead{i}" for i in range(3)} | {f"new{i}" for i in range(5)})
+    assert "came back without the entries" in worker.output()
+    assert redis_server.client().xinfo_stream(names.stream("click"))["last-generated-id"] > f"{ahead}-2".encode()
 
-    # The same while the worker runs: Redis restarts empty, its clock still behind. The worker is
-    # paused meanwhile so that the entries are there when it notices the restart.
+    # The same while the worker runs, paused while Redis is replaced: whatever it had read ahead
+    # of its commits, it starts over from its position, and the web waits for its check.
     worker.signal(signal.SIGSTOP)
-    redis_server.stop()
-    import shutil
-
-    shutil.rmtree(redis_server.data_dir)
-    await asyncio.to_thread(redis_server.start)
-    r = redis_server.client()
-    for i in range(2):
-        ev = ClickEvent(x=i, y=i, event_id=f"later{i}", timestamp=datetime.now(UTC))
-        r.xadd(
-            names.stream("click"),
-            {"e": msgspec.json.encode(ev), "r": "0"},
-            id=f"{int(time.time() * 1000) - 3_600_000}-{i}",
-        )
+    await asyncio.to_thread(wipe)
+    async with http.post(web + "/api/events", json=clicks("later", 2)) as resp:
+        assert resp.status == 503
     worker.signal(signal.SIGCONT)
+    await _refused_until_checked(http, web, clicks("later", 2))
     rows = await wait_rows(settings, "events.clicks", 10)
-    assert_exactly_once(
-        rows, {f"old{i}" for i in range(5)} | {f"late{i}" for i in range(3)} | {f"later{i}" for i in range(2)}
-    )
-    assert "Moved 2 entries past it" in worker.output()
+    expected = {f"ahead{i}" for i in range(3)} | {f"new{i}" for i in range(5)} | {f"later{i}" for i in range(2)}
+    assert_exactly_once(rows, expected)
 
 
 async def test_source_column_is_added_to_a_v1_table_by_schema_evolution(settings, redis_server, http, spawn):

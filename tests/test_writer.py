@@ -13,12 +13,21 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from redis.asyncio import Redis
 
 from streamapp import names
-from streamapp.entries import stream_events
+from streamapp.redis_client import writer_client
+from streamapp.settings import Settings
 from streamapp.web.backlog import Backlog
-from streamapp.web.writer import DEDUPE_SPANS, Entry, StreamWriter, dedupe_ids, rejected_dedupe_id
+from streamapp.web.writer import (
+    DEDUPE_SPANS,
+    BacklogFull,
+    Entry,
+    Limits,
+    StreamWriter,
+    Unchecked,
+    dedupe_ids,
+    rejected_dedupe_id,
+)
 from tests.conftest import stream_events as stored
 
 CLICKS = names.stream("click")
@@ -33,16 +42,22 @@ def ids_in(redis_server, type_name: str = "click") -> list[str]:
     return [json.loads(e)["event_id"] for e in stored(redis_server, type_name)]
 
 
+UNLIMITED = Limits(max_events=10**12, max_bytes=10**15)
+
+
 @pytest.fixture
-async def client(redis_server):
-    r = Redis.from_url(redis_server.url)
+async def client(redis_server, tmp_path):
+    # the web writes only to a Redis a worker has checked against the lake: here, an empty one
+    settings = Settings(redis_url=redis_server.url, warehouse=tmp_path / "wh")
+    await asyncio.to_thread(redis_server.check, settings)
+    r = writer_client(settings)  # the web's own client: it reconnects after a restart
     yield r
     await r.aclose()
 
 
 @pytest.fixture
 async def writer(client):
-    w = StreamWriter(client, dedupe_seconds=3600)
+    w = StreamWriter(client, 3600, UNLIMITED)
     w.start()
     yield w
     await w.close()
@@ -58,10 +73,12 @@ async def test_one_entry_per_request_and_stream_with_its_count(writer, redis_ser
         b"n": b"3",
         b"r": b"1764000000123456",
         b"c": b"3",
+        b"b": b"53",
     }
-    assert (second[b"n"], second[b"c"]) == (b"1", b"4")  # c: the stream's events so far
+    # c and b: the stream's events and bytes of `e` so far
+    assert (second[b"n"], second[b"c"], second[b"b"]) == (b"1", b"4", str(53 + len(second[b"e"])).encode())
     [(_, rejected)] = r.xrange(names.stream("rejected"))
-    assert (rejected[b"n"], rejected[b"c"]) == (b"1", b"1")
+    assert (rejected[b"n"], rejected[b"c"], rejected[b"b"]) == (b"1", b"1", str(len(rejected[b"e"])).encode())
 
 
 async def test_duplicates_inside_one_flush_are_written_once(writer, redis_server):
@@ -93,7 +110,7 @@ async def test_thousands_of_ids_in_one_flush(writer, redis_server):
 
 
 async def test_an_id_is_a_duplicate_in_a_later_set_inside_the_window_and_new_after_it(client, redis_server):
-    writer = StreamWriter(client, dedupe_seconds=2)  # sets of 2 s / DEDUPE_SPANS; the window is 2 to 3 s
+    writer = StreamWriter(client, 2, UNLIMITED)  # sets of 2 s / DEDUPE_SPANS; the window is 2 to 3 s
     assert DEDUPE_SPANS == 2
     writer.start()
     try:
@@ -137,46 +154,77 @@ async def test_the_dedupe_sets_expire_with_the_window(writer, redis_server):
     assert 3600 <= r.ttl(holder) <= 3600 * (1 + 1 / DEDUPE_SPANS)
 
 
-async def test_the_backlog_counts_events_not_entries(writer, client, redis_server):
+def mark(r, index: int) -> str:
+    """The progress mark of the stream's `index`-th entry, as a consumer reports it."""
+    entry_id, fields = r.xrange(CLICKS)[index]
+    return f"{entry_id.decode()} {fields[b'c'].decode()} {fields[b'b'].decode()}"
+
+
+async def test_the_backlog_is_what_the_slowest_consumer_has_not_handled(writer, client, redis_server):
     r = redis_server.client()
-    # Entries written before entries held several events: one event each, no count.
-    for i in range(3):
-        r.xadd(CLICKS, {"e": json.dumps({"event_id": f"old{i}"}), "r": "0"})
-    backlog = Backlog(client, [CLICKS, names.stream("keydown")], limit=100)
-    await backlog.sample()
-    assert backlog.events == 3
+    backlog = Backlog(client, [CLICKS, names.stream("keydown")], Limits(100, 10**9), bytes_from_maxmemory=False)
     for n in (10, 20, 30):
         await writer.write([entry([f"e{n}-{i}" for i in range(n)])])
+    sizes = [len(fields[b"e"]) for _, fields in r.xrange(CLICKS)]
     await backlog.sample()
-    # The old entries count one each on top of the 60 counted: 3 + 3 entries over (never under).
-    assert backlog.events == 3 + 3 + 60
-    oldest_new = r.xrange(CLICKS)[3][0]
-    r.xtrim(CLICKS, minid=oldest_new, approximate=False)  # what the worker does once the old ones are committed
+    assert (backlog.events, backlog.bytes) == (60, sum(sizes))  # no consumer yet: all of it waits
+    progress = names.progress(CLICKS)
+    r.hset(progress, mapping={"fast": mark(r, 2), "slow": "0-0 0 0"})
     await backlog.sample()
-    assert backlog.events == 60
-    r.xtrim(CLICKS, minid=r.xrange(CLICKS)[1][0], approximate=False)
+    assert backlog.events == 60  # the slowest consumer counts
+    r.hset(progress, "slow", mark(r, 0))
     await backlog.sample()
-    assert backlog.events == 50
-    assert backlog.drain_per_second > 0  # 10 events (not one entry) left while none was added
+    assert (backlog.events, backlog.bytes) == (50, sizes[1] + sizes[2])
+    assert backlog.drain_per_second > 0  # 10 events handled while none was added
+    # Entries trimmed were handled by everyone: the first entry left bounds the backlog too.
+    r.xtrim(CLICKS, minid=r.xrange(CLICKS)[2][0], approximate=False)
+    await backlog.sample()
+    assert (backlog.events, backlog.bytes) == (30, sizes[2])
+    # Entries written before they carried totals are not counted (not guessed).
+    r.xadd(CLICKS, {"e": json.dumps({"event_id": "old"}), "r": "0"})
+    await backlog.sample()
+    assert backlog.events == 0
 
 
-def test_stream_events_from_xinfo():
-    def info(length, first, last, added=0):
-        return {
-            "length": length,
-            "entries-added": added,
-            "first-entry": first and ("1-0", first),
-            "last-entry": last and ("2-0", last),
-        }
+async def test_the_script_refuses_a_flush_over_the_backlog_limits_and_writes_none_of_it(client, redis_server):
+    limits = Limits(max_events=50, max_bytes=10**9)
+    writer = StreamWriter(client, 3600, limits)
+    writer.start()
+    r = redis_server.client()
+    try:
+        await writer.write([entry([f"a{i}" for i in range(30)])])
+        await writer.write([entry([f"b{i}" for i in range(30)])])  # 30 waited: under 50, so it goes in
+        with pytest.raises(BacklogFull) as full:
+            await writer.write([entry(["c"])])  # 60 wait
+        assert (full.value.stream, full.value.events) == (CLICKS, 60)
+        assert len(ids_in(redis_server)) == 60 and not r.sismember(r.keys(SETS)[0], "c")  # nothing of it
+        r.hset(names.progress(CLICKS), "sink", mark(r, 1))  # a consumer handled everything
+        assert await writer.write([entry(["c"])]) == [()]
+        limits.max_bytes = 10  # bytes count as well as events
+        r.hset(names.progress(CLICKS), "sink", mark(r, 1))
+        with pytest.raises(BacklogFull) as full:
+            await writer.write([entry(["d"])])
+        assert full.value.events == 1 and full.value.bytes == len(r.xrange(CLICKS)[-1][1][b"e"])
+    finally:
+        await writer.close()
 
-    assert stream_events(info(0, None, None, added=7)) == (0, 7)
-    assert stream_events(info(2, {b"e": b"x", b"r": b"0"}, {b"e": b"y", b"r": b"0"}, added=5)) == (2, 5)
-    assert stream_events(info(3, {b"n": b"4", b"c": b"10"}, {b"n": b"5", b"c": b"25"})) == (19, 25)
-    assert stream_events(info(1, {b"n": b"5", b"c": b"25"}, {b"n": b"5", b"c": b"25"})) == (5, 25)
+
+async def test_a_restarted_redis_takes_no_event_until_it_is_checked(writer, redis_server):
+    """Each start of Redis changes its run_id: the server the marker names is not this one, so the
+    writer is refused (503) until the check a worker runs (streamapp.engine.recovery) has run."""
+    await writer.write([entry(["before"])])
+    redis_server.stop()
+    redis_server.start(check=False)
+    with pytest.raises(Unchecked):
+        await writer.write([entry(["during"])])
+    assert ids_in(redis_server) == ["before"]
+    await asyncio.to_thread(redis_server.check)
+    assert await writer.write([entry(["during"])]) == [()]
+    assert ids_in(redis_server) == ["before", "during"]
 
 
 async def test_close_waits_for_every_flush_in_flight_and_queued(client, redis_server):
-    writer = StreamWriter(client, dedupe_seconds=3600)
+    writer = StreamWriter(client, 3600, UNLIMITED)
     writer.start()
     writes = [asyncio.create_task(writer.write([entry([f"s{i}-{j}" for j in range(300)])])) for i in range(40)]
     await asyncio.sleep(0)  # all queued; the first flushes leave

@@ -20,6 +20,7 @@ from streamapp.engine.aggregations import Aggregation
 from streamapp.engine.aggregator import Aggregator, restore
 from streamapp.engine.reader import StreamReader
 from streamapp.engine.windows import Hopping, Sessions, Tumbling
+from streamapp.entries import Mark
 from streamapp.lake.aggregate_sink import AggregateSink, StaleState, aggregate_spec, iso
 from streamapp.settings import Settings
 
@@ -69,10 +70,19 @@ async def run_aggregate(
 
 
 async def _run(reader: StreamReader, sink: AggregateSink, agg: Aggregator[Any], n: int, after: str) -> None:
+    """Each batch read into the windows is progress (for backpressure: the replay cursor keeps
+    its entries in the stream until the windows are committed); each flush is committed, then acked."""
+    last: Mark | None = None  # the totals at the last entry read, which is the aggregator's position
     async for batch in reader.windows(after, n, TICK_SECONDS, idle=True):
+        if batch.ids:
+            last = batch.last
+            if last is not None:
+                await reader.report(last)
         for stream_id, event in zip(batch.ids, batch.events, strict=True):
             agg.add(stream_id, event, event.timestamp.timestamp())  # stamped after its receipt: windowed at the receipt
         flush = agg.flush(time.time() if len(batch) < n else None)  # a full batch: a backlog, not idle
         if flush is not None:
+            if last is not None and last.id == flush.position:
+                flush.mark = str(last)
             await asyncio.to_thread(sink.commit, flush)
             await reader.ack(flush.replay_after)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
+from streamapp.engine.reader import StreamInterrupted
 from streamapp.engine.stream import Stream
 from streamapp.model import Event, event_types
 from streamapp.settings import Settings
@@ -67,6 +68,10 @@ class Agent:
                 error: Exception | None = None
             except asyncio.CancelledError:
                 raise
+            except StreamInterrupted as e:  # Redis went away: its return, not the agent, is awaited
+                log.warning("agent %s: %s; restarting in 1s from its last committed position", self.name, e)
+                await _wait(stopping, 1.0)
+                continue
             except Exception as e:  # noqa: BLE001 - whatever the agent raised, it restarts
                 error = e
             if time.monotonic() - started > 2 * MAX_RESTART_DELAY:
@@ -78,11 +83,16 @@ class Agent:
                 delay,
                 exc_info=error,
             )
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await _wait(stopping, delay)
             delay = min(delay * 2, MAX_RESTART_DELAY)
+
+
+async def _wait(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less when the worker stops."""
+    try:
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
 
 
 def import_all(package: str) -> list[str]:

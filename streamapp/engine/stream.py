@@ -61,13 +61,12 @@ class Stream(Generic[M]):
         stopping: asyncio.Event,
         *,
         settings: Settings,
-        committed: str | None = None,
         catalog: Catalog | None = None,
     ) -> None:
         """Called by the worker before the agent runs: where to read, who reads (the agent's name),
-        when to stop, the highest position any Iceberg table has committed for this stream (None:
-        none has), and what an aggregate's sink needs (settings, catalog)."""
-        self._bound = Bound(StreamReader(redis, self.model, consumer, stopping, committed), settings, catalog)
+        when to stop, and what an aggregate's sink needs (settings, catalog)."""
+        reader = StreamReader(redis, self.model, consumer, stopping, window_bytes=settings.window_bytes)
+        self._bound = Bound(reader, settings, catalog)
 
     @property
     def bound(self) -> Bound:
@@ -91,14 +90,15 @@ class Stream(Generic[M]):
     async def take(self, n: int, within: float) -> AsyncIterator[Window[M]]:
         """Windows of up to `n` events, each closed at most `within` seconds after its first event.
 
-        A window is acknowledged when the agent asks for the next one. If the agent raises
-        instead, the window is not acknowledged, and the agent's restart receives it again.
-        On shutdown the open window is handed out early, so nothing read is held back.
+        A window also closes once its events' JSON holds `STREAMAPP_WINDOW_BYTES`. It is
+        acknowledged when the agent asks for the next one. If the agent raises instead, the window
+        is not acknowledged, and the agent's restart receives it again. On shutdown the open window
+        is handed out early, so nothing read is held back.
         """
         reader = self.reader
         async for window in reader.windows(reader.acked, n, within, prefetch=True):
             yield window
-            await reader.ack(window.last_id)
+            await reader.ack(window.last_id, window.last)
 
     def group_by(self, key: Callable[[M], str | None], *, column: str) -> GroupBy[M]:
         """Key the events for a windowed aggregate; `column` names the key's column in its table."""

@@ -1,5 +1,6 @@
-"""The worker process: create tables, run every agent, trim what all consumers committed, stop
-gracefully on SIGTERM (open windows are flushed and committed, then the process exits)."""
+"""The worker process: create tables, run every agent, trim what all consumers committed, check
+Redis against the lake after each of its starts (`streamapp.engine.recovery`), stop gracefully on
+SIGTERM (open windows are flushed and committed, then the process exits)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from redis.exceptions import RedisError
 
 from streamapp import names
 from streamapp.engine.app import App
-from streamapp.entries import entry_id
-from streamapp.lake.catalog import all_tables, committed_positions, ensure_table, open_catalog
+from streamapp.engine.recovery import keep_checked
+from streamapp.entries import Mark, entry_id
+from streamapp.lake.catalog import ensure_table, open_catalog
 from streamapp.metrics import serve_metrics
 from streamapp.redis_client import reader_client, text
 from streamapp.rejected import Rejected
@@ -78,8 +80,6 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
         agents = {name: agent for name, agent in agents.items() if name in only}
     app.catalog = catalog = open_catalog(settings)
     tables = await asyncio.to_thread(create_tables, app, catalog)
-    # Every table may hold a committed position, those aggregate agents created included.
-    committed = committed_positions(await asyncio.to_thread(all_tables, catalog))
     log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables), ", ".join(agents))
 
     stopping = asyncio.Event()
@@ -95,13 +95,13 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     # worker first starts: this one's trimmer must not drop what they have not read.
     for agent in others:
         await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
+        await redis.hsetnx(names.progress(agent.stream.key), agent.name, str(Mark("0-0", 0, 0)))
     tasks = []
     for agent in agents.values():
-        agent.stream.bind(
-            redis, agent.name, stopping, committed=committed.get(agent.stream.key), settings=settings, catalog=catalog
-        )
+        agent.stream.bind(redis, agent.name, stopping, settings=settings, catalog=catalog)
         tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
     tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
+    tasks.append(asyncio.create_task(keep_checked(redis, catalog, stopping, settings.crash_at), name="redis-check"))
     try:
         await stopping.wait()
         log.info("worker: stopping; flushing open windows (up to %.0fs)", settings.shutdown_seconds)

@@ -83,6 +83,7 @@ class Flush:
     max_event: float
     max_seen_at: float
     state: dict[str, Any] | None = None  # session windows: the snapshot to restore from
+    mark: str | None = None  # the stream's totals at `position` (`entries.Mark`), when known
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class AggregateSink:
         self.replay_key = names.replay_property(stream_key, consumer)
         self.state_key = names.state_property(stream_key, consumer)
         self.snapshot_key = names.snapshot_property(stream_key, consumer)
+        self.mark_key = names.mark_property(stream_key, consumer)
         self.base = table.properties.get(self.pos_key)  # our position in the aggregate table, as last seen there
         self.late_base = late.properties.get(self.pos_key)  # and in the late table
 
@@ -273,6 +275,8 @@ class AggregateSink:
             names.WATERMARK: iso(flush.watermark),
             names.COMPLETE_BEFORE: iso(flush.complete_before),
         }
+        if flush.mark is not None:
+            props[self.mark_key] = flush.mark
         if flush.state is not None:
             props[self.snapshot_key] = path = f"{table.location()}/streamapp-state/{uuid.uuid4().hex}.json"
             with table.io.new_output(path).create() as f:

@@ -60,6 +60,9 @@ class TableSink:
         """`append`, blocking: commit the rows of `window` after the table's position for its
         stream and consumer, with the position it ends at; returns how many rows were written."""
         key = names.position_property(window.stream_key, window.consumer)
+        moved = {key: window.last_id}
+        if window.last is not None:  # what a Redis that comes back with older data lost is counted from it
+            moved[names.mark_property(window.stream_key, window.consumer)] = str(window.last)
 
         def attempt(table: Table) -> int:
             started = time.perf_counter()
@@ -73,7 +76,7 @@ class TableSink:
             crashpoint(self.crash_at, "before_commit")
             with table.transaction() as tx:
                 tx.append(rows)
-                tx.set_properties({key: window.last_id})
+                tx.set_properties(moved)
                 expire_old_snapshots(tx, self.keep_snapshots)
                 crashpoint(self.crash_at, "during_write")  # data files written, commit not made
             crashpoint(self.crash_at, "after_commit")

@@ -1,11 +1,16 @@
-"""Backpressure: how many events wait in Redis, how fast the workers drain them, and when to say 429.
+"""Backpressure: what waits in Redis, how fast the workers drain it, and how full Redis is.
 
-The backlog is what the Redis streams hold: events not yet committed to Iceberg, plus those
-committed in the last few seconds that the worker has not trimmed yet (it trims every 5 s). That is
-the memory ingest costs Redis, which is what the limit protects. The drain rate is measured, not
-guessed: events added minus growth of the streams, over the last 30 s (each entry carries its
-stream's running count of events, see `streamapp.entries`), so `Retry-After` tells a client when the
-backlog should be back under the limit at the rate the workers are going.
+A stream's backlog is what its slowest consumer has not handled yet: the events (and bytes) after
+the progress mark that consumer last reported (`names.progress`; a raw sink reports each commit,
+an aggregate each batch it reads into its windows, which its replay cursor keeps in the stream).
+What Redis keeps only for replay or until the next trim is not backlog. The writer's script
+counts it per stream before every flush and refuses the flush over `STREAMAPP_MAX_BACKLOG` events
+or `STREAMAPP_MAX_BACKLOG_BYTES` bytes (429): exact, overshot by one flush at most.
+
+This module samples the same figures every second for the metrics and for `Retry-After` (the drain
+rate is measured: events added minus backlog growth, over the last 30 s), and Redis's memory: a
+request gets 429 before it is read once Redis is at 90% of its maxmemory, whatever the backlog,
+and evictions (which would drop dedupe ids) are counted and logged.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import collections
 import logging
 import math
 import time
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from streamapp import metrics
-from streamapp.entries import stream_events
+from streamapp import metrics, names
+from streamapp.entries import RUNNING_COUNT
+from streamapp.web.writer import BACKLOG_LUA_FUNCTIONS, Limits
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,26 @@ HORIZON_SECONDS = 30.0
 RESUME_FRACTION = 0.9  # Retry-After aims at the backlog being 10% under the limit
 MAX_RETRY_AFTER = 60
 NO_DRAIN_RETRY_AFTER = 30  # no worker is draining: come back later, not in a tight loop
+MEMORY_FRACTION = 0.9  # 429 once Redis uses this much of its maxmemory
+NO_MAXMEMORY_BACKLOG_BYTES = 1 << 30  # the bytes limit when Redis has no maxmemory
+
+# KEYS: the streams, then their progress hashes. Returns per stream: backlog events, backlog bytes,
+# events ever added (the last entry's running count; 0 for an empty or missing stream).
+_SAMPLE_LUA = (
+    BACKLOG_LUA_FUNCTIONS
+    + f"""
+local streams = #KEYS / 2
+local out = {{}}
+for s = 1, streams do
+  local tail = redis.call('XREVRANGE', KEYS[s], '+', '-', 'COUNT', 1)[1]
+  local events, bytes = backlog(KEYS[s], KEYS[streams + s], tail)
+  out[#out + 1] = events
+  out[#out + 1] = bytes
+  out[#out + 1] = tail and total(tail, '{RUNNING_COUNT}') or 0
+end
+return out
+"""
+)
 
 
 def retry_after(backlog: int, limit: int, drain_per_second: float) -> int:
@@ -42,22 +69,31 @@ def retry_after(backlog: int, limit: int, drain_per_second: float) -> int:
 
 
 class Backlog:
-    """Samples the streams' length every second in the web process; `over` is read per request."""
+    """Samples the streams and Redis's memory every second in the web process."""
 
-    def __init__(self, redis: Redis, streams: list[str], limit: int) -> None:
+    def __init__(self, redis: Redis, streams: list[str], limits: Limits, *, bytes_from_maxmemory: bool) -> None:
         self.redis = redis
         self.streams = streams
-        self.limit = limit
-        self.events = 0
+        self.limits = limits
+        self._bytes_from_maxmemory = bytes_from_maxmemory
+        self._script = redis.register_script(_SAMPLE_LUA)
+        self.events = 0  # summed over the streams
+        self.bytes = 0
         self.drain_per_second = 0.0
-        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, added, length)
+        self.used_memory = 0
+        self.maxmemory = 0
+        self._evicted: int | None = None
+        self._policy_checked = False
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, added, backlog)
 
     @property
-    def over(self) -> bool:
-        return self.events > self.limit
+    def memory_full(self) -> bool:
+        return bool(self.maxmemory) and self.used_memory >= MEMORY_FRACTION * self.maxmemory
 
-    def retry_after(self) -> int:
-        return retry_after(self.events, self.limit, self.drain_per_second)
+    def retry_after(self, events: int | None = None) -> int:
+        """When to come back: when the workers should have drained `events` (default: the sampled
+        backlog) to under the limit."""
+        return retry_after(self.events if events is None else events, self.limits.max_events, self.drain_per_second)
 
     async def run(self) -> None:
         """Sample until cancelled. A failed sample keeps the last figures: Redis being down is
@@ -75,28 +111,50 @@ class Backlog:
             await asyncio.sleep(SAMPLE_SECONDS)
 
     async def sample(self) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xinfo_stream(stream)
-            replies = await pipe.execute(raise_on_error=False)
-        length = added = 0
-        for reply in replies:
-            if isinstance(reply, dict):  # else: the stream does not exist yet
-                held, total = stream_events(reply)
-                length += held
-                added += total
-        self._observe(time.monotonic(), added, length)
+        keys = [*self.streams, *map(names.progress, self.streams)]
+        figures: list[int] = await self._script(keys=keys)
+        memory: dict[str, Any] = await self.redis.info("memory")
+        stats: dict[str, Any] = await self.redis.info("stats")
+        self._observe_memory(memory, int(stats.get("evicted_keys", 0)))
+        # -1: a stream whose entries carry no totals yet (written before they did): not counted
+        backlog, backlog_bytes, added = (sum(max(0, v) for v in figures[i::3]) for i in range(3))
+        self._observe(time.monotonic(), added, backlog, backlog_bytes)
 
-    def _observe(self, now: float, added: int, length: int) -> None:
+    def _observe_memory(self, memory: dict[str, Any], evicted: int) -> None:
+        self.used_memory, self.maxmemory = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+        metrics.REDIS_MEMORY_BYTES.set(self.used_memory)
+        if self._bytes_from_maxmemory:
+            self.limits.max_bytes = self.maxmemory // 2 if self.maxmemory else NO_MAXMEMORY_BACKLOG_BYTES
+        policy = memory.get("maxmemory_policy", "noeviction")
+        if not self._policy_checked:
+            self._policy_checked = True
+            if policy != "noeviction":
+                log.warning(
+                    "Redis's maxmemory-policy is %s: at maxmemory it may evict dedupe ids, and a retried "
+                    "event would then be stored twice; use noeviction (ingest answers 429 before the cap)",
+                    policy,
+                )
+        if self._evicted is not None and evicted > self._evicted:
+            metrics.REDIS_EVICTED_KEYS.inc(evicted - self._evicted)
+            log.error(
+                "Redis evicted %d keys at maxmemory (policy %s): dedupe ids may be gone, so an event "
+                "retried now may be stored twice",
+                evicted - self._evicted,
+                policy,
+            )
+        self._evicted = evicted
+
+    def _observe(self, now: float, added: int, backlog: int, backlog_bytes: int) -> None:
         if self._samples and added < self._samples[-1][1]:
             self._samples.clear()  # Redis restarted or streams were deleted: counters began again
-        self._samples.append((now, added, length))
+        self._samples.append((now, added, backlog))
         while now - self._samples[0][0] > HORIZON_SECONDS:
             self._samples.popleft()
-        then, added_then, length_then = self._samples[0]
+        then, added_then, backlog_then = self._samples[0]
         if now > then:
-            drained = (added - added_then) - (length - length_then)
+            drained = (added - added_then) - (backlog - backlog_then)
             self.drain_per_second = max(0.0, drained / (now - then))
-        self.events = length
-        metrics.BACKLOG.set(length)
+        self.events, self.bytes = backlog, backlog_bytes
+        metrics.BACKLOG.set(backlog)
+        metrics.BACKLOG_BYTES.set(backlog_bytes)
         metrics.DRAIN_RATE.set(self.drain_per_second)

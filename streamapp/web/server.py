@@ -14,19 +14,20 @@ from collections.abc import AsyncIterator
 import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from streamapp import metrics, names
 from streamapp.engine.app import App, Handler
-from streamapp.redis_client import UNAVAILABLE, writer_client
+from streamapp.redis_client import UNAVAILABLE, is_checked, writer_client
 from streamapp.settings import Settings
-from streamapp.web.backlog import Backlog
+from streamapp.web.backlog import NO_MAXMEMORY_BACKLOG_BYTES, Backlog
 from streamapp.web.cors import Cors
 from streamapp.web.ingest import Ingest
 from streamapp.web.openapi import document
 from streamapp.web.static import file_handler
 from streamapp.web.view import INGEST_PATH, IngestView
 from streamapp.web.wire import json_response
-from streamapp.web.writer import StreamWriter
+from streamapp.web.writer import Limits, StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,22 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when Redis answers: a load balancer stops sending while it cannot take events."""
+    """Ready when Redis answers and a worker has checked it against the lake since it started: a
+    load balancer stops sending while events cannot be taken."""
+    retry = {"Retry-After": str(request.app[SETTINGS].retry_after_seconds)}
     try:
-        await asyncio.wait_for(request.app[REDIS].ping(), timeout=1.0)
+        checked = await asyncio.wait_for(is_checked(request.app[REDIS]), timeout=1.0)
     except (TimeoutError, *UNAVAILABLE) as e:
         request.app[READINESS].failed(e)
         return json_response(
             503,
             {"status": "unavailable", "error": "the event store is unavailable"},
-            {"Retry-After": str(request.app[SETTINGS].retry_after_seconds)},
+            retry,
         )
     request.app[READINESS].answered()
+    if not checked:
+        error = "the event store restarted and is being checked against the tables (a worker does it)"
+        return json_response(503, {"status": "unavailable", "error": error}, retry)
     return json_response(200, {"status": "ready"})
 
 
@@ -128,9 +134,19 @@ def build(app: App, settings: Settings) -> web.Application:
 
     async def lifecycle(webapp: web.Application) -> AsyncIterator[None]:
         client = await asyncio.to_thread(writer_client, settings)  # may read the password file
-        writer = StreamWriter(client, settings.dedupe_seconds)
+        limits = Limits(settings.max_backlog, settings.max_backlog_bytes or NO_MAXMEMORY_BACKLOG_BYTES)
+        backlog = Backlog(
+            client,
+            [names.stream(t) for t in [*models, "rejected"]],
+            limits,
+            bytes_from_maxmemory=not settings.max_backlog_bytes,
+        )
+        try:
+            await backlog.sample()  # the limits in force before the first request
+        except (RedisError, OSError) as e:
+            log.warning("web: Redis does not answer yet (%s); it is sampled again every second", e)
+        writer = StreamWriter(client, settings.dedupe_seconds, limits)
         writer.start()
-        backlog = Backlog(client, [names.stream(t) for t in [*models, "rejected"]], settings.max_backlog)
         sampler = asyncio.create_task(backlog.run(), name="backlog")
         flusher = asyncio.create_task(metrics.flush_tallies_every(1.0), name="metrics")
         webapp[REDIS] = client

@@ -1,10 +1,12 @@
 """`POST /api/events`, the door of the data path: an event's way from a request to a Redis stream.
 
-In order, a request is checked for: its origin (CORS, 403), its write key (401), the backlog
+In order, a request is checked for: its origin (CORS, 403), its write key (401), Redis's memory
 (429), then its body is read within the request timeout (408) and the size limits (413, see
 `streamapp.web.wire`), and validated against the models (400/415/422, `streamapp.web.ingest`).
 Nothing reaches Redis before all of that passed; then `streamapp.web.writer` appends the events,
-one stream entry per event type, and the client gets 202 once they are in Redis.
+one stream entry per event type, unless a stream is over its backlog limits (429) or Redis has
+not been checked against the lake since it started (503), and the client gets 202 once they are
+in Redis.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from streamapp.web.wire import (
     json_response,
     read_body,
 )
-from streamapp.web.writer import Entry, StreamWriter, dedupe_ids, rejected_dedupe_id
+from streamapp.web.writer import BacklogFull, Entry, StreamWriter, Unchecked, dedupe_ids, rejected_dedupe_id
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +116,11 @@ class IngestView:
         try:
             source = _source(request, settings.write_keys)
             backlog = self.backlog
-            if backlog.over:
+            if backlog.memory_full:
                 return error_response(
                     429,
-                    f"{backlog.events} events are waiting to be written to Iceberg (the limit is "
-                    f"{backlog.limit}); retry later",
+                    f"the event store is nearly full ({backlog.used_memory} of its {backlog.maxmemory} bytes of "
+                    "memory): events are written to Iceberg more slowly than they arrive; retry later",
                     {"Retry-After": str(backlog.retry_after())},
                 )
             kind = self._body_kind(request.headers.get("Content-Type", ""))
@@ -142,6 +144,21 @@ class IngestView:
         entries = _entries(batch, received_at)
         try:
             results = await self.writer.write(entries)
+        except BacklogFull as e:
+            limits = self.backlog.limits
+            return error_response(
+                429,
+                f"{e.events} events ({e.bytes} bytes) wait to be written to Iceberg from the "
+                f"{e.stream.rpartition(':')[2]!r} stream (the limits are {limits.max_events} events and "
+                f"{limits.max_bytes} bytes); retry later",
+                {"Retry-After": str(self.backlog.retry_after(e.events))},
+            )
+        except Unchecked:
+            return error_response(
+                503,
+                "the event store restarted and is being checked against the tables (a worker does it); retry later",
+                {"Retry-After": str(settings.retry_after_seconds)},
+            )
         except redis.exceptions.OutOfMemoryError:
             return error_response(
                 503,

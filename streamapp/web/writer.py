@@ -5,9 +5,13 @@ duplicate is never half-written. Awaiting one XADD per request caps ingest at a 
 request; a flush costs one round trip for all of them.
 
 Each request adds one stream entry per event type it holds: `e` its events as NDJSON, `n` how many,
-`r` when it was received, `c` how many events the stream has had so far (so that the backlog is
-counted in events from the first and last entries alone; the format is `streamapp.entries`). One entry per
-event cost Redis three times as much per event.
+`r` when it was received, `c` and `b` how many events and bytes the stream has had so far (the
+format is `streamapp.entries`). One entry per event cost Redis three times as much per event.
+
+Before it writes anything, the script checks that the server is the one a worker last checked
+against the lake (`names.CHECKED`; else `Unchecked`, 503) and that no stream of the flush is over
+its backlog limits (`BacklogFull`, 429): the slowest consumer's progress against the stream's
+totals, so the limit is overshot by one flush at most.
 
 Dedupe: the ids first written in one span of `dedupe_seconds / DEDUPE_SPANS` (by the server's clock)
 are members of one set, which expires when it leaves the window; an id is a duplicate when any of
@@ -38,7 +42,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamapp import metrics, names
-from streamapp.entries import COUNT, EVENTS, RECEIVED, RUNNING_COUNT
+from streamapp.entries import COUNT, EVENTS, RECEIVED, RUNNING_BYTES, RUNNING_COUNT
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +52,98 @@ log = logging.getLogger(__name__)
 # whole.
 DEDUPE_SPANS = 2
 
-# KEYS: the streams, then DEDUPE_SPANS + 3 dedupe sets of consecutive spans, oldest first, around
-# the writer's idea of the server's clock (one span either side of it).
+# The events and bytes of a stream that its slowest consumer has not handled: the stream's running
+# totals (`c`, `b`) at its last entry minus those at the slowest consumer's progress mark, or at
+# the first entry still in the stream when that is later (trimmed entries were handled); with no
+# consumer registered, all it holds. `tail` is the stream's last entry, read by the caller.
+# Returns -1, -1 for entries written before they carried totals. Shared by the ingest script and
+# the backlog sampler (streamapp.web.backlog), so that 429 and the metric count the same thing.
+BACKLOG_LUA_FUNCTIONS = string.Template("""
+local function total(entry, name)
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == name then return tonumber(f[i + 1]), f end
+  end
+  return nil, f
+end
+local function backlog(key, progress, tail)
+  if not tail then return 0, 0 end
+  local tc, tb = total(tail, '$RUNNING_COUNT'), total(tail, '$RUNNING_BYTES')
+  if not tc or not tb then return -1, -1 end
+  local head = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+  local hc, f = total(head, '$RUNNING_COUNT')
+  local hb = total(head, '$RUNNING_BYTES')
+  local low_c, low_b = 0, 0
+  if hc and hb then
+    local n, e = 1, ''
+    for i = 1, #f, 2 do
+      if f[i] == '$COUNT' then n = tonumber(f[i + 1]) elseif f[i] == '$EVENTS' then e = f[i + 1] end
+    end
+    low_c, low_b = hc - n, hb - #e
+  end
+  local slow_c, slow_b
+  for _, mark in ipairs(redis.call('HVALS', progress)) do
+    local c, b = string.match(mark, '^%S+ (%d+) (%d+)$$')
+    if c then
+      c, b = tonumber(c), tonumber(b)
+      if not slow_c or c < slow_c then slow_c = c end
+      if not slow_b or b < slow_b then slow_b = b end
+    end
+  end
+  if slow_c then
+    low_c, low_b = math.max(low_c, slow_c), math.max(low_b, slow_b)
+  end
+  return math.max(0, tc - low_c), math.max(0, tb - low_b)
+end
+""").substitute(EVENTS=EVENTS, COUNT=COUNT, RUNNING_COUNT=RUNNING_COUNT, RUNNING_BYTES=RUNNING_BYTES)
+
+# KEYS: the streams, their progress hashes (in the same order), the key naming the server checked
+# against the lake (names.CHECKED), then DEDUPE_SPANS + 3 dedupe sets of consecutive spans, oldest
+# first, around the writer's idea of the server's clock (one span either side of it).
 # ARGV: span in ms, the sets to check (DEDUPE_SPANS + 1), the span number of the first set in KEYS,
-# the ids (MessagePack array, one per event, in entry order), the entries (MessagePack array of
-# (stream index into KEYS, events, received_us)*), then each entry's events as NDJSON: payloads
-# are passed as they are and XADDed whole unless one of their events is a duplicate.
-# Returns {server time in ms, 1, the 1-based positions in ids of the duplicates...}, or {server time
-# in ms, 0} without writing when the writer's clock is more than a span off (it retries).
+# the backlog limits (events, bytes), the ids (MessagePack array, one per event, in entry order),
+# the entries (MessagePack array of (stream index into KEYS, events, received_us)*), then each
+# entry's events as NDJSON: payloads are passed as they are and XADDed whole unless one of their
+# events is a duplicate. Returns, and writes only in the first case:
+#   {server time in ms, 1, the 1-based positions in ids of the duplicates...};
+#   {server time in ms, 0} when the writer's clock is more than a span off (it retries);
+#   {server time in ms, 2} when this server is not the one last checked against the lake (it
+#     restarted, maybe from older data: streamapp.engine.recovery);
+#   {server time in ms, 3, stream index, events, bytes} when a stream's backlog is over a limit.
 # The `#!lua` line makes Redis refuse the whole script with an OOM error when it is over maxmemory,
 # instead of failing on the write that crosses it halfway through a flush.
-_INGEST_LUA = string.Template("""#!lua
+_INGEST_LUA = (
+    "#!lua\n"
+    + BACKLOG_LUA_FUNCTIONS
+    + """
 local span, check, first = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_events, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local bucket = math.floor(now / span)
-local streams = #KEYS - check - 2
-local cur = streams + 1 + bucket - first
-if cur - check < streams or cur > #KEYS then
+local streams = (#KEYS - check - 3) / 2
+local base = 2 * streams + 1  -- the CHECKED key; the dedupe sets follow it
+local cur = base + 1 + bucket - first
+if cur - check < base or cur > #KEYS then
   return {now, 0}
 end
-local ids = cmsgpack.unpack(ARGV[4])
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if redis.call('GET', KEYS[base]) ~= run_id then
+  return {now, 2}
+end
+local tails = {}
+for s = 1, streams do
+  local tail = redis.call('XREVRANGE', KEYS[s], '+', '-', 'COUNT', 1)[1]
+  tails[s] = tail or false
+  local events, bytes = backlog(KEYS[s], KEYS[streams + s], tail)
+  if events > max_events or bytes > max_bytes then
+    return {now, 3, s, events, bytes}
+  end
+end
+"""
+)
+_INGEST_LUA += string.Template("""
+local ids = cmsgpack.unpack(ARGV[6])
 local n = #ids
 local dup, ndup = {}, 0
 -- unpack() is limited by Lua's C stack (8000): ids go to Redis in slices
@@ -111,12 +186,12 @@ end
 if added > 0 then
   redis.call('PEXPIREAT', KEYS[cur], (bucket + check) * span)
 end
-local entries = cmsgpack.unpack(ARGV[5])
-local count = {}
+local entries = cmsgpack.unpack(ARGV[7])
+local count, size = {}, {}
 local pos = 0
 for g = 1, #entries, 3 do
   local key, events = KEYS[entries[g]], entries[g + 1]
-  local payload = ARGV[5 + (g + 2) / 3]
+  local payload = ARGV[7 + (g + 2) / 3]
   local kept = events
   if ndup > 0 then
     local parts, from = {}, 1
@@ -129,21 +204,19 @@ for g = 1, #entries, 3 do
     payload = table.concat(parts, '\\n')
   end
   if kept > 0 then
-    local c = count[key]
+    local c, b = count[key], size[key]
     if c == nil then
-      c = 0
-      local tail = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+      c, b = 0, 0
+      local tail = tails[entries[g]]
       if tail then
-        local f = tail[2]
-        for i = 1, #f, 2 do
-          if f[i] == '$RUNNING_COUNT' then c = tonumber(f[i + 1]) end
-        end
+        c = total(tail, '$RUNNING_COUNT') or 0
+        b = total(tail, '$RUNNING_BYTES') or 0
       end
     end
-    c = c + kept
-    count[key] = c
+    c, b = c + kept, b + #payload
+    count[key], size[key] = c, b
     redis.call('XADD', key, '*', '$EVENTS', payload, '$COUNT', kept, '$RECEIVED', entries[g + 2], '$RUNNING_COUNT',
-               string.format('%.0f', c))
+               string.format('%.0f', c), '$RUNNING_BYTES', string.format('%.0f', b))
   end
   pos = pos + events
 end
@@ -154,7 +227,7 @@ if ndup > 0 then
   end
 end
 return out
-""").substitute(EVENTS=EVENTS, COUNT=COUNT, RECEIVED=RECEIVED, RUNNING_COUNT=RUNNING_COUNT)
+""").substitute(EVENTS=EVENTS, COUNT=COUNT, RECEIVED=RECEIVED, RUNNING_COUNT=RUNNING_COUNT, RUNNING_BYTES=RUNNING_BYTES)
 
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -200,6 +273,27 @@ class Entry:
     received_us: int
 
 
+@dataclasses.dataclass
+class Limits:
+    """The backlog limits per stream that the script applies (see `streamapp.web.backlog`, which
+    sizes `max_bytes` from Redis's maxmemory when the setting leaves it to it)."""
+
+    max_events: int
+    max_bytes: int
+
+
+class Unchecked(Exception):
+    """Redis restarted (maybe from older data) and no worker has checked it against the lake yet."""
+
+
+class BacklogFull(Exception):
+    """A stream holds more events (or bytes) than its slowest consumer has handled than allowed."""
+
+    def __init__(self, stream: str, events: int, bytes_: int) -> None:
+        super().__init__(f"{stream}: {events} events, {bytes_} bytes not handled yet")
+        self.stream, self.events, self.bytes = stream, events, bytes_
+
+
 @dataclasses.dataclass(slots=True)
 class _Pending:
     entries: list[Entry]
@@ -210,8 +304,9 @@ class _Pending:
 class StreamWriter:
     """Appends entries to Redis streams with group commit. `write` returns once they are in Redis."""
 
-    def __init__(self, redis: Redis, dedupe_seconds: int) -> None:
+    def __init__(self, redis: Redis, dedupe_seconds: int, limits: Limits) -> None:
         self._redis = redis
+        self.limits = limits
         self._script = redis.register_script(_INGEST_LUA)
         self._span_ms = max(1, math.ceil(dedupe_seconds * 1000 / DEDUPE_SPANS))
         self._clock_offset_ms = 0  # the server's clock minus ours, learned from each reply
@@ -272,16 +367,22 @@ class StreamWriter:
                 groups += (idx, len(e.ids), str(e.received_us))
                 payloads.append(e.payload)
         args = [_pack(ids), _pack(groups), *payloads]
+        streams = list(stream_index)
         started = time.perf_counter()
         try:
-            reply = await self._call(list(stream_index), args)
-            if not reply[1]:  # our clock was off by more than a span: now we know the server's
-                reply = await self._call(list(stream_index), args)
-            if not reply[1]:  # a ResponseError: the client is answered 503, as for any failed write
+            reply = await self._call(streams, args)
+            if reply[1] == 0:  # our clock was off by more than a span: now we know the server's
+                reply = await self._call(streams, args)
+            if reply[1] == 0:  # a ResponseError: the client is answered 503, as for any failed write
                 raise ResponseError("the clock of Redis jumped by more than a dedupe span between two calls")
+            if reply[1] == 2:
+                raise Unchecked()
+            if reply[1] == 3:
+                raise BacklogFull(streams[reply[2] - 1], reply[3], reply[4])
             metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
         except Exception as error:  # noqa: BLE001 - every waiter learns the write failed; none is left hanging
-            log.warning("writing %d events of %d requests to Redis failed: %s", len(ids), len(batch), error)
+            if not isinstance(error, (Unchecked, BacklogFull)):  # answered as such, not failures
+                log.warning("writing %d events of %d requests to Redis failed: %s", len(ids), len(batch), error)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
@@ -311,6 +412,8 @@ class StreamWriter:
         current = (time.time_ns() // 1_000_000 + self._clock_offset_ms) // span
         first = current - check
         sets = [names.dedupe_bucket(b * span) for b in range(first, current + 2)]
-        reply: list[int] = await self._script(keys=streams + sets, args=[span, check, first, *args])
+        keys = [*streams, *map(names.progress, streams), names.CHECKED, *sets]
+        limits = [self.limits.max_events, self.limits.max_bytes]
+        reply: list[int] = await self._script(keys=keys, args=[span, check, first, *limits, *args])
         self._clock_offset_ms = reply[0] - time.time_ns() // 1_000_000
         return reply

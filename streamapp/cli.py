@@ -1,4 +1,4 @@
-"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | complete.
+"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | complete | check-redis.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -100,6 +100,30 @@ def _period_end(period: str) -> datetime:
     return end.replace(tzinfo=UTC)
 
 
+def _check_redis(settings: Settings) -> int:
+    """Check Redis against the tables now, as a worker does after each start of Redis."""
+    # pyiceberg: only the commands that use it load it (RSS and start-up, see the module docstring)
+    from streamapp.engine.recovery import check
+    from streamapp.lake.catalog import open_catalog
+    from streamapp.redis_client import reader_client
+
+    async def run() -> int:
+        client = reader_client(settings)
+        try:
+            repairs = await check(client, open_catalog(settings), force=True)
+        finally:
+            await client.aclose()
+        for r in repairs:
+            print(
+                f"{r.stream}: behind the tables ({r.tail or 'empty'} < {r.committed}): {r.action}; "
+                f"events gone from Redis: {'unknown' if r.gone is None else r.gone}"
+            )
+        print(f"Redis checked against the tables: {len(repairs)} streams were behind; it takes events")
+        return 0
+
+    return asyncio.run(run())
+
+
 def _complete(settings: Settings, table: str, period: str, end: datetime) -> int:
     """Is every window of `period` final in `table`? One metadata read: the marker the aggregate
     agent commits with its rows."""
@@ -134,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     complete = sub.add_parser("complete", help="is a day or an hour complete in an aggregate table? (exit 0: yes)")
     complete.add_argument("table", help='e.g. "events.clicks_per_minute"')
     complete.add_argument("period", help="a UTC day, 2026-11-27, or hour, 2026-11-27T13")
+    sub.add_parser(
+        "check-redis", help="check Redis against the tables now (a worker does it after each start of Redis)"
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -155,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         _create_tables(settings)
     elif args.command == "show":
         _show(settings, args.table, args.n)
+    elif args.command == "check-redis":
+        sys.exit(_check_redis(settings))
     elif args.command == "complete":
         try:
             end = _period_end(args.period)

@@ -134,6 +134,28 @@ async def test_windows_close_by_count_and_by_time(settings, redis_server):
     assert 0.45 < closed_at[2] < 1.5  # the partial one `within` seconds after its first event
 
 
+async def test_windows_close_by_bytes_too(settings, redis_server):
+    """50,000 events of 32 KiB would be 1.6 GB in one window: a window also closes once its
+    payloads hold STREAMAPP_WINDOW_BYTES (an entry is never split: the one that crosses it is in)."""
+    r = redis_server.client()
+    pad = "x" * 1000
+    for i in range(10):
+        ev = ClickEvent(x=i, y=i, event_id=f"big{i}", properties={"pad": pad}, timestamp=datetime.now(UTC))
+        r.xadd(names.stream("click"), {"e": msgspec.json.encode(ev), "r": "0"})
+    size = len(r.xrange(names.stream("click"))[0][1][b"e"])
+    stream, stopping = Stream(ClickEvent), asyncio.Event()
+    client = reader_client(settings)
+    stream.bind(client, "t", stopping, settings=dataclasses.replace(settings, window_bytes=3 * size))
+    await stream.register()
+    windows = []
+    async for window in stream.take(1000, within=0.3):
+        windows.append(len(window))
+        if sum(windows) == 10:
+            break
+    await client.aclose()
+    assert windows == [3, 3, 3, 1]
+
+
 async def test_entries_holding_several_events_are_read_whole(settings, redis_server):
     """An entry may hold one request's events as NDJSON with their count `n`: a window counts
     events, never splits an entry (its id is one position), and takes the rest next time."""

@@ -31,7 +31,7 @@ import logging
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from streamapp import metrics, names
 from streamapp.entries import RUNNING_BYTES, RUNNING_COUNT, Mark, entry_id, format_id
@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 CHECK_EVERY_SECONDS = 1.0
 
 # KEYS[1]: a stream; ARGV[1]: the highest position committed from it. Makes new entries get ids past
-# it, touching no entry: "ok" (its last id is there already), "moved" (XSETID) or "created" (the
-# stream was missing: an entry at the next id, trimmed at once, leaves it empty with that last id).
+# it, touching no entry: "ok" (its last id is there already: a check killed halfway, done again),
+# "moved" (XSETID) or "created" (the stream was missing: an entry at the next id, trimmed at once,
+# leaves it empty with that last id).
 _RAISE_LUA = """
 local key, floor = KEYS[1], ARGV[1]
 local dash = string.find(floor, '-', 1, true)
@@ -111,6 +112,15 @@ def lost(marks: dict[str, Mark], tail_id: str | None, tail: Mark | None) -> tupl
     return max(0, top.events - kept), {c: n for c, n in missing.items() if n > 0}
 
 
+async def _last_id(redis: Redis, stream: str) -> str | None:
+    """The stream's last-generated-id: the highest id it ever gave (None: no such stream)."""
+    try:
+        info = await redis.xinfo_stream(stream)
+    except ResponseError:  # no such key
+        return None
+    return text(info["last-generated-id"])
+
+
 async def _tail(redis: Redis, stream: str) -> tuple[str | None, Mark | None]:
     """The stream's last entry: its id, and its totals when it carries them."""
     entries = await redis.xrevrange(stream, count=1)
@@ -136,15 +146,17 @@ async def check(redis: Redis, catalog: Catalog, *, force: bool = False, crash_at
     crashpoint(crash_at, "check_after_reading_the_lake")
     repairs = []
     for stream, position in sorted(positions.items()):
-        tail_id, tail = await _tail(redis, stream)
-        action = text(await redis.eval(_RAISE_LUA, 1, stream, format_id(entry_id(position))))
-        crashpoint(crash_at, "check_after_raising_a_stream")
-        if action == "ok":
+        last = await _last_id(redis, stream)
+        if last is not None and entry_id(last) >= entry_id(position):
             continue
+        # Reported before the repair: a kill between the two reports it again, never not at all.
+        tail_id, tail = await _tail(redis, stream)
         gone, missing = lost(marks.get(stream, {}), tail_id, tail)
-        repair = Repair(stream, position, tail_id, action, gone, missing)
+        repair = Repair(stream, position, tail_id, "created" if last is None else "moved", gone, missing)
         repairs.append(repair)
         _report(repair)
+        await redis.eval(_RAISE_LUA, 1, stream, format_id(entry_id(position)))  # only raises, never lowers
+        crashpoint(crash_at, "check_after_raising_a_stream")
     await redis.set(names.CHECKED, server)
     log.info(
         "Redis (run %s) checked against the tables: %d streams, %d behind", server[:12], len(positions), len(repairs)

@@ -173,7 +173,7 @@ def fig_ingest(procs: Procs, work: Path, args, results: dict) -> None:
                 order = sides[rnd % len(sides) :] + sides[: rnd % len(sides)]  # rotate who goes first
                 for side in order:
                     if side == "streamapp":
-                        ours.redis.flush()
+                        ours.redis.flush(check=True)
                     elif side == "seed":
                         seed.redis.flush()
                     port = {"bare": bare_port, "streamapp": ours.port, "seed": seed.port}[side]

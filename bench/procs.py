@@ -135,8 +135,21 @@ class Redis:
         # The password the server made at its start, in the warehouse.
         self.password = embedded_password(Settings(redis_port=self.port, warehouse=warehouse))
         self.client = redis.Redis(port=self.port, password=self.password)
+        self.env = env
 
-    def flush(self) -> None:
+    def check(self) -> None:
+        """What a worker does after each start of Redis: check it against the tables. streamapp's
+        web takes no event (503) from a server nobody checked, and the figures fill streams before
+        any worker runs."""
+        subprocess.run(
+            [sys.executable, "-m", "streamapp", "check-redis"],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def flush(self, check: bool = False) -> None:
         self.client.flushall()  # synchronous; the next round starts on an empty server
         try:
             self.client.bgrewriteaof()  # and a small append-only file
@@ -144,6 +157,8 @@ class Redis:
                 time.sleep(0.1)
         except Exception:  # noqa: BLE001 - a rewrite already scheduled
             time.sleep(0.5)
+        if check:  # FLUSHALL dropped the marker of the check too
+            self.check()
 
 
 class Streamapp:
@@ -156,6 +171,7 @@ class Streamapp:
         allowed on machines with ptrace_scope=1; a child is), raw stacks written under that dir."""
         self.procs, self.warehouse, self.spy = procs, work / "streamapp", spy
         self.redis = Redis(procs, self.warehouse)
+        self.redis.check()
         self.port = free_port()
         self.env = clean_env(
             PORT=str(self.port),

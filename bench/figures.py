@@ -270,16 +270,21 @@ def time_drain(system, backlog: int, timeout: float) -> dict:
     return out
 
 
-async def fill_streamapp(port: int, n: int, concurrency: int = 32) -> None:
-    """Exactly n events, as 100-event arrays with unique ids (the last array may be shorter)."""
+async def fill_streamapp(port: int, n: int, concurrency: int = 32, stamp=None) -> None:
+    """Exactly n events, as 100-event arrays with unique ids (the last array may be shorter);
+    `stamp(i)`: event i's `timestamp` in epoch ms (None: none, the server's receive time)."""
     import aiohttp
 
     run = uuid.uuid4().hex[:8]
     bodies = iter(range(0, n, 100))
 
+    def event(i: int) -> str:
+        one = SINGLE.replace("ID", f"d-{run}-{i}")
+        return one if stamp is None else f'{one[:-1]},"timestamp":{stamp(i)}}}'
+
     async def sender(session) -> None:
         for start in bodies:
-            body = "[" + ",".join(SINGLE.replace("ID", f"d-{run}-{i}") for i in range(start, min(n, start + 100))) + "]"
+            body = "[" + ",".join(event(i) for i in range(start, min(n, start + 100))) + "]"
             for _ in range(100):  # 429/503 under a full Redis: wait and resend (ids dedupe)
                 async with session.post(
                     f"http://127.0.0.1:{port}/api/events", data=body, headers={"Content-Type": "application/json"}
@@ -361,6 +366,62 @@ def fig_drain(procs: Procs, work: Path, args, results: dict) -> None:
         }
         for n, rs in runs.items()
     }
+
+
+BACKFILL_DAYS = 3 * 365
+
+
+def backfill_stamps(spread_ms: int, seed: int):
+    """Event i's timestamp in epoch ms: spread evenly over the `spread_ms` before it is sent (a
+    multiplicative hash of i: every day of three years gets its share, in no order)."""
+    return lambda i: int(time.time() * 1000) - ((i + seed * 7919) * 2654435761) % spread_ms
+
+
+def fig_backfill(procs: Procs, work: Path, args, results: dict) -> None:
+    """The same worker (the raw clicks sink alone: the aggregate would route 3-year-old events to
+    events.late, another figure) drains N events stamped within the last minute ("live") and N
+    spread uniformly over three years ("backfill", ~1,100 day partitions), alternating, each from a
+    fresh start; rows/s incl. start-up, as the drain figure."""
+    sides = ("live", "backfill")
+    spreads = {"live": 60_000, "backfill": BACKFILL_DAYS * 86_400_000}
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    order = [n for rnd in range(args.drain_rounds) for n in (sides if rnd % 2 == 0 else sides[::-1])]
+    for i, name in enumerate(order):
+        system = Streamapp(procs, work / f"backfill-{i}", worker_args=["--agent", "clicks"])
+        try:
+            t = time.monotonic()
+            asyncio.run(fill_streamapp(system.port, args.drain, stamp=backfill_stamps(spreads[name], i)))
+            procs.stop(system.web)
+            system.web = None
+            backlog = system.stream_len()
+            log(f"{name}: backlog of {backlog:,} filled in {time.monotonic() - t:.1f}s; starting the worker")
+            r = time_drain(system, backlog, args.drain_timeout)
+            r.update(files_per_partition(system))
+            runs[name].append(r)
+            log(
+                f"{name}: {r['rows']:,} rows in {r['seconds']:.1f}s = {r['rate']:,.0f} rows/s"
+                f"{'' if r['done'] else ' (timed out)'}; worker VmHWM {r['rss'][0]:.0f} MB; "
+                f"{r['partitions']} partitions, {r['files']} files at the end of the drain"
+            )
+        finally:
+            system.stop()
+    results["backfill"] = {
+        n: {
+            **median_run(rs, "rate"),
+            "all": [round(r["rate"]) for r in rs],
+            "rss": max((r["rss"] for r in rs), key=lambda x: x[0]),
+        }
+        for n, rs in runs.items()
+    }
+
+
+def files_per_partition(system) -> dict:
+    """Data files and partitions of events.clicks when the drain ended (upkeep may still run)."""
+    table = system.catalog().load_table("events.clicks")
+    per: dict = {}
+    for task in table.scan().plan_files():
+        per[task.file.partition[0]] = per.get(task.file.partition[0], 0) + 1
+    return {"partitions": len(per), "files": sum(per.values()), "max_files": max(per.values(), default=0)}
 
 
 def visible_ids(catalog, table: str, stop: threading.Event, seen: dict[str, float], interval: float) -> None:
@@ -613,4 +674,11 @@ def fig_profile(procs: Procs, work: Path, args, results: dict) -> None:
     log(f"raw stacks in {spy_dir.relative_to(ROOT)} (flamegraph.pl or speedscope read them)")
 
 
-FIGURES = {"ingest": fig_ingest, "drain": fig_drain, "fresh": fig_fresh, "commits": fig_commits, "profile": fig_profile}
+FIGURES = {
+    "ingest": fig_ingest,
+    "drain": fig_drain,
+    "backfill": fig_backfill,
+    "fresh": fig_fresh,
+    "commits": fig_commits,
+    "profile": fig_profile,
+}

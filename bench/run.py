@@ -57,11 +57,11 @@ def main() -> None:
         "--profile", action="store_true", help="also profile web and worker with py-spy (after the figures)"
     )
     parser.add_argument(
-        "--only", default="ingest,drain,fresh,commits", help=f"comma-separated subset of {','.join(FIGURES)}"
+        "--only", default="ingest,drain,backfill,fresh,commits", help=f"comma-separated subset of {','.join(FIGURES)}"
     )
     parser.add_argument("--seconds", type=int, help="seconds per wrk round (10)")
     parser.add_argument("--rounds", type=int, help="alternating ingest rounds per side (3)")
-    parser.add_argument("--drain", type=int, help="backlog for the drain figure (1,000,000)")
+    parser.add_argument("--drain", type=int, help="backlog for the drain and backfill figures (1,000,000)")
     parser.add_argument(
         "--drain-rounds", type=int, help="alternating drains per system (2: streamapp, seed, seed, streamapp)"
     )

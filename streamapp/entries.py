@@ -146,6 +146,10 @@ class Window(Sequence[M], Generic[M]):
         self.payloads = payloads
         self.received_us = received_us
         self.last = last  # the stream's totals at the window's last entry, when the entry carries them
+        # How many partitions of its table its rows fall into, once a raw sink has worked that out
+        # (None before): the reader reads the next windows past their count while this is high, so
+        # that a backfill's files hold more rows each (see `streamapp.engine.reader`).
+        self.partitions: int | None = None
 
     @functools.cached_property
     def events(self) -> list[M]:

@@ -47,6 +47,9 @@ REPLAY_PREFIX = "streamapp.replay."  # aggregates: the entry just before the old
 STATE_PREFIX = "streamapp.state."  # aggregates: the watermark the last commit closed windows with (JSON)
 SNAPSHOT_PREFIX = "streamapp.snapshot."  # session aggregates: the file holding their open sessions
 MARK_PREFIX = "streamapp.mark."  # the `entries.Mark` at the position: what a Redis that lost data lost
+# Raw sinks: the rows after the position a window committed in several commits holds already (JSON
+# claims [entry id, partition value], see `streamapp.lake.split`); absent when no window is halfway.
+SPLIT_PREFIX = "streamapp.split."
 
 # Iceberg table properties of an aggregate table, read by people and `python -m streamapp complete`.
 WATERMARK = "streamapp.watermark"  # ISO time: the watermark of the last commit
@@ -59,6 +62,17 @@ def position_property(stream_key: str, consumer: str) -> str:
 
 def mark_property(stream_key: str, consumer: str) -> str:
     return f"{MARK_PREFIX}{stream_key}|{consumer}"
+
+
+def split_property(stream_key: str, consumer: str) -> str:
+    return f"{SPLIT_PREFIX}{stream_key}|{consumer}"
+
+
+def split_stream(prop: str) -> str | None:
+    """The stream key of a split property, None for any other property."""
+    if not prop.startswith(SPLIT_PREFIX):
+        return None
+    return prop[len(SPLIT_PREFIX) :].rpartition("|")[0]
 
 
 def replay_property(stream_key: str, consumer: str) -> str:

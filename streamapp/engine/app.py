@@ -152,7 +152,11 @@ class App:
             from streamapp.lake.sink import TableSink  # pyiceberg: never in the web process (86 MB of RSS)
 
             self._tables[name] = TableSink(
-                self.catalog, name, keep_snapshots=self.settings.keep_snapshots, crash_at=self.settings.crash_at
+                self.catalog,
+                name,
+                keep_snapshots=self.settings.keep_snapshots,
+                max_files=self.settings.max_files_per_commit,
+                crash_at=self.settings.crash_at,
             )
         return self._tables[name]
 

@@ -15,7 +15,9 @@ read ahead of the commit must be read again rather than skipped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +36,12 @@ READ_BLOCK_MS = 1000  # longest wait inside one XREAD: bounds how late a stop or
 # falls out of the CPU caches: 2.9 us of CPU per entry at COUNT 50,000, 1.1 us at 500 (redis-py
 # with hiredis, 300-byte entries, same valkey).
 READ_COUNT = 500
+# A window closes at its count `n`, unless the newest window a raw sink has split into its table's
+# partitions (`Window.partitions`) fell into this many or more: then it reads on to its byte and
+# time limits. A backfill spread over years touches a partition per day whatever the window's
+# size, and a commit costs ~0.7 ms per file, so more rows per window are more rows per file.
+SPREAD_PARTITIONS = 32
+SAMPLE_ENTRIES = 8  # before any sink has told, the days of this many of a window's entries are counted
 
 
 class StreamInterrupted(RuntimeError):
@@ -57,6 +65,8 @@ class StreamReader:
         self.stopping = stopping
         self.window_bytes = window_bytes  # a window closes once its payloads hold this many bytes
         self.acked = "0-0"  # the last position this agent acknowledged: reading resumes after it
+        self.handed: collections.deque[Window[Any]] = collections.deque(maxlen=2)  # the newest windows handed out
+        self.guessed: bool | None = None  # whether the first window's sample was spread over many days
 
     async def register(self) -> None:
         """Record this consumer, so the stream is never trimmed past what it has not committed and
@@ -91,6 +101,10 @@ class StreamReader:
                 if pending is not None:
                     got = await pending
                     pending = None
+                    if got.ids and len(got.ids) >= n and self.spread():
+                        # prefetched and closed at `n` before the sink told how spread the last
+                        # window was (it knows now, it has committed it): read on
+                        got = await self._collect(got.ids[-1], n, within, idle, got)
                 else:
                     got = await self._collect(cursor, n, within, idle)
                 if got.ids:
@@ -100,30 +114,45 @@ class StreamReader:
                         metrics.WINDOW_EVENTS.labels(self.consumer).observe(len(got.ids))
                     if prefetch and got.ids and not self.stopping.is_set():
                         pending = asyncio.create_task(self._collect(cursor, n, within, idle))
-                    yield Window(self.model, self.key, self.consumer, got.ids, got.payloads, got.received, got.last)
+                    window: Window[Any] = Window(
+                        self.model, self.key, self.consumer, got.ids, got.payloads, got.received, got.last
+                    )
+                    self.handed.append(window)
+                    yield window
                 if self.stopping.is_set() and pending is None:
                     return  # a window prefetched when the stop came is handed out first
         finally:
             if pending is not None:
                 pending.cancel()  # read, never handed out, never acked: read again after a restart
 
-    async def _collect(self, cursor: str, n: int, within: float, idle: bool) -> Collected:
+    async def _collect(self, cursor: str, n: int, within: float, idle: bool, got: Collected | None = None) -> Collected:
         """Read up to `n` events (or `window_bytes` of payloads) after `cursor`, until `within`
-        seconds after the first (or, idle, after the start), or the stop."""
+        seconds after the first (or, idle, after the start), or the stop; past `n` while the last
+        windows were spread (`spread`), until the stream has no more. `got`: a window to read on."""
         loop = asyncio.get_running_loop()
-        got = Collected([], [], [])
-        deadline: float | None = loop.time() + within if idle else None
+        deadline: float | None = loop.time() + within if idle or got is not None else None
+        got = got or Collected([], [], [])
         per_entry = 1  # events per entry in the last read: sizes XREAD's COUNT so a window stays near n
-        while len(got.ids) < n and got.bytes < self.window_bytes and not self.stopping.is_set():
-            block = READ_BLOCK_MS
-            if deadline is not None:
+        while got.bytes < self.window_bytes and not self.stopping.is_set():
+            limit = sys.maxsize if self.spread() else n  # looked at again each read: the sink may tell it meanwhile
+            if len(got.ids) >= limit and not self.handed and self.guessed is None:
+                # the first window of a backlog, before any sink has told: a sample decides
+                self.guessed = await asyncio.to_thread(sampled_days, self.model, got) >= SPREAD_PARTITIONS
+                limit = sys.maxsize if self.spread() else n
+            if len(got.ids) >= limit:
+                break
+            reading_on = len(got.ids) >= n  # past the count: only what is in the stream already, no wait
+            block: int | None = None if reading_on else READ_BLOCK_MS
+            if deadline is not None and block is not None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
-            entries = await self._read(cursor, max(1, min(READ_COUNT, (n - len(got.ids)) // per_entry)), block)
+            entries = await self._read(cursor, max(1, min(READ_COUNT, (limit - len(got.ids)) // per_entry)), block)
             read_before = len(got.ids)
-            got.add(entries, n, self.window_bytes)
+            got.add(entries, limit, self.window_bytes)
+            if reading_on and not entries:
+                break  # the backlog is read: the window closes now, not at its deadline
             if len(got.ids) > read_before:
                 cursor = got.ids[-1]
                 per_entry = max(1, (len(got.ids) - read_before) // max(1, len(entries)))
@@ -131,10 +160,20 @@ class StreamReader:
                     deadline = loop.time() + within
         return got
 
-    async def _read(self, cursor: str, count: int, block_ms: int) -> list[Any]:
+    def spread(self) -> bool:
+        """Whether the newest window a sink has split into partitions fell into many of them (or,
+        before any has, whether the sample of the first window did)."""
+        for window in reversed(self.handed):
+            if window.partitions is not None:
+                return bool(window.partitions >= SPREAD_PARTITIONS)
+        return bool(self.guessed)
+
+    async def _read(self, cursor: str, count: int, block_ms: int | None) -> list[Any]:
+        """Up to `count` entries after `cursor`, waiting up to `block_ms` for one (None: no wait)."""
+        block = () if block_ms is None else ("BLOCK", block_ms)
         try:
             reply = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, cursor
+                "XREAD", "COUNT", count, *block, "STREAMS", self.key, cursor
             )
         except (TimeoutError, RedisError, OSError) as e:
             raise StreamInterrupted(f"reading {self.key} failed: {e}") from e
@@ -164,3 +203,22 @@ class StreamReader:
             await self.redis.hset(names.progress(self.key), self.consumer, str(progress))
         except (RedisError, OSError, TimeoutError) as e:
             log.warning("could not record the progress of %s on %s: %s", self.consumer, self.key, e)
+
+
+def sampled_days(model: TableModel, got: Collected) -> int:
+    """How many days (of the model's partition column) SAMPLE_ENTRIES entries spread through the
+    window hold events of: a cheap look at a backlog's first window, whose sink has told nothing
+    yet (blocking: a thread's job)."""
+    # pyarrow: only a worker reading a backlog gets here, never the web process (35 MB of RSS)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    step = max(1, len(got.payloads) // SAMPLE_ENTRIES)
+    payloads = got.payloads[::step][:SAMPLE_ENTRIES]
+    counts = [p.count(b"\n") + 1 for p in payloads]  # NDJSON: one event per line
+    try:
+        rows = model.to_arrow(payloads, [got.received[0]] * sum(counts))
+        days = pc.divide(rows.column(model.partition_column).cast(pa.int64()), 86_400_000_000)
+    except Exception:  # noqa: BLE001 - a sample that does not parse tells nothing; the sink will tell
+        return 0
+    return int(pc.count_distinct(days).as_py())

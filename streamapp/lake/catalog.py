@@ -3,6 +3,7 @@ stream positions they hold."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -117,11 +118,19 @@ def all_tables(catalog: Catalog) -> list[Table]:
 
 
 def committed_positions(tables: list[Table]) -> dict[str, str]:
-    """The highest position committed per stream key, over every consumer of these tables."""
+    """The highest position committed per stream key, over every consumer of these tables: a
+    position, or the last entry of a window committed halfway (whose claims hold rows up to it,
+    see `streamapp.lake.split`), so that no new entry can take an id a sink takes as written."""
     highest: dict[str, str] = {}
     for table in tables:
         for prop, value in table.properties.items():
-            stream = names.position_stream(prop)
-            if stream is not None and (stream not in highest or entry_id(value) > entry_id(highest[stream])):
-                highest[stream] = value
+            found: list[str] = []
+            if (stream := names.position_stream(prop)) is not None:
+                found = [value]
+            elif (stream := names.split_stream(prop)) is not None:
+                found = [x for x, _ in json.loads(value)]
+            for position in found:
+                assert stream is not None  # found is empty otherwise
+                if stream not in highest or entry_id(position) > entry_id(highest[stream]):
+                    highest[stream] = position
     return highest

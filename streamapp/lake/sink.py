@@ -6,12 +6,15 @@ refreshes the table and drops the entries at or before that position, so a windo
 (after a crash, a failed ack, a second worker) writes only what is not in the table yet; the
 append asserts the snapshot that position was read from, so a commit that got in meanwhile fails
 this attempt and the next one reads again.
+
+A window whose rows touch more than `max_files` partitions (a backfill spread over many days) is
+committed in several commits of at most that many files each, and only the last one moves the
+position: see `streamapp.lake.split`, and `streamapp.lake.files` for how the files are written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import time
 from typing import Any
@@ -20,10 +23,12 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
 from streamapp import metrics, names
-from streamapp.entries import BEFORE_ALL, Window, entry_id
+from streamapp.entries import Window
 from streamapp.faults import crashpoint
-from streamapp.lake.commit import commit_with_retry
-from streamapp.lake.upkeep import COMPACT_EVERY_FILES, compact, data_files, expire_old_snapshots, snapshot_figure
+from streamapp.lake import files, split
+from streamapp.lake.commit import assert_snapshot_read, commit_with_retry
+from streamapp.lake.upkeep import Upkeep, expire_old_snapshots, snapshot_figure
+from streamapp.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +36,26 @@ log = logging.getLogger(__name__)
 class TableSink:
     """`app.table("events.clicks")`: where a raw agent sinks its windows.
 
-    `keep_snapshots`: snapshots the table keeps (STREAMAPP_KEEP_SNAPSHOTS); `crash_at`: the test
-    crash points (STREAMAPP_CRASH_AT)."""
+    `keep_snapshots`: snapshots the table keeps (STREAMAPP_KEEP_SNAPSHOTS); `max_files`: data files
+    per commit at most (STREAMAPP_MAX_FILES_PER_COMMIT); `crash_at`: the test crash points
+    (STREAMAPP_CRASH_AT)."""
 
-    def __init__(self, catalog: Catalog, name: str, *, keep_snapshots: int, crash_at: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        name: str,
+        *,
+        keep_snapshots: int,
+        max_files: int = Settings.max_files_per_commit,
+        crash_at: tuple[str, ...] = (),
+    ) -> None:
         self.catalog = catalog
         self.name = name
         self.keep_snapshots = keep_snapshots
+        self.max_files = max_files
         self.crash_at = crash_at
         self._table: Table | None = None
-        self._compact_at = COMPACT_EVERY_FILES  # the data-file count at which to compact next
+        self.upkeep = Upkeep(keep_snapshots)
 
     @property
     def table(self) -> Table:
@@ -64,62 +79,62 @@ class TableSink:
         if window.last is not None:  # what a Redis that comes back with older data lost is counted from it
             moved[names.mark_property(window.stream_key, window.consumer)] = str(window.last)
 
-        def attempt(table: Table) -> int:
+        batch = split.Batch(window)
+
+        def attempt(table: Table) -> split.Step | None:
             started = time.perf_counter()
-            committed = table.properties.get(key)
-            after = entry_id(committed) if committed else BEFORE_ALL
-            start = bisect.bisect_right(window.ids, after, key=entry_id)  # ids are in stream order
-            if start == len(window):
+            batch.load(table.metadata)
+            step = split.next_step(table.properties, batch, moved, self.max_files)
+            if step is None:
                 log.info("window %s..%s already in %s; skipped", window.ids[0], window.last_id, self.name)
-                return 0
-            rows = window.to_arrow(start)
+                return None
             crashpoint(self.crash_at, "before_commit")
             with table.transaction() as tx:
-                tx.append(rows)
-                tx.set_properties(moved)
+                if len(step.rows):
+                    files.append(tx, table.io, step.rows, step.values)
+                else:  # the claims cover the rest: this commit only moves the position
+                    assert_snapshot_read(tx)
+                tx.set_properties(step.properties)
+                if step.removed:
+                    tx.remove_properties(*step.removed)
                 expire_old_snapshots(tx, self.keep_snapshots)
                 crashpoint(self.crash_at, "during_write")  # data files written, commit not made
             crashpoint(self.crash_at, "after_commit")
-            self._record(table, window, start, time.perf_counter() - started)
-            return len(window) - start
+            self._record(table, window, step, time.perf_counter() - started)
+            return step
 
-        written = commit_with_retry(self.table, attempt)
-        if written:
-            self._upkeep(self.table)
+        began, written, new_files = time.monotonic(), 0, 0
+        while (step := commit_with_retry(self.table, attempt)) is not None:
+            written, new_files = written + len(step.rows), new_files + (step.partitions if len(step.rows) else 0)
+            if step.final:
+                break
+        self.upkeep.after_write(self.table, new_files, began)
         return written
 
-    def _record(self, table: Table, window: Window[Any], start: int, seconds: float) -> None:
-        """Metrics and the one log line per commit: rows, Parquet bytes, lag, duration."""
-        rows = len(window) - start
-        lag = time.time() - min(window.received_us[start:]) / 1e6
+    def _record(self, table: Table, window: Window[Any], step: split.Step, seconds: float) -> None:
+        """Metrics and the one log line per commit: rows, files, Parquet bytes, lag, duration."""
+        rows = len(step.rows)
+        lag = time.time() - min(window.received_us[step.start :]) / 1e6
         written = snapshot_figure(table, "added-files-size")
+        data_files = snapshot_figure(table, "added-data-files")
         metrics.COMMIT_SECONDS.labels(self.name).observe(seconds)
         metrics.ROWS_COMMITTED.labels(self.name).inc(rows)
         metrics.FRESHNESS_SECONDS.labels(self.name).observe(lag)
         log.info(
-            "committed %d rows to %s up to %s in %.3fs",
+            "committed %d rows in %d files to %s %s %s in %.3fs",
             rows,
+            data_files,
             self.name,
+            "up to" if step.final else "(part of a window split by partition) toward",
             window.last_id,
             seconds,
             extra={
                 "table": self.name,
                 "rows": rows,
+                "files": data_files,
                 "bytes": written,
                 "lag_seconds": round(lag, 3),
                 "duration_seconds": round(seconds, 3),
-                "position": window.last_id,
+                "position": window.last_id if step.final else None,
             },
         )
-
-    def _upkeep(self, table: Table) -> None:
-        """Compact small files once the table holds COMPACT_EVERY_FILES more than after the last
-        compaction. The window is committed already: a failure here is logged and retried later."""
-        if data_files(table) < self._compact_at:
-            return
-        try:
-            compact(table, self.keep_snapshots)
-        except Exception as e:  # noqa: BLE001 - upkeep must never fail a committed window
-            log.warning("compacting %s failed (%s); will try again", self.name, e)
-        table.refresh()
-        self._compact_at = data_files(table) + COMPACT_EVERY_FILES

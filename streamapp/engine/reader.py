@@ -93,14 +93,24 @@ class StreamReader:
                     pending = None
                 else:
                     got = await self._collect(cursor, n, within, idle)
-                if got.ids:
-                    cursor = got.ids[-1]
-                if got.ids or (idle and not self.stopping.is_set()):
+                if got.end is not None:
+                    cursor = got.end
+                if got.end is not None or (idle and not self.stopping.is_set()):
                     if got.ids:
                         metrics.WINDOW_EVENTS.labels(self.consumer).observe(len(got.ids))
-                    if prefetch and got.ids and not self.stopping.is_set():
+                    if prefetch and got.end is not None and not self.stopping.is_set():
                         pending = asyncio.create_task(self._collect(cursor, n, within, idle))
-                    yield Window(self.model, self.key, self.consumer, got.ids, got.payloads, got.received, got.last)
+                    yield Window(
+                        self.model,
+                        self.key,
+                        self.consumer,
+                        got.ids,
+                        got.payloads,
+                        got.received,
+                        got.last,
+                        dead=got.dead,
+                        end=got.end,
+                    )
                 if self.stopping.is_set() and pending is None:
                     return  # a window prefetched when the stop came is handed out first
         finally:
@@ -122,10 +132,10 @@ class StreamReader:
                     break
                 block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
             entries = await self._read(cursor, max(1, min(READ_COUNT, (n - len(got.ids)) // per_entry)), block)
-            read_before = len(got.ids)
+            read_before, end_before = len(got.ids), got.end
             got.add(entries, n, self.window_bytes)
-            if len(got.ids) > read_before:
-                cursor = got.ids[-1]
+            if got.end != end_before:
+                cursor = got.end or cursor
                 per_entry = max(1, (len(got.ids) - read_before) // max(1, len(entries)))
                 if deadline is None:
                     deadline = loop.time() + within

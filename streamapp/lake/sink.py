@@ -16,16 +16,30 @@ import logging
 import time
 from typing import Any
 
+import pyarrow as pa
 from pyiceberg.catalog import Catalog
+from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 
 from streamapp import metrics, names
 from streamapp.entries import BEFORE_ALL, Window, entry_id
 from streamapp.faults import crashpoint
-from streamapp.lake.commit import commit_with_retry
+from streamapp.lake.commit import assert_snapshot_read, commit_with_retry
+from streamapp.lake.dead_letter import DeadLetters
 from streamapp.lake.upkeep import COMPACT_EVERY_FILES, compact, data_files, expire_old_snapshots, snapshot_figure
 
 log = logging.getLogger(__name__)
+
+
+def as_table_columns(rows: pa.Table, schema: Schema) -> pa.Table:
+    """`rows` (in the model's columns) as the table's columns: in its order and with its field ids
+    (an evolved table has a column the model gained last, with the next free id), zero-copy."""
+    fields = [
+        rows.schema.field(f.name).with_metadata({b"PARQUET:field_id": str(f.field_id).encode()})
+        for f in schema.fields
+        if f.name in rows.column_names
+    ]
+    return pa.Table.from_arrays([rows.column(f.name) for f in fields], schema=pa.schema(fields))
 
 
 class TableSink:
@@ -40,6 +54,7 @@ class TableSink:
         self.keep_snapshots = keep_snapshots
         self.crash_at = crash_at
         self._table: Table | None = None
+        self.dead_letters = DeadLetters(catalog, keep_snapshots=keep_snapshots)
         self._compact_at = COMPACT_EVERY_FILES  # the data-file count at which to compact next
 
     @property
@@ -69,29 +84,42 @@ class TableSink:
             committed = table.properties.get(key)
             after = entry_id(committed) if committed else BEFORE_ALL
             start = bisect.bisect_right(window.ids, after, key=entry_id)  # ids are in stream order
-            if start == len(window):
-                log.info("window %s..%s already in %s; skipped", window.ids[0], window.last_id, self.name)
+            dead = [d for d in window.dead if entry_id(d.entry_id) > after]
+            if start == len(window) and not dead:
+                log.info("window ..%s already in %s; skipped", window.last_id, self.name)
                 return 0
-            rows = window.to_arrow(start)
+            schema = table.schema()
+            required = frozenset(f.name for f in schema.fields if f.required)
+            rows, refused = window.rows(start, required)
+            rows = as_table_columns(rows, schema)
+            if dead or refused:  # first, with their own position: written once, whatever dies when
+                self.dead_letters.write(
+                    sorted(dead + refused, key=lambda d: entry_id(d.entry_id)),
+                    window.stream_key,
+                    window.consumer,
+                    window.last_id,
+                )
             crashpoint(self.crash_at, "before_commit")
             with table.transaction() as tx:
-                tx.append(rows)
+                if rows.num_rows:
+                    tx.append(rows)
+                else:
+                    assert_snapshot_read(tx)  # every position move is a snapshot: compare-and-set
                 tx.set_properties(moved)
                 expire_old_snapshots(tx, self.keep_snapshots)
                 crashpoint(self.crash_at, "during_write")  # data files written, commit not made
             crashpoint(self.crash_at, "after_commit")
-            self._record(table, window, start, time.perf_counter() - started)
-            return len(window) - start
+            self._record(table, window, start, rows.num_rows, time.perf_counter() - started)
+            return rows.num_rows
 
         written = commit_with_retry(self.table, attempt)
-        if written:
+        if written:  # upkeep after a window of rows
             self._upkeep(self.table)
         return written
 
-    def _record(self, table: Table, window: Window[Any], start: int, seconds: float) -> None:
+    def _record(self, table: Table, window: Window[Any], start: int, rows: int, seconds: float) -> None:
         """Metrics and the one log line per commit: rows, Parquet bytes, lag, duration."""
-        rows = len(window) - start
-        lag = time.time() - min(window.received_us[start:]) / 1e6
+        lag = time.time() - min(window.received_us[start:]) / 1e6 if start < len(window) else 0.0
         written = snapshot_figure(table, "added-files-size")
         metrics.COMMIT_SECONDS.labels(self.name).observe(seconds)
         metrics.ROWS_COMMITTED.labels(self.name).inc(rows)

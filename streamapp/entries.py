@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import msgspec
@@ -82,39 +82,75 @@ class Mark:
         return cls(parts[0], int(parts[1]), int(parts[2]))
 
 
+# What refusing an entry's events raises: JSON or values the model or pyarrow refuse (pyarrow's
+# ArrowInvalid and ArrowTypeError are ValueError and TypeError), counts that disagree.
+REFUSED = (ValueError, TypeError, KeyError, UnicodeError, msgspec.MsgspecError)
+
+
+def _check_required(rows: pa.Table, required: frozenset[str]) -> None:
+    for name in required:
+        if name in rows.column_names and rows.column(name).null_count:
+            raise ValueError(
+                f"{name} is required by the table but null (an event written before the model required it)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadEntry:
+    """A stream entry that cannot become rows (unreadable, or its events refused), and why: it goes
+    to `events.dead_letter` (see `streamapp.lake.dead_letter`) instead of holding its stream back."""
+
+    entry_id: str
+    payload: str  # the events as stored (NDJSON); for an unreadable entry, all its fields
+    error: str
+    received_us: int | None = None
+
+
+def _fields_text(fields: list[Any]) -> str:
+    """An entry's fields as JSON text, whatever their bytes hold."""
+    pairs = zip(fields[::2], fields[1::2], strict=False)
+    return msgspec.json.encode(
+        {bytes(k).decode(errors="replace"): bytes(v).decode(errors="replace") for k, v in pairs}
+    ).decode()
+
+
 @dataclass(slots=True)
 class Collected:
-    """Events read for one window: ids and receive times one per event, payloads one per entry."""
+    """Events read for one window: ids and receive times one per event, payloads one per entry, and
+    the entries that cannot be read."""
 
     ids: list[str]
     payloads: list[bytes]
     received: list[int]
     bytes: int = 0  # of the payloads
     last: Mark | None = None  # the stream's totals at the last entry, when it carries them
+    end: str | None = None  # the last entry read, readable or not
+    dead: list[DeadEntry] = field(default_factory=list)
 
     def add(self, entries: list[Any], limit: int, max_bytes: int) -> None:
         """Add the events of XREAD `entries` ([[id, [field, value, ...]], ...], as hiredis parsed
         them), stopping at the first entry that finds `limit` events or `max_bytes` of payloads
-        collected: the rest are read again for the next window."""
+        collected: the rest are read again for the next window. An entry without its events and
+        receive time (a corrupted one) is kept as a `DeadEntry`."""
         ids, payloads, received = self.ids, self.payloads, self.received
         for raw_id, fields in entries:
             if len(ids) >= limit or self.bytes >= max_bytes:
                 break
-            if len(fields) == 4:  # [e, payload, r, received_us]: one event, written before entries held several
-                e, r = (1, 3) if fields[0] == _E else (3, 1)
-                ids.append(raw_id.decode())
-                payloads.append(fields[e])
-                received.append(int(fields[r]))
-                self.bytes += len(fields[e])
+            entry = self.end = raw_id.decode()
+            try:
+                f = dict(zip(fields[::2], fields[1::2], strict=True))
+                payload, count, at = f[_E], int(f.get(_N, 1)), int(f[_R])
+                if count < 1:
+                    raise ValueError(f"it says it holds {count} events")
+            except (KeyError, ValueError) as e:
+                error = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                self.dead.append(DeadEntry(entry, _fields_text(fields), f"unreadable entry: {error}"))
                 self.last = None
                 continue
-            f = dict(zip(fields[::2], fields[1::2], strict=True))  # several events of one request
-            count = int(f.get(_N, 1))
-            entry = raw_id.decode()
             ids.extend([entry] * count)
-            payloads.append(f[_E])
-            received.extend([int(f[_R])] * count)
-            self.bytes += len(f[_E])
+            payloads.append(payload)
+            received.extend([at] * count)
+            self.bytes += len(payload)
             c, b = f.get(_C), f.get(_B)
             self.last = Mark(entry, int(c), int(b)) if c is not None and b is not None else None
 
@@ -126,7 +162,8 @@ class Window(Sequence[M], Generic[M]):
     payloads.
 
     An agent hands a window to `app.table(...).append(window)`, which writes its rows and the
-    stream position it ends at in one Iceberg commit.
+    stream position it ends at in one Iceberg commit. Entries that cannot be read are in `dead`
+    (their position is in the window's span all the same).
     """
 
     def __init__(
@@ -138,6 +175,9 @@ class Window(Sequence[M], Generic[M]):
         payloads: list[bytes],
         received_us: list[int],
         last: Mark | None = None,
+        *,
+        dead: list[DeadEntry] | None = None,
+        end: str | None = None,
     ) -> None:
         self.model = model
         self.stream_key = stream_key
@@ -150,6 +190,8 @@ class Window(Sequence[M], Generic[M]):
         # (None before): the reader reads the next windows past their count while this is high, so
         # that a backfill's files hold more rows each (see `streamapp.engine.reader`).
         self.partitions: int | None = None
+        self.dead = dead or []
+        self._end = end
 
     @functools.cached_property
     def events(self) -> list[M]:
@@ -162,7 +204,63 @@ class Window(Sequence[M], Generic[M]):
 
     @property
     def last_id(self) -> str:
-        return self.ids[-1]
+        """The window's last entry, readable or not: the position committing it moves to."""
+        return self._end or self.ids[-1]
+
+    def entries(self, start: int = 0) -> Iterator[tuple[str, bytes, list[int]]]:
+        """The readable entries from the `start`-th event on (an entry boundary): each one's id,
+        payload and its events' receive times."""
+        ids, k, i = self.ids, 0, 0
+        while i < len(ids):
+            j = i
+            while j < len(ids) and ids[j] == ids[i]:
+                j += 1
+            if i >= start:
+                yield ids[i], self.payloads[k], self.received_us[i:j]
+            i, k = j, k + 1
+
+    def rows(self, start: int = 0, required: frozenset[str] = frozenset()) -> tuple[pa.Table, list[DeadEntry]]:
+        """The window's rows from its `start`-th event on, and the entries that cannot become rows
+        (events the model or pyarrow refuse, or a null in a `required` column of the table): the
+        whole window in one go, or entry by entry when that fails, to find which."""
+        try:
+            rows = self.to_arrow(start)
+            _check_required(rows, required)
+            return rows, []
+        except REFUSED:
+            pass
+        tables, dead = [], []
+        for entry, payload, received in self.entries(start):
+            try:
+                rows = self.model.to_arrow([payload], received)
+                _check_required(rows, required)
+                tables.append(rows)
+            except REFUSED as e:
+                dead.append(DeadEntry(entry, payload.decode(errors="replace"), f"{type(e).__name__}: {e}", received[0]))
+        import pyarrow as pa  # only where a window failed: the web never gets here (RSS)
+
+        return (pa.concat_tables(tables) if tables else self.model.to_arrow([], [])), dead
+
+    def decoded(self) -> tuple[list[tuple[str, M]], list[DeadEntry]]:
+        """(entry id, event) for each event, and the entries whose events cannot be decoded: all in
+        one go, or entry by entry when that fails, to find which."""
+        try:
+            return list(zip(self.ids, self.events, strict=True)), []
+        except REFUSED:
+            pass
+        out: list[tuple[str, M]] = []
+        dead = []
+        decode = _decoder(self.model)
+        for entry, payload, received in self.entries():
+            try:
+                events = decode(ndjson_array(payload))
+                if len(events) != len(received):
+                    raise ValueError(f"it holds {len(events)} events, but its count (n) says {len(received)}")
+            except REFUSED as e:
+                dead.append(DeadEntry(entry, payload.decode(errors="replace"), f"{type(e).__name__}: {e}", received[0]))
+                continue
+            out += [(entry, event) for event in events]
+        return out, dead
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -185,15 +283,27 @@ class Window(Sequence[M], Generic[M]):
         return table.slice(start) if start else table
 
     def __repr__(self) -> str:
-        return f"<Window {self.stream_key} {len(self)} events {self.ids[0]}..{self.last_id}>"
+        first = self.ids[0] if self.ids else self.dead[0].entry_id if self.dead else "-"
+        return f"<Window {self.stream_key} {len(self)} events {first}..{self.last_id}>"
 
 
 _decoders: dict[TableModel, Callable[[bytes], list[Any]]] = {}
 
 
 def _decoder(model: TableModel) -> Callable[[bytes], list[Any]]:
-    """One decoder per model, made on first use."""
+    """One decoder per model, made on first use: into the model's own objects, and only for events
+    it no longer describes (written before it changed) into its `stored_type`."""
     decode = _decoders.get(model)
     if decode is None:
-        decode = _decoders[model] = msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]
+        strict = msgspec.json.Decoder(list[model]).decode  # type: ignore[valid-type]
+        lenient = msgspec.json.Decoder(list[model.stored_type()]).decode  # type: ignore[misc]
+
+        def decode(data: bytes) -> list[Any]:
+            try:
+                events: list[Any] = strict(data)
+            except msgspec.ValidationError:
+                events = lenient(data)
+            return events
+
+        _decoders[model] = decode
     return decode

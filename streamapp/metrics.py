@@ -79,6 +79,9 @@ FRESHNESS_SECONDS = Histogram(
     ["table"],
     buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 5, 10, 15, 30, 60, 300, 3600),
 )
+DEAD_LETTERS = Counter(
+    "streamapp_dead_letters", "Stream entries an agent could not turn into rows, kept in events.dead_letter", ["agent"]
+)
 REDIS_LOST_EVENTS = Counter(
     "streamapp_redis_lost_events",
     "Events a Redis that came back with older data no longer held, by stream and by the consumer that had not "

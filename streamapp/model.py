@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import typing
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import msgspec
@@ -71,6 +72,13 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field=
     @classmethod
     def iceberg_schema(cls) -> Schema:
         return iceberg_schema(cls)
+
+    @classmethod
+    def stored_type(cls) -> type:
+        """The type this model's stream entries decode into: an event written before the model
+        changed still decodes (a field the model lost is ignored, one it gained without a default
+        is None). Validation of new events stays the model's own, strict."""
+        return _stored_type(cls)
 
     @classmethod
     def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
@@ -168,6 +176,25 @@ def iceberg_schema(model: type[Event]) -> Schema:
     return table_schema(columns)
 
 
+_STORED_TYPES: set[type] = set()  # subclasses of the models, not event types of their own
+
+
+@functools.cache
+def _stored_type(model: type[Event]) -> type:
+    hints = typing.get_type_hints(model, include_extras=True)
+    required = [f.name for f in mi.type_info(model).fields if f.required]  # type: ignore[attr-defined]
+    stored: type = msgspec.defstruct(
+        f"Stored{model.__name__}",
+        [(name, hints[name], None) for name in required],
+        bases=(model,),
+        forbid_unknown_fields=False,
+        tag=model.type_name(),
+        kw_only=True,
+    )
+    _STORED_TYPES.add(stored)
+    return stored
+
+
 @functools.cache
 def arrow_schema(model: type[Event]) -> pa.Schema:
     return iceberg_schema(model).as_arrow()
@@ -181,7 +208,7 @@ def event_types() -> dict[str, type[Event]]:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
         tag = cls.__struct_config__.tag
-        if isinstance(tag, str):
+        if isinstance(tag, str) and cls not in _STORED_TYPES:
             if tag in found and found[tag] is not cls:
                 raise TypeError(f"event type {tag!r} is declared twice: {found[tag]} and {cls}")
             found[tag] = cls

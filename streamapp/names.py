@@ -105,3 +105,4 @@ def mark_owner(prop: str) -> tuple[str, str] | None:
 # Tables streamapp creates itself.
 REJECTED_TABLE = "events.rejected"  # events the collector refused, with the reason
 LATE_TABLE = "events.late"  # events that missed their aggregate window
+DEAD_LETTER_TABLE = "events.dead_letter"  # stream entries a worker could not turn into rows

@@ -44,6 +44,11 @@ class Rejected(msgspec.Struct, kw_only=True):
         return _schema()
 
     @classmethod
+    def stored_type(cls) -> type:
+        """Entries decode into the model itself: it ignores fields it does not know."""
+        return cls
+
+    @classmethod
     def to_arrow(cls, payloads: list[bytes], received_us: list[int]) -> pa.Table:
         from streamapp.lake.columns import payloads_to_arrow  # pyarrow: never in the web process (35 MB of RSS)
 

@@ -39,6 +39,11 @@ class TableModel(TableSchema, Protocol):
         """Its `type` on the wire, which names its Redis stream."""
         ...
 
+    def stored_type(self) -> type:
+        """The type its stream entries decode into, tolerant of changes to the model since they
+        were written (see `Event.stored_type`)."""
+        ...
+
     def to_arrow(self, payloads: list[bytes], received_us: list[int]) -> pa.Table:
         """The rows of these stream payloads (NDJSON, see `streamapp.entries`) in the table's
         schema; `received_us` holds one receive time per event."""

@@ -173,6 +173,30 @@ def test_windows_split_over_commits_are_written_exactly_once_whatever_stops_them
     assert SPLIT not in table.properties
 
 
+def test_a_refused_entry_in_a_split_window_is_one_dead_letter_and_the_rest_lands_once(tmp_path):
+    """An entry pyarrow refuses, in the middle of a window split over commits and stopped between
+    them: its one dead letter, every other row once, in the end and after a redelivery."""
+    sink = open_sink(tmp_path, max_files=5)
+    events = clicks_over(100, 20)
+    good = window_of(events, 20, 0, 5)
+    bad = msgspec.json.encode({**msgspec.to_builtins(events[40]), "x": 2**40})  # out of the int32 column
+    payloads = [*good.payloads[:2], bad + b"\n" + good.payloads[2].split(b"\n", 1)[1], *good.payloads[3:]]
+    window = Window(ClickEvent, "stream", "agent", good.ids, payloads, good.received_us)
+    first = Window(ClickEvent, "stream", "agent", good.ids[:60], payloads[:3], good.received_us[:60])
+    assert sink.write(first) == 40  # up to the refused entry: the position is past it
+    with stopping_after(1), pytest.raises(Stop):
+        sink.write(window)  # delivered again from its start (a restarted reader): one commit, then a kill
+    written = len(ids_in(sink.table))
+    assert 40 < written < 80
+    assert sink.write(window) == 80 - written
+    assert sink.write(window) == 0
+    expected = {e.event_id for i, e in enumerate(events) if not 40 <= i < 60}
+    assert_exactly_once([{"event_id": i} for i in ids_in(sink.table)], expected)
+    letters = sink.catalog.load_table(names.DEAD_LETTER_TABLE).scan().to_arrow().to_pylist()
+    assert [(d["entry_id"], d["agent"]) for d in letters] == [("3-0", "agent")]
+    assert "int32" in letters[0]["error"], letters[0]["error"]
+
+
 def test_a_window_committed_halfway_raises_the_floor_of_new_entry_ids(tmp_path):
     """The check of a restarted Redis moves the stream's last id up to the highest position the
     tables hold: a window committed halfway holds rows up to its last entry, so that counts."""

@@ -174,6 +174,10 @@ class Wide(msgspec.Struct, kw_only=True, tag_field="type", tag="wide"):
     label: str | None = "default"
     when: datetime | None = None
 
+    @classmethod
+    def stored_type(cls) -> type:  # what the columns module asks of a model (TableModel)
+        return cls
+
 
 WIDE = pa.schema(
     [

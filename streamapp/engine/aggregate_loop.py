@@ -14,17 +14,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from pyiceberg.catalog import Catalog
 
 from streamapp.engine.aggregations import Aggregation
 from streamapp.engine.aggregator import Aggregator, restore
 from streamapp.engine.reader import StreamReader
 from streamapp.engine.windows import Hopping, Sessions, Tumbling
-from streamapp.entries import Mark
+from streamapp.entries import DeadEntry, Mark, entry_id
 from streamapp.lake.aggregate_sink import AggregateSink, StaleState, aggregate_spec, iso
 from streamapp.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_encode = msgspec.json.Encoder().encode
 
 TICK_SECONDS = 1.0  # flush period: how soon after the watermark passes a window's end it is written
 
@@ -74,12 +77,18 @@ async def _run(reader: StreamReader, sink: AggregateSink, agg: Aggregator[Any], 
     its entries in the stream until the windows are committed); each flush is committed, then acked."""
     last: Mark | None = None  # the totals at the last entry read, which is the aggregator's position
     async for batch in reader.windows(after, n, TICK_SECONDS, idle=True):
-        if batch.ids:
+        if batch.ids or batch.dead:
             last = batch.last
             if last is not None:
                 await reader.report(last)
-        for stream_id, event in zip(batch.ids, batch.events, strict=True):
-            agg.add(stream_id, event, event.timestamp.timestamp())  # stamped after its receipt: windowed at the receipt
+        events, dead = batch.decoded()
+        for stream_id, event in events:
+            try:  # stamped after its receipt: windowed at the receipt
+                agg.add(stream_id, event, event.timestamp.timestamp())
+            except Exception as e:  # noqa: BLE001 - the key or an aggregation refused it (a user's function)
+                agg.refuse(DeadEntry(stream_id, _encode(event).decode(), f"{type(e).__name__}: {e}"))
+        for entry in sorted(batch.dead + dead, key=lambda d: entry_id(d.entry_id)):
+            agg.refuse(entry)
         flush = agg.flush(time.time() if len(batch) < n else None)  # a full batch: a backlog, not idle
         if flush is not None:
             if last is not None and last.id == flush.position:

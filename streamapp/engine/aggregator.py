@@ -46,7 +46,7 @@ from typing import Any, Generic, TypeVar
 
 from streamapp.engine.aggregations import Aggregation
 from streamapp.engine.windows import Hopping, Interval, Sessions, Tumbling, Watermark, windowed_time
-from streamapp.entries import BEFORE_ALL, EntryId, entry_id, format_id, id_before
+from streamapp.entries import BEFORE_ALL, DeadEntry, EntryId, entry_id, format_id, id_before
 from streamapp.lake.aggregate_sink import Flush, LateEvent, Restored
 
 M = TypeVar("M")
@@ -108,6 +108,7 @@ class Aggregator(Generic[M]):
         self.closed = closed
         self.slots: dict[tuple[float, str | None], Slot] = {}
         self.late: list[LateEvent] = []
+        self.dead: list[DeadEntry] = []  # entries whose events could not be decoded or aggregated
         self._replay_through = entry_id(replay_through) if replay_through else BEFORE_ALL
         self.position: EntryId | None = self._replay_through if replay_through else None
         # A late-table commit may have been made past `replay_through` before a crash: its
@@ -137,6 +138,16 @@ class Aggregator(Generic[M]):
                 slot.dirty = True
         self.position = pos
 
+    def refuse(self, entry: DeadEntry) -> None:
+        """An entry whose events cannot be decoded, or one of its events that the key function or
+        an aggregation raised on: it goes to events.dead_letter with the next commit, and the
+        position moves past it. Deterministic, so a replay refuses it again (and it is kept once)."""
+        pos = entry_id(entry.entry_id)
+        if pos > self._replay_through:
+            self.dead.append(entry)
+        if self.position is None or pos > self.position:
+            self.position = pos
+
     def flush(self, now: float | None = None) -> Flush | None:
         """Close what the watermark passed. `now`: the reader is caught up at this wall-clock
         time (idle streams advance). None when there is nothing to commit."""
@@ -150,19 +161,21 @@ class Aggregator(Generic[M]):
         # The completeness marker moves with the watermark: commit each hour it passes even when
         # no window closed then.
         new_hour = self.closed > -math.inf and self.complete_before(w) > self.complete
-        if not closing and not rewrite and not self.late and not new_hour:
+        if not closing and not rewrite and not self.late and not self.dead and not new_hour:
             return None
         rows = [self._row(s) for s in closing + rewrite]
         for s in closing + rewrite:
             s.emitted, s.dirty = True, False
         self._evict(w)
         late, self.late = self.late, []
+        dead, self.dead = self.dead, []
         self.closed, self.complete = w, self.complete_before(w)
         pos = format_id(self.position)
         return Flush(
             rows=rows,
             rewrite=[(s.window.start, s.key) for s in rewrite],
             late=late,
+            dead=dead,
             position=pos,
             replay_after=self._replay_after(pos),
             watermark=w,

@@ -104,18 +104,26 @@ class StreamReader:
                     if got.ids and len(got.ids) >= n and self.spread():
                         # prefetched and closed at `n` before the sink told how spread the last
                         # window was (it knows now, it has committed it): read on
-                        got = await self._collect(got.ids[-1], n, within, idle, got)
+                        got = await self._collect(got.end or cursor, n, within, idle, got)
                 else:
                     got = await self._collect(cursor, n, within, idle)
-                if got.ids:
-                    cursor = got.ids[-1]
-                if got.ids or (idle and not self.stopping.is_set()):
+                if got.end is not None:
+                    cursor = got.end
+                if got.end is not None or (idle and not self.stopping.is_set()):
                     if got.ids:
                         metrics.WINDOW_EVENTS.labels(self.consumer).observe(len(got.ids))
-                    if prefetch and got.ids and not self.stopping.is_set():
+                    if prefetch and got.end is not None and not self.stopping.is_set():
                         pending = asyncio.create_task(self._collect(cursor, n, within, idle))
                     window: Window[Any] = Window(
-                        self.model, self.key, self.consumer, got.ids, got.payloads, got.received, got.last
+                        self.model,
+                        self.key,
+                        self.consumer,
+                        got.ids,
+                        got.payloads,
+                        got.received,
+                        got.last,
+                        dead=got.dead,
+                        end=got.end,
                     )
                     self.handed.append(window)
                     yield window
@@ -149,12 +157,12 @@ class StreamReader:
                     break
                 block = max(1, min(READ_BLOCK_MS, int(remaining * 1000)))
             entries = await self._read(cursor, max(1, min(READ_COUNT, (limit - len(got.ids)) // per_entry)), block)
-            read_before = len(got.ids)
+            read_before, end_before = len(got.ids), got.end
             got.add(entries, limit, self.window_bytes)
             if reading_on and not entries:
                 break  # the backlog is read: the window closes now, not at its deadline
-            if len(got.ids) > read_before:
-                cursor = got.ids[-1]
+            if got.end != end_before:
+                cursor = got.end or cursor
                 per_entry = max(1, (len(got.ids) - read_before) // max(1, len(entries)))
                 if deadline is None:
                     deadline = loop.time() + within

@@ -24,6 +24,7 @@ first flush until it has read up to that position).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,14 +38,14 @@ import pyarrow as pa
 from pyiceberg.catalog import Catalog
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, IsNull, NotNull, Or, Reference
 from pyiceberg.expressions.literals import literal
-from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 
 from streamapp import names
-from streamapp.entries import BEFORE_ALL, entry_id
+from streamapp.entries import BEFORE_ALL, DeadEntry, entry_id
 from streamapp.faults import crashpoint
-from streamapp.lake.catalog import ensure_table
+from streamapp.lake.catalog import TableSpec, ensure_table
 from streamapp.lake.commit import assert_snapshot_read, commit_with_retry, table_name
+from streamapp.lake.dead_letter import DeadLetters
 from streamapp.lake.upkeep import expire_old_snapshots
 from streamapp.model import table_schema
 
@@ -84,19 +85,7 @@ class Flush:
     max_seen_at: float
     state: dict[str, Any] | None = None  # session windows: the snapshot to restore from
     mark: str | None = None  # the stream's totals at `position` (`entries.Mark`), when known
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """A table no event model declares (an aggregate's, `events.late`), as
-    `streamapp.lake.catalog.ensure_table` takes it."""
-
-    table: str
-    schema: Schema
-    partition_column: str
-
-    def iceberg_schema(self) -> Schema:
-        return self.schema
+    dead: list[DeadEntry] = dataclasses.field(default_factory=list)  # for events.dead_letter
 
 
 LATE_SPEC = TableSpec(
@@ -164,8 +153,10 @@ class AggregateSink:
         consumer: str,
         keep_snapshots: int,
         crash_at: tuple[str, ...],
+        dead_letters: DeadLetters,
     ) -> None:
         self.table, self.late, self.spec, self.consumer = table, late, spec, consumer
+        self.stream_key, self.dead_letters = stream_key, dead_letters
         self.keep_snapshots, self.crash_at = keep_snapshots, crash_at
         self.pos_key = names.position_property(stream_key, consumer)
         self.replay_key = names.replay_property(stream_key, consumer)
@@ -195,6 +186,7 @@ class AggregateSink:
             consumer,
             keep_snapshots,
             crash_at,
+            DeadLetters(catalog, keep_snapshots=keep_snapshots),
         )
         props = sink.table.properties
         state = json.loads(props.get(sink.state_key, "{}"))
@@ -213,7 +205,9 @@ class AggregateSink:
         )
 
     def commit(self, flush: Flush) -> None:
-        """Both commits of a flush, in order: its late events, then its rows."""
+        """The commits of a flush, in order: its dead letters, its late events, then its rows."""
+        if flush.dead:
+            self.dead_letters.write(flush.dead, self.stream_key, self.consumer, flush.position)
         if flush.late:
             self.commit_late(flush)
         self.commit_rows(flush)

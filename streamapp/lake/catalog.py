@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pyiceberg.catalog import Catalog
@@ -72,6 +73,19 @@ def _ensure_namespace(catalog: Catalog, namespace: str) -> None:
             raise
 
 
+@dataclass(frozen=True)
+class TableSpec:
+    """A table no event model declares (an aggregate's, `events.late`, `events.dead_letter`), as
+    `ensure_table` takes it."""
+
+    table: str
+    schema: Schema
+    partition_column: str
+
+    def iceberg_schema(self) -> Schema:
+        return self.schema
+
+
 def day_partition(schema: Schema, column: str) -> PartitionSpec:
     """Partition by day(column): readers prune by date, files stay a day's worth at most."""
     source = schema.find_field(column)
@@ -81,7 +95,8 @@ def day_partition(schema: Schema, column: str) -> PartitionSpec:
 
 
 def ensure_table(catalog: Catalog, model: TableSchema) -> Table:
-    """Create `model.table` if missing; add columns the model gained since. Safe to run concurrently:
+    """Create `model.table` if missing; add columns the model gained since (optional), make columns it
+    lost optional. Safe to run concurrently:
     a step that lost a race to another process is retried against what that process committed."""
     return _retry_lost_race(lambda: _ensure_table(catalog, model), CommitFailedException)
 
@@ -101,11 +116,22 @@ def _ensure_table(catalog: Catalog, model: TableSchema) -> Table:
         )
         log.info("created table %s", name)
         return table
-    missing = [f.name for f in schema.fields if f.name not in table.schema().column_names]
-    if missing:
+    # The model changed: a column it gained is added optional (the rows already there, and the
+    # entries still in Redis from before, have none: new events must have it, old ones keep
+    # null); a required column it lost becomes optional (new events have none).
+    current = table.schema()
+    missing = [f for f in schema.fields if f.name not in current.column_names]
+    dropped = [f.name for f in current.fields if f.required and f.name not in schema.column_names]
+    if missing or dropped:
         with table.update_schema() as update:
-            update.union_by_name(schema)
-        log.info("added columns %s to %s", ", ".join(missing), name)
+            for f in missing:
+                update.add_column(f.name, f.field_type, doc=f.doc, required=False)
+            for column in dropped:
+                update.make_column_optional(column)
+        if missing:
+            log.info("added columns %s to %s", ", ".join(f.name for f in missing), name)
+        if dropped:
+            log.info("made columns %s of %s optional: the model no longer has them", ", ".join(dropped), name)
     if any(table.properties.get(k) != v for k, v in TABLE_PROPERTIES.items()):
         with table.transaction() as tx:
             tx.set_properties(TABLE_PROPERTIES)

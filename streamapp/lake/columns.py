@@ -75,7 +75,7 @@ def _make_plan(model: TableModel, schema: pa.Schema, renames: Renames, raw: str 
         raw_decode = msgspec.json.Decoder(list[only]).decode  # type: ignore[valid-type]
     renormalise = None
     if ambiguous:
-        renormalise = (msgspec.json.Decoder(list[model]).decode, msgspec.json.Encoder().encode_lines)  # type: ignore[valid-type]
+        renormalise = (msgspec.json.Decoder(list[model.stored_type()]).decode, msgspec.json.Encoder().encode_lines)  # type: ignore[misc]
     return _Plan(parse, keys, raw, raw_decode, fill, renormalise)
 
 

@@ -66,6 +66,17 @@ PARTITIONS_PER_CALL = 256  # the dataset writer keeps a file open per partition:
 _PATH = "_streamapp_partition_path"  # the column the dataset writer partitions by (not written)
 
 
+def as_table_columns(rows: pa.Table, schema: Schema) -> pa.Table:
+    """`rows` (in the model's columns) as the table's columns: in its order and with its field ids
+    (an evolved table has a column the model gained last, with the next free id), zero-copy."""
+    fields = [
+        rows.schema.field(f.name).with_metadata({b"PARQUET:field_id": str(f.field_id).encode()})
+        for f in schema.fields
+        if f.name in rows.column_names
+    ]
+    return pa.Table.from_arrays([rows.column(f.name) for f in fields], schema=pa.schema(fields))
+
+
 def partition_values(metadata: TableMetadata, rows: pa.Table) -> pa.Array[Any] | None:
     """Each row's partition value (an int: days since 1970 for day(...)), in row order; None
     when the table's spec is not one transform to int of one column, or a value is null: such

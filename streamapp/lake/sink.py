@@ -23,10 +23,11 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
 from streamapp import metrics, names
-from streamapp.entries import Window
+from streamapp.entries import BEFORE_ALL, Window, entry_id
 from streamapp.faults import crashpoint
 from streamapp.lake import files, split
 from streamapp.lake.commit import assert_snapshot_read, commit_with_retry
+from streamapp.lake.dead_letter import DeadLetters
 from streamapp.lake.upkeep import Upkeep, expire_old_snapshots, snapshot_figure
 from streamapp.settings import Settings
 
@@ -56,6 +57,7 @@ class TableSink:
         self.crash_at = crash_at
         self._table: Table | None = None
         self.upkeep = Upkeep(keep_snapshots)
+        self.dead_letters = DeadLetters(catalog, keep_snapshots=keep_snapshots)
 
     @property
     def table(self) -> Table:
@@ -80,14 +82,27 @@ class TableSink:
             moved[names.mark_property(window.stream_key, window.consumer)] = str(window.last)
 
         batch = split.Batch(window)
+        lettered = False  # the window's dead letters are in (they keep a position of their own)
 
         def attempt(table: Table) -> split.Step | None:
+            nonlocal lettered
             started = time.perf_counter()
             batch.load(table.metadata)
             step = split.next_step(table.properties, batch, moved, self.max_files)
             if step is None:
-                log.info("window %s..%s already in %s; skipped", window.ids[0], window.last_id, self.name)
+                log.info("window ..%s already in %s; skipped", window.last_id, self.name)
                 return None
+            committed = table.properties.get(key)
+            after = entry_id(committed) if committed else BEFORE_ALL
+            letters = [] if lettered else [d for d in window.dead + batch.refused if entry_id(d.entry_id) > after]
+            if letters:  # first, with their own position: written once, whatever dies when
+                self.dead_letters.write(
+                    sorted(letters, key=lambda d: entry_id(d.entry_id)),
+                    window.stream_key,
+                    window.consumer,
+                    window.last_id,
+                )
+            lettered = True
             crashpoint(self.crash_at, "before_commit")
             with table.transaction() as tx:
                 if len(step.rows):
@@ -114,7 +129,7 @@ class TableSink:
     def _record(self, table: Table, window: Window[Any], step: split.Step, seconds: float) -> None:
         """Metrics and the one log line per commit: rows, files, Parquet bytes, lag, duration."""
         rows = len(step.rows)
-        lag = time.time() - min(window.received_us[step.start :]) / 1e6
+        lag = time.time() - min(window.received_us[step.start :]) / 1e6 if step.start < len(window) else 0.0
         written = snapshot_figure(table, "added-files-size")
         data_files = snapshot_figure(table, "added-data-files")
         metrics.COMMIT_SECONDS.labels(self.name).observe(seconds)

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 from pyiceberg.table.metadata import TableMetadata
 
 from streamapp import names
-from streamapp.entries import BEFORE_ALL, EntryId, Window, entry_id, format_id
-from streamapp.lake.files import partition_values
+from streamapp.entries import BEFORE_ALL, DeadEntry, EntryId, Window, entry_id, format_id
+from streamapp.lake.files import as_table_columns, partition_values
 
 Claim = tuple[EntryId, int]  # (entry id X, partition value v)
 
@@ -72,15 +72,24 @@ class Batch:
         self.rows: pa.Table | None = None
         self.values: pa.Array[Any] | None = None
         self.order: pa.Array[Any] | None = None
+        self.refused: list[DeadEntry] = []  # entries whose events cannot become rows: dead letters
 
     def load(self, metadata: TableMetadata) -> None:
         if self.rows is not None:
             return
-        rows = self.window.to_arrow()
+        schema = metadata.schema()
+        rows, self.refused = self.window.rows(0, frozenset(f.name for f in schema.fields if f.required))
+        rows = as_table_columns(rows, schema)
+        # each row's place in the window: the refused entries' events have none
+        gone = {d.entry_id for d in self.refused}
+        place = pa.array([i for i, e in enumerate(self.window.ids) if e not in gone], pa.int64()) if gone else None
         values = partition_values(metadata, rows)
         if values is not None:
             order = pc.sort_indices(values)
-            rows, values, self.order = rows.take(order), values.take(order), order
+            rows, values = rows.take(order), values.take(order)
+            self.order = order if place is None else place.take(order)
+        elif place is not None:
+            self.order = place
         self.rows, self.values = rows, values
         # what the reader sizes its next windows by (see `engine.reader`)
         self.window.partitions = 1 if values is None else pc.count_distinct(values).as_py()
@@ -110,13 +119,20 @@ def next_step(properties: Mapping[str, str], batch: Batch, moved: dict[str, str]
     committed = properties.get(key)
     after = entry_id(committed) if committed else BEFORE_ALL
     start = bisect.bisect_right(window.ids, after, key=entry_id)  # ids are in stream order
-    if start == len(window):
+    if entry_id(window.last_id) <= after:  # (past its last event, a window may end in dead entries)
         return None
     claims = [c for c in parse_claims(properties.get(split_key)) if c[0] > after]
-    if values is None or batch.order is None:
+    if values is None:
         if claims:  # claims are only ever made with partition values: the spec changed meanwhile
             raise RuntimeError(f"{split_key} holds claims, but the table's partitions are no longer by one int value")
-        return Step(start, rows.slice(start), None, 0, dict(moved), (), final=True)
+        left = (
+            rows.slice(start)
+            if batch.order is None
+            else rows.filter(pc.greater_equal(batch.order, pa.scalar(start, batch.order.type)))
+        )
+        return Step(start, left, None, 0, dict(moved), (), final=True)
+    if batch.order is None:
+        raise AssertionError("Batch.load sorts rows with partition values")
     if start or claims:
         rows, values = _left(rows, values, batch.order, window, start, claims)
     last = entry_id(window.last_id)
@@ -134,11 +150,11 @@ def next_step(properties: Mapping[str, str], batch: Batch, moved: dict[str, str]
             (),
             final=False,
         )
-    left = [c for c in claims if c[0] > last]  # claims of a lost run's longer window: the position does not cover them
+    beyond = [c for c in claims if c[0] > last]  # a lost run's longer window: the position does not cover them
     settings = dict(moved)
     removed: tuple[str, ...] = ()
-    if left:
-        settings[split_key] = dump_claims(left)
+    if beyond:
+        settings[split_key] = dump_claims(beyond)
     elif split_key in properties:
         removed = (split_key,)
     return Step(start, rows, values, distinct, settings, removed, final=True)

@@ -184,15 +184,6 @@ class Streamapp:
             STREAMAPP_WORKER_METRICS_PORT="0",
             **settings,
         )
-        # The web takes events once Redis has been checked against the lake since it started (a
-        # worker does it; the ingest figures run no worker, so the operator's command does).
-        subprocess.run(
-            [sys.executable, "-m", "streamapp", "check-redis"],
-            cwd=ROOT,
-            env=self.env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
         self.web = procs.start(
             [*self.spied("web"), sys.executable, "-m", "streamapp", "web"],
             cwd=ROOT,

@@ -1,4 +1,4 @@
-"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | complete | check-redis.
+"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | complete | check-redis.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -91,6 +91,20 @@ def _show(settings: Settings, table: str, limit: int) -> None:
             print({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None})
 
 
+def _query(settings: Settings, sql: str, fmt: str) -> int:
+    # duckdb and pyiceberg: only the commands that use them load them (RSS and start-up, see above)
+    from streamapp.lake.catalog import open_catalog
+    from streamapp.lake.query import QueryError, render, run
+
+    try:
+        result = run(open_catalog(settings), sql)
+    except QueryError as e:
+        print(f"streamapp: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(result, fmt))
+    return 0
+
+
 def _period_end(period: str) -> datetime:
     """The end of a UTC day (2026-11-27) or hour (2026-11-27T13)."""
     try:
@@ -155,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("show", help="print a table's row count and its latest rows")
     show.add_argument("table", help='e.g. "events.clicks"')
     show.add_argument("-n", type=int, default=10, help="how many rows (default 10)")
+    query = sub.add_parser("query", help="run SQL (DuckDB) over the lake's tables, e.g. events.clicks")
+    query.add_argument("sql", help='e.g. "SELECT page_url, count(*) FROM events.clicks GROUP BY 1"')
+    query.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output (default: an aligned table)"
+    )
     complete = sub.add_parser("complete", help="is a day or an hour complete in an aggregate table? (exit 0: yes)")
     complete.add_argument("table", help='e.g. "events.clicks_per_minute"')
     complete.add_argument("period", help="a UTC day, 2026-11-27, or hour, 2026-11-27T13")
@@ -182,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         _create_tables(settings)
     elif args.command == "show":
         _show(settings, args.table, args.n)
+    elif args.command == "query":
+        sys.exit(_query(settings, args.sql, args.format))
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
     elif args.command == "complete":

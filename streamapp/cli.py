@@ -1,4 +1,5 @@
-"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | complete | check-redis.
+"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | status | complete |
+check-redis.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import signal
 import sys
 from collections.abc import Coroutine
@@ -105,6 +107,34 @@ def _query(settings: Settings, sql: str, fmt: str) -> int:
     return 0
 
 
+def _status(settings: Settings, as_json: bool) -> int:
+    """Exit 0 with every figure, 1 when Redis could not be read (the tables' figures still print)."""
+    # pyiceberg: only the commands that use it load it (RSS and start-up, see the module docstring)
+    from streamapp import app
+    from streamapp.engine.status import gather, render
+    from streamapp.lake.catalog import open_catalog
+
+    # the models and the Redis client: loaded by the commands that read them (RSS, start-up)
+    from streamapp.redis_client import reader_client
+    from streamapp.rejected import Rejected
+    from streamapp.table_model import TableModel
+
+    app.configure(settings)
+    models: list[TableModel] = [*app.discover_models().values(), Rejected]
+    streams = [names.stream(m.type_name()) for m in models]
+
+    async def run() -> int:
+        client = reader_client(settings)
+        try:
+            status = await gather(open_catalog(settings), client, streams)
+        finally:
+            await client.aclose()
+        print(json.dumps(status.as_dict(), indent=2) if as_json else render(status))
+        return 1 if status.redis_error else 0
+
+    return asyncio.run(run())
+
+
 def _period_end(period: str) -> datetime:
     """The end of a UTC day (2026-11-27) or hour (2026-11-27T13)."""
     try:
@@ -174,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     query.add_argument(
         "--format", choices=("table", "csv", "json"), default="table", help="output (default: an aligned table)"
     )
+    status = sub.add_parser("status", help="each agent's lag and each table's rows, files, bytes and last commit")
+    status.add_argument("--json", action="store_true", help="print the figures as JSON")
     complete = sub.add_parser("complete", help="is a day or an hour complete in an aggregate table? (exit 0: yes)")
     complete.add_argument("table", help='e.g. "events.clicks_per_minute"')
     complete.add_argument("period", help="a UTC day, 2026-11-27, or hour, 2026-11-27T13")
@@ -203,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         _show(settings, args.table, args.n)
     elif args.command == "query":
         sys.exit(_query(settings, args.sql, args.format))
+    elif args.command == "status":
+        sys.exit(_status(settings, args.json))
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
     elif args.command == "complete":

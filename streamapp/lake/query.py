@@ -16,7 +16,6 @@ import csv
 import datetime
 import io
 import json
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,8 @@ import pyarrow.dataset as ds
 from pyiceberg.catalog import Catalog
 from pyiceberg.io.pyarrow import PyArrowFileIO, schema_to_pyarrow
 from pyiceberg.table import Table
+
+from streamapp.tabular import text_table
 
 
 class QueryError(ValueError):
@@ -109,19 +110,7 @@ def render(result: Result, fmt: str) -> str:
         return out.getvalue()
     if fmt == "json":
         return json.dumps([dict(zip(result.columns, row, strict=True)) for row in result.rows], default=_json) + "\n"
-    return _table(result.columns, [[_text(v) for v in row] for row in result.rows])
-
-
-def _table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    rows = list(rows)
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
-    lines = [
-        " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
-        "-+-".join("-" * w for w in widths),
-        *(" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows),
-        f"({len(rows)} row{'' if len(rows) == 1 else 's'})",
-    ]
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+    return text_table(result.columns, [[_text(v) for v in row] for row in result.rows])
 
 
 def _text(value: Any, csv_null: str = "NULL") -> str:

@@ -1,0 +1,67 @@
+"""Where the tables' files live: a local directory or S3-compatible storage, reached through
+pyiceberg's FileIO (pyarrow's S3 filesystem), with the AWS_* settings as its properties."""
+
+from __future__ import annotations
+
+from pyiceberg.io import (
+    S3_ACCESS_KEY_ID,
+    S3_CONNECT_TIMEOUT,
+    S3_ENDPOINT,
+    S3_REGION,
+    S3_SECRET_ACCESS_KEY,
+    S3_SESSION_TOKEN,
+)
+
+from streamapp.settings import Settings
+
+DEFAULT_REGION = "us-east-1"  # with an endpoint and no region: MinIO, moto and Ceph accept any
+CHECK_TIMEOUT_SECONDS = 5.0
+
+
+class StorageError(Exception):
+    """The warehouse cannot be used; the message is one line naming the setting to look at."""
+
+
+def file_io_properties(settings: Settings) -> dict[str, str]:
+    """The FileIO properties of the warehouse (for the catalog, which hands them to its tables).
+    An empty setting is left out: pyarrow then falls back on its own default chain (~/.aws files,
+    an instance's role)."""
+    if settings.warehouse_is_local:
+        return {}
+    props = {
+        S3_ENDPOINT: settings.aws_endpoint_url,
+        S3_REGION: settings.aws_region or (DEFAULT_REGION if settings.aws_endpoint_url else ""),
+        S3_ACCESS_KEY_ID: settings.aws_access_key_id,
+        S3_SECRET_ACCESS_KEY: settings.aws_secret_access_key,
+        S3_SESSION_TOKEN: settings.aws_session_token,
+    }
+    return {k: v for k, v in props.items() if v}
+
+
+def check_storage(settings: Settings) -> None:
+    """Raise StorageError unless the warehouse's bucket answers (the endpoint is reachable, the
+    bucket exists, the credentials are accepted). One HEAD request; a local warehouse passes."""
+    if settings.warehouse_is_local:
+        return
+    from pyarrow.fs import FileType
+    from pyiceberg.io.pyarrow import PyArrowFileIO  # pyarrow: only where used (RSS and start-up)
+
+    warehouse = str(settings.warehouse)
+    bucket = warehouse.removeprefix("s3://").split("/", 1)[0]
+    io = PyArrowFileIO({**file_io_properties(settings), S3_CONNECT_TIMEOUT: str(CHECK_TIMEOUT_SECONDS)})
+    where = f"AWS_ENDPOINT_URL={settings.aws_endpoint_url}" if settings.aws_endpoint_url else "AWS's endpoint"
+    try:
+        info = io.fs_by_scheme("s3", bucket).get_file_info(bucket)
+    except OSError as e:
+        reason = " ".join(str(e).split())
+        lowered = reason.lower()
+        if any(s in lowered for s in ("access_denied", "accessdenied", "invalidaccesskeyid", "signature", "forbidden")):
+            raise StorageError(
+                f"the storage at {where} refused the credentials for bucket {bucket!r} "
+                f"(check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN): {reason}"
+            ) from None
+        raise StorageError(
+            f"cannot reach the storage of STREAMAPP_WAREHOUSE={warehouse} at {where}: {reason}"
+        ) from None
+    if info.type == FileType.NotFound:
+        raise StorageError(f"STREAMAPP_WAREHOUSE={warehouse}: bucket {bucket!r} does not exist at {where}")

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         args.command in ("worker", "create-tables", "show", "check-redis", "complete")
         and not settings.warehouse_is_local
     ):
-        from streamapp.lake.storage import StorageError, check_storage  # pyiceberg: only where used
+        from streamapp.lake.storage import StorageError, check_storage  # pyiceberg: only where used (RSS)
 
         try:
             check_storage(settings)  # a clear line now, not a traceback from the first commit

@@ -1,16 +1,25 @@
 """Where the tables' files live: a local directory or S3-compatible storage, reached through
-pyiceberg's FileIO (pyarrow's S3 filesystem), with the AWS_* settings as its properties."""
+pyiceberg's FileIO (`S3FileIO`), with the AWS_* settings as its properties."""
 
 from __future__ import annotations
 
+from urllib.parse import urlparse
+
+from pyarrow.fs import FileType
 from pyiceberg.io import (
+    PY_IO_IMPL,
     S3_ACCESS_KEY_ID,
     S3_CONNECT_TIMEOUT,
     S3_ENDPOINT,
     S3_REGION,
     S3_SECRET_ACCESS_KEY,
     S3_SESSION_TOKEN,
+    FileIO,
+    InputFile,
+    OutputFile,
 )
+from pyiceberg.io.pyarrow import PyArrowFileIO
+from pyiceberg.typedef import EMPTY_DICT, Properties
 
 from streamapp.settings import Settings
 
@@ -22,6 +31,29 @@ class StorageError(Exception):
     """The warehouse cannot be used; the message is one line naming the setting to look at."""
 
 
+class S3FileIO(PyArrowFileIO):
+    """pyiceberg's pyarrow FileIO, whose writes and reads `streamapp.lake.files` relies on, but
+    deleting through pyiceberg's fsspec FileIO (s3fs): pyarrow's S3 filesystem follows each delete
+    with an empty "dir/" marker object for the parent (measured: deleting a/b/x leaves a/b/ even
+    beside a/b/y), one more per metadata directory, which Iceberg does not know and no cleanup
+    would remove."""
+
+    def __init__(self, properties: Properties = EMPTY_DICT) -> None:
+        super().__init__(properties)
+        self._deletes: FileIO | None = None
+
+    def delete(self, location: str | InputFile | OutputFile) -> None:
+        path = location if isinstance(location, str) else location.location
+        if urlparse(path).scheme not in ("s3", "s3a", "s3n"):
+            super().delete(location)
+            return
+        if self._deletes is None:
+            from pyiceberg.io.fsspec import FsspecFileIO  # s3fs: loaded by the first delete only (RSS)
+
+            self._deletes = FsspecFileIO(self.properties)
+        self._deletes.delete(path)
+
+
 def file_io_properties(settings: Settings) -> dict[str, str]:
     """The FileIO properties of the warehouse (for the catalog, which hands them to its tables).
     An empty setting is left out: pyarrow then falls back on its own default chain (~/.aws files,
@@ -29,6 +61,7 @@ def file_io_properties(settings: Settings) -> dict[str, str]:
     if settings.warehouse_is_local:
         return {}
     props = {
+        PY_IO_IMPL: f"{S3FileIO.__module__}.{S3FileIO.__qualname__}",
         S3_ENDPOINT: settings.aws_endpoint_url,
         S3_REGION: settings.aws_region or (DEFAULT_REGION if settings.aws_endpoint_url else ""),
         S3_ACCESS_KEY_ID: settings.aws_access_key_id,
@@ -43,12 +76,9 @@ def check_storage(settings: Settings) -> None:
     bucket exists, the credentials are accepted). One HEAD request; a local warehouse passes."""
     if settings.warehouse_is_local:
         return
-    from pyarrow.fs import FileType
-    from pyiceberg.io.pyarrow import PyArrowFileIO  # pyarrow: only where used (RSS and start-up)
-
     warehouse = str(settings.warehouse)
     bucket = warehouse.removeprefix("s3://").split("/", 1)[0]
-    io = PyArrowFileIO({**file_io_properties(settings), S3_CONNECT_TIMEOUT: str(CHECK_TIMEOUT_SECONDS)})
+    io = S3FileIO({**file_io_properties(settings), S3_CONNECT_TIMEOUT: str(CHECK_TIMEOUT_SECONDS)})
     where = f"AWS_ENDPOINT_URL={settings.aws_endpoint_url}" if settings.aws_endpoint_url else "AWS's endpoint"
     try:
         info = io.fs_by_scheme("s3", bucket).get_file_info(bucket)

@@ -3,9 +3,10 @@ pyiceberg's FileIO (`S3FileIO`), with the AWS_* settings as its properties."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlparse
 
-from pyarrow.fs import FileType
+from pyarrow.fs import FileSystem, FileType
 from pyiceberg.io import (
     PY_IO_IMPL,
     S3_ACCESS_KEY_ID,
@@ -41,6 +42,17 @@ class S3FileIO(PyArrowFileIO):
     def __init__(self, properties: Properties = EMPTY_DICT) -> None:
         super().__init__(properties)
         self._deletes: FileIO | None = None
+
+    def _initialize_s3_fs(self, netloc: str | None) -> FileSystem:
+        """pyiceberg's S3 filesystem, opening files lazily: a file under 5 MB (a commit's manifests
+        and metadata, a window's data file) is then one PUT, not a multipart upload of three
+        requests (measured on moto: 21 requests per 100-row commit before, see bench/RESULTS.md).
+        An error to open is raised by the write or the close, before any commit refers to it."""
+        fs = super()._initialize_s3_fs(netloc)
+        reduced: Any = fs.__reduce__()  # the filesystem's own options, as pickling takes them
+        rebuild, (options,) = reduced
+        delayed: FileSystem = rebuild({**options, "allow_delayed_open": True})
+        return delayed
 
     def delete(self, location: str | InputFile | OutputFile) -> None:
         path = location if isinstance(location, str) else location.location

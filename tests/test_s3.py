@@ -64,6 +64,10 @@ def test_settings_of_an_s3_warehouse(tmp_path):
         "s3.access-key-id": "AKID",
         "s3.secret-access-key": "s3cr3t",
     }
+    given = Settings.from_env(
+        {"STREAMAPP_WAREHOUSE": "s3://bkt", "STREAMAPP_STATE_DIR": str(tmp_path / "st")}, dotenv=None
+    )
+    assert given.state_dir == tmp_path / "st" and given.catalog_uri == f"sqlite:///{tmp_path / 'st'}/catalog.db"
     local = Settings.from_env({"STREAMAPP_WAREHOUSE": str(tmp_path / "wh"), "AWS_REGION": "eu-west-1"}, dotenv=None)
     assert local.warehouse_is_local and local.state_dir == tmp_path / "wh" and file_io_properties(local) == {}
     assert local.warehouse_uri == f"file://{tmp_path / 'wh'}"

@@ -130,6 +130,40 @@ async def test_worker_killed_mid_write_on_s3_loses_and_doubles_nothing(web, http
     assert table.properties[position_property(names.stream("click"), "clicks")]
 
 
+def _refuse_every_request(server: S3Server, refuse: bool) -> None:
+    """moto's own switch: check every request's credentials (none it knows), or none."""
+    request = urllib.request.Request(
+        server.endpoint + "/moto-api/reset-auth",
+        data=b"0" if refuse else b"inf",
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+async def test_storage_failing_mid_run_loses_and_doubles_nothing(web, http, settings, redis_server, spawn, tmp_path):
+    """The store refuses every request for a while (commits fail in any of their steps); the agent
+    restarts from its last commit, and once the store answers every event is in the table once."""
+    server = S3Server()  # its own: the switch is server-wide
+    try:
+        server.client().create_bucket(Bucket="flaky")
+        s3 = s3_settings(settings, server, "flaky", tmp_path / "state")
+        redis_server.check(s3)
+        worker = spawn("worker", s3)
+        await send(http, web, clicks("a", 100))
+        await wait_rows(s3, "events.clicks", 100)
+        _refuse_every_request(server, True)
+        await send(http, web, clicks("b", 100))
+        await asyncio.sleep(2.5)  # windows close and their commits fail
+        _refuse_every_request(server, False)
+        await wait_rows(s3, "events.clicks", 200, timeout=40)
+        await asyncio.sleep(1)  # a double write would land now
+        assert_exactly_once(table_rows(s3, "events.clicks"), {f"{p}{i}" for p in "ab" for i in range(100)})
+        assert "agent clicks failed" in worker.output() and "ACCESS_DENIED" in worker.output()
+    finally:
+        server.stop()
+
+
 def _start(command: str, settings: Settings) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "streamapp", *command.split()],
@@ -171,10 +205,7 @@ def test_credentials_refused_are_one_line_at_start(s3, tmp_path):
     server = S3Server()
     try:
         server.client().create_bucket(Bucket="guarded")
-        request = urllib.request.Request(
-            server.endpoint + "/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
-        )
-        urllib.request.urlopen(request, timeout=10).read()
+        _refuse_every_request(server, True)
         guarded = s3_settings(s3, server, "guarded", tmp_path / "guarded-state")
         line = _one_line_error(_start("worker", guarded), "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
         assert "refused the credentials" in line

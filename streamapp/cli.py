@@ -223,6 +223,16 @@ def main(argv: list[str] | None = None) -> None:
             embedded_password(settings)  # made, or checked, before anything starts: a clear error
         except RedisPasswordError as e:
             parser.exit(2, f"streamapp: {e}\n")
+    if (
+        args.command in ("worker", "create-tables", "show", "query", "status", "check-redis", "complete")
+        and not settings.warehouse_is_local
+    ):
+        from streamapp.lake.storage import StorageError, check_storage  # pyiceberg: only where used (RSS)
+
+        try:
+            check_storage(settings)  # a clear line now, not a traceback from the first commit
+        except StorageError as e:
+            parser.exit(2, f"streamapp: {e}\n")
     if args.command == "redis":
         exec_server(settings)
     elif args.command == "web":

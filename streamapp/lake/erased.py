@@ -66,6 +66,8 @@ def drop_rows(
         hit: Any = pc.and_(pc.equal(users, pa.scalar(user)), pc.less(received, pa.scalar(at, pa.int64())))
         drop = pc.or_(drop, pc.fill_null(hit, pa.scalar(False)))
     keep = pc.invert(drop)
+    if isinstance(keep, pa.ChunkedArray):  # the columns are chunked; `values` is one array and must stay one
+        keep = keep.combine_chunks()
     kept = rows.filter(keep)
     return kept, None if values is None else values.filter(keep), rows.num_rows - kept.num_rows
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import getpass
 import json
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
@@ -184,9 +186,6 @@ def _complete(settings: Settings, table: str, period: str, end: datetime) -> int
 
 def _forget(settings: Settings, user_id: str) -> int:
     """Erase a user's rows everywhere; print rows removed per table (see streamapp.lake.erasure)."""
-    import getpass
-    import socket
-
     from streamapp.lake.catalog import open_catalog  # pyiceberg: only where used (RSS and start-up)
     from streamapp.lake.erasure import forget
 

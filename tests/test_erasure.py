@@ -132,3 +132,46 @@ async def test_erase_while_the_users_events_are_in_flight(web, http, settings, r
     assert audit["user_hash"] == erased.user_hash(VICTIM) and VICTIM not in json.dumps(audit, default=str)
     assert audit["rows_removed"] == 11 and json.loads(audit["tables"])["events.clicks"] == 6
     assert audit["command"] == "python -m streamapp forget --user-id"
+
+
+async def test_erase_while_a_worker_appends_the_users_events(settings, redis_server, spawn, caplog):
+    """forget races a worker committing both users' events: its commits conflict and are retried,
+    never lost. Afterwards the victim's events received before the erasure are nowhere, those
+    received after it are kept, and the other user's are there exactly once."""
+    from streamapp.lake.erasure import forget
+
+    r = redis_server.client()
+    worker = spawn("worker", dataclasses.replace(settings, window_count=10, window_seconds=0.05))
+    await asyncio.to_thread(wait_until, lambda: "ready" in worker.output(), 20, 0.1, "the worker's tables")
+    catalog = open_catalog(settings)
+    received: dict[str, tuple[str, int]] = {}  # event id -> (user, received at, epoch us)
+    report = None
+
+    async def produce(batches: int, tag: str) -> None:
+        for b in range(batches):
+            events = [ev(f"{tag}{b}-{i}", VICTIM if i % 2 else "other") for i in range(6)]
+            entry = add(r, *events)
+            at = int(r.xrange(STREAM, entry, entry)[0][1][b"r"])
+            received.update({f"{tag}{b}-{i}": (VICTIM if i % 2 else "other", at) for i in range(6)})
+            await asyncio.sleep(0.03)
+
+    await produce(20, "a")
+    feeding = asyncio.create_task(produce(40, "b"))
+    await asyncio.sleep(0.3)
+    report = await asyncio.to_thread(forget, catalog, VICTIM, command="test", requested_by=None, keep_snapshots=10)
+    await feeding
+    [(last, _)] = r.xrevrange(STREAM, count=1)
+    position = names.position_property(STREAM, "clicks")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: catalog.load_table("events.clicks").properties.get(position) == last.decode(),
+        30,
+        0.2,
+        "the worker past the last entry",
+    )
+    erased_us = int(report.erased_at.timestamp() * 1e6)
+    kept = {e for e, (user, at) in received.items() if user == "other" or at >= erased_us}
+    assert any(user == VICTIM and at >= erased_us for user, at in received.values())  # some came after
+    assert_exactly_once(table_rows(settings, "events.clicks"), kept)
+    assert report.removed["events.clicks"] > 0
+    assert "conflicted" in caplog.text  # the race was real: forget's commit lost to the worker's and retried

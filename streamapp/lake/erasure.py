@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 from pyiceberg.catalog import Catalog
-from pyiceberg.expressions import AlwaysTrue, EqualTo, Reference
+from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, LessThan, Reference
 from pyiceberg.expressions.literals import literal
 from pyiceberg.io.pyarrow import ArrowScan
 from pyiceberg.table import FileScanTask, Table
@@ -138,8 +138,11 @@ def _recorded(table: Table, report: Report) -> dict[str, str]:
 
 
 def _delete_column(table: Table, user_id: str, report: Report, keep_snapshots: int) -> int:
-    """Delete `user_id = U` (copy-on-write) and record the erasure, in one commit."""
-    match = EqualTo(term=Reference("user_id"), value=literal(user_id))
+    """Delete `user_id = U` received before the erasure (copy-on-write) and record the erasure, in
+    one commit. (Events of U received since, landed while this commit was retried, are kept.)"""
+    match: BooleanExpression = EqualTo(term=Reference("user_id"), value=literal(user_id))
+    if "received_at" in table.schema().column_names:
+        match = And(match, LessThan(term=Reference("received_at"), value=literal(report.erased_at.isoformat())))
 
     def attempt(table: Table) -> int:
         found = table.scan(row_filter=match, selected_fields=("user_id",)).to_arrow().num_rows
@@ -162,6 +165,8 @@ def _rewrite_json(table: Table, name: str, user_id: str, report: Report, keep_sn
     def matches(user: Any) -> bool:
         return isinstance(user, str) and user == user_id
 
+    before = int(report.erased_at.timestamp() * 1_000_000)
+
     def attempt(table: Table) -> tuple[int, int]:
         metadata = table.metadata
         replaced: list[FileScanTask] = []
@@ -169,7 +174,7 @@ def _rewrite_json(table: Table, name: str, user_id: str, report: Report, keep_sn
         removed = rewritten = 0
         for task in table.scan().plan_files():
             rows = ArrowScan(metadata, table.io, metadata.schema(), AlwaysTrue()).to_table([task])
-            new, gone, cut = _scrub(name, rows, matches)
+            new, gone, cut = _scrub(name, rows, matches, before)
             if gone or cut:
                 replaced.append(task)
                 kept.append(new)
@@ -195,12 +200,27 @@ def _rewrite_json(table: Table, name: str, user_id: str, report: Report, keep_sn
     return commit_with_retry(table, attempt)
 
 
-def _scrub(name: str, rows: pa.Table, matches: Callable[[Any], bool]) -> tuple[pa.Table, int, int]:
-    """One file's rows without the user's: (rows kept, rows removed, rows rewritten)."""
+def _received_before(rows: pa.Table, before: int) -> list[bool]:
+    """Per row: received before `before` (epoch us)? `received_at`, else the stream entry's id
+    (`events.late`: the time Redis took it); unknown: yes."""
+    if "received_at" in rows.column_names:
+        times = rows.column("received_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
+    else:
+        times = [entry_id(str(s))[0] * 1000 for s in rows.column("stream_id").to_pylist()]
+    return [t is None or t < before for t in times]
+
+
+def _scrub(name: str, rows: pa.Table, matches: Callable[[Any], bool], before: int) -> tuple[pa.Table, int, int]:
+    """One file's rows without the user's received before `before`: (rows kept, rows removed,
+    rows rewritten)."""
+    old = _received_before(rows, before)
     if name == names.DEAD_LETTER_TABLE:
         payloads: list[str | None] = []
         cut = 0
-        for text in rows.column("payload").to_pylist():
+        for text, early in zip(rows.column("payload").to_pylist(), old, strict=True):
+            if not early:
+                payloads.append(text)
+                continue
             payload, gone = erased.scrub_ndjson(text or "", matches)
             payloads.append(payload)
             cut += bool(gone) and payload is not None
@@ -214,7 +234,8 @@ def _scrub(name: str, rows: pa.Table, matches: Callable[[Any], bool]) -> tuple[p
     column = "raw" if name == names.REJECTED_TABLE else "event"
     users = rows.column("user_id").to_pylist() if "user_id" in rows.column_names else [None] * rows.num_rows
     drop = [
-        matches(u) or matches(erased.json_user(t)) for u, t in zip(users, rows.column(column).to_pylist(), strict=True)
+        early and (matches(u) or matches(erased.json_user(t)))
+        for u, t, early in zip(users, rows.column(column).to_pylist(), old, strict=True)
     ]
     if not any(drop):
         return rows, 0, 0

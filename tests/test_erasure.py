@@ -175,3 +175,34 @@ async def test_erase_while_a_worker_appends_the_users_events(settings, redis_ser
     assert_exactly_once(table_rows(settings, "events.clicks"), kept)
     assert report.removed["events.clicks"] > 0
     assert "conflicted" in caplog.text  # the race was real: forget's commit lost to the worker's and retried
+
+
+def test_an_erasure_record_goes_once_every_position_is_past_it(settings):
+    """The sinks need a record only while events received before it may still be in Redis: once
+    every stream position in the table is past it (and a day has gone), a later forget prunes it."""
+    from datetime import UTC, datetime, timedelta
+
+    from models.click import ClickEvent
+    from streamapp.lake.catalog import ensure_table
+    from streamapp.lake.erasure import forget
+
+    catalog = open_catalog(settings)
+    table = ensure_table(catalog, ClickEvent)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    position = names.position_property(STREAM, "clicks")
+
+    def at(t: datetime) -> None:
+        with table.transaction() as tx:
+            tx.set_properties({position: f"{int(t.timestamp() * 1000)}-0"})
+
+    at(t0 - timedelta(minutes=1))
+    forget(catalog, "u1", command="test", requested_by=None, keep_snapshots=10, now=t0)
+    forget(catalog, "u2", command="test", requested_by=None, keep_snapshots=10, now=t0 + timedelta(days=2))
+    table.refresh()
+    assert set(erased.parse(table.properties)) == {erased.user_hash("u1"), erased.user_hash("u2")}  # not past u1
+    at(t0 + timedelta(days=1))  # past u1, not u2
+    forget(catalog, "u3", command="test", requested_by=None, keep_snapshots=10, now=t0 + timedelta(days=4))
+    table.refresh()
+    assert set(erased.parse(table.properties)) == {erased.user_hash("u2"), erased.user_hash("u3")}
+    assert table.properties[position] == f"{int((t0 + timedelta(days=1)).timestamp() * 1000)}-0"
+    assert len(table_rows(settings, names.ERASURES_TABLE)) == 3

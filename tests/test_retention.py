@@ -116,3 +116,29 @@ async def test_retention_drops_old_days_while_a_worker_commits_exactly_once(sett
     assert summary.operation.value == "delete" and summary["deleted-data-files"] == "1", summary
     assert "added-data-files" not in summary.additional_properties
     assert table.properties[position] == last.decode()
+
+
+async def test_the_worker_upkeep_applies_retention_at_start_in_a_thread(settings):
+    """keep_retention, as the worker runs it: a pass at once (catalog I/O in a thread: the loop
+    stays free), then it waits for the next hour or the stop."""
+    from models.click import ClickEvent
+    from streamapp.lake.catalog import ensure_table
+    from streamapp.lake.retention import keep_retention
+
+    catalog = open_catalog(settings)
+    table = ensure_table(catalog, ClickEvent)
+    now = datetime.now(UTC)
+    events = [click(f"k{d}", timestamp=(now - timedelta(days=d)).isoformat()) for d in (0, 3, 30, 31)]
+    table.append(ClickEvent.to_arrow([b"\n".join(events)], [int(now.timestamp() * 1e6)] * 4))
+    stopping = asyncio.Event()
+    task = asyncio.create_task(keep_retention(catalog, (("events.*", 7),), 10, stopping))
+    ticks = 0
+    while len(table_rows(settings, "events.clicks")) > 2:
+        await asyncio.sleep(0.01)  # the loop runs meanwhile: the pass is in a thread
+        ticks += 1
+        assert ticks < 2000, "retention did not run"
+    assert ticks > 1
+    assert sorted(row["event_id"] for row in table_rows(settings, "events.clicks")) == ["k0", "k3"]
+    assert not task.done()  # waiting for the next pass
+    stopping.set()
+    await asyncio.wait_for(task, 5)

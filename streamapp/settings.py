@@ -79,6 +79,9 @@ class Settings:
     # partitions (days) is committed in several commits of even sizes (see streamapp.lake.split).
     # A file costs ~0.7-0.9 ms on 2 cores, so a commit stays under ~1 s plus its rows.
     max_files_per_commit: int = 1000
+    # Compaction's target: data files under it are small, and a day partition holding more than 2
+    # files, two of them small, has its small ones rewritten as one (files over it are split).
+    target_file_bytes: int = 64 * 1024 * 1024
     # The worker's /metrics port; 0 turns it off.
     worker_metrics_port: int = 9100
     shutdown_seconds: float = 25.0
@@ -119,6 +122,8 @@ class Settings:
             raise SettingsError("STREAMAPP_LOG_FORMAT must be auto, json or text")
         if self.keep_snapshots < 1:
             raise SettingsError("STREAMAPP_KEEP_SNAPSHOTS must be >= 1")
+        if self.target_file_bytes < 1024 * 1024:
+            raise SettingsError("STREAMAPP_TARGET_FILE_BYTES must be >= 1048576 (1 MiB)")
         if self.max_files_per_commit < 1:
             raise SettingsError("STREAMAPP_MAX_FILES_PER_COMMIT must be >= 1")
         if self.max_backlog < 1:
@@ -218,6 +223,7 @@ class Settings:
             ("STREAMAPP_WORKER_METRICS_PORT", int, "worker_metrics_port"),
             ("STREAMAPP_KEEP_SNAPSHOTS", int, "keep_snapshots"),
             ("STREAMAPP_MAX_FILES_PER_COMMIT", int, "max_files_per_commit"),
+            ("STREAMAPP_TARGET_FILE_BYTES", int, "target_file_bytes"),
             ("STREAMAPP_SHUTDOWN_SECONDS", float, "shutdown_seconds"),
             ("STREAMAPP_WEB_PROCESSES", int, "web_processes"),
             ("STREAMAPP_LOG_LEVEL", str, "log_level"),

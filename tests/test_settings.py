@@ -51,6 +51,7 @@ def test_redis_url_and_port():
         ("STREAMAPP_REDIS_APPENDFSYNC", "sometimes", "STREAMAPP_REDIS_APPENDFSYNC"),
         ("STREAMAPP_WEB_PROCESSES", "-1", "STREAMAPP_WEB_PROCESSES must be >= 0"),
         ("STREAMAPP_WEB_PROCESSES", "two", "STREAMAPP_WEB_PROCESSES='two'"),
+        ("STREAMAPP_TARGET_FILE_BYTES", "1000", "STREAMAPP_TARGET_FILE_BYTES must be >= 1048576"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, needle):

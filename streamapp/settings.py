@@ -19,6 +19,11 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
 
+class CatalogError(SettingsError):
+    """The catalog the settings name cannot be opened (a wrong URI, a database that does not
+    answer, an incomplete pyiceberg configuration); the message names the setting."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -29,6 +34,10 @@ class Settings:
     redis_url: str = ""
     warehouse: Path = Path("warehouse")  # resolved against the working directory
     catalog_uri: str = ""  # empty: sqlite file inside the warehouse
+    # True where STREAMAPP_CATALOG_URI is unset (from_env): a catalog named "streamapp" in
+    # pyiceberg's own configuration (.pyiceberg.yaml, PYICEBERG_CATALOG__STREAMAPP__*), e.g. a REST
+    # catalog, then wins over the SQLite file (see streamapp.lake.catalog.open_catalog).
+    catalog_from_pyiceberg: bool = False
     window_count: int = 50_000  # a backlog drains ~20% faster than with 10,000 (fewer commits)
     window_seconds: float = 10.0
     # A window also closes once its events' JSON holds this many bytes: 50,000 events of 32 KiB
@@ -81,7 +90,7 @@ class Settings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "warehouse", Path(self.warehouse).resolve())
         if not self.catalog_uri:
-            object.__setattr__(self, "catalog_uri", f"sqlite:///{self.warehouse}/catalog.db")
+            object.__setattr__(self, "catalog_uri", self.default_catalog_uri)
         if self.window_count < 1:
             raise SettingsError("STREAMAPP_WINDOW_COUNT must be >= 1")
         if self.window_seconds <= 0:
@@ -106,6 +115,11 @@ class Settings:
             raise SettingsError("STREAMAPP_WEB_PROCESSES must be >= 0 (0: one per CPU core)")
         if self.request_timeout_seconds <= 0:
             raise SettingsError("STREAMAPP_REQUEST_TIMEOUT_SECONDS must be > 0")
+
+    @property
+    def default_catalog_uri(self) -> str:
+        """The SQLite file inside the warehouse."""
+        return f"sqlite:///{self.warehouse}/catalog.db"
 
     @property
     def web_process_count(self) -> int:
@@ -183,6 +197,7 @@ class Settings:
             kwargs["cors_origins"] = tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
         if raw_keys := values.get("STREAMAPP_WRITE_KEYS", "").strip():
             kwargs["write_keys"] = _write_keys(raw_keys)
+        kwargs["catalog_from_pyiceberg"] = not values.get("STREAMAPP_CATALOG_URI")
         crash = values.get("STREAMAPP_CRASH_AT", "")
         kwargs["crash_at"] = tuple(p.strip() for p in crash.split(",") if p.strip())
         return cls(**kwargs)

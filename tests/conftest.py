@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import tests.isolation  # first: before pyiceberg reads its configuration
+
+# isort: split
 import aiohttp
 import pytest
 import redis as redis_sync
@@ -25,6 +28,8 @@ from streamapp.settings import Settings
 from streamapp.web.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytest_plugins = ["tests.postgres"]  # the `postgres` server and `pg_uri` fixtures
 
 
 def free_port() -> int:
@@ -142,8 +147,11 @@ def check_redis(settings: Settings) -> None:
 
 
 def clean_env() -> dict[str, str]:
-    """This process's environment without any streamapp setting, for a child that gets its own."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT"))}
+    """This process's environment without any streamapp setting, for a child that gets its own, nor
+    any pyiceberg setting but the stand-in configuration of tests.isolation."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT", "PYICEBERG_"))}
+    env["PYICEBERG_HOME"] = tests.isolation.PYICEBERG_HOME
+    return env
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

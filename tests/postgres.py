@@ -25,7 +25,7 @@ from tests.conftest import ROOT, free_port, wait_until
 USER = "streamapp"
 
 
-def _bin_dir() -> Path | None:
+def bin_dir() -> Path | None:
     """The newest installed server's programs (Debian keeps them out of PATH)."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4]))
     return Path(found[-1]).parent if found else None
@@ -35,8 +35,9 @@ class Postgres:
     """`postgres` on 127.0.0.1:port, its data in `root`; stoppable and restartable (the same data,
     the same port). Runs as the `postgres` user when the tests run as root: the server refuses root."""
 
-    def __init__(self, bin_dir: Path, root: Path, port: int) -> None:
+    def __init__(self, bin_dir: Path, root: Path, port: int, *, fsync: bool = False) -> None:
         self.bin_dir = bin_dir
+        self.fsync = fsync
         self.root = root
         self.data = root / "data"
         self.port = port
@@ -79,10 +80,8 @@ class Postgres:
                 f"unix_socket_directories={self.root}",
                 "-c",
                 "max_connections=300",  # every open_catalog is an engine with its own pool
-                "-c",
-                "fsync=off",  # tests: no power cuts here, and 2 shared cores
-                "-c",
-                "full_page_writes=off",
+                # Tests: no power cuts here, and 2 shared cores. A benchmark keeps them on.
+                *([] if self.fsync else ["-c", "fsync=off", "-c", "full_page_writes=off"]),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -132,13 +131,13 @@ class Postgres:
 @pytest.fixture(scope="session")
 def postgres():
     """The session's PostgreSQL server, installed first if missing."""
-    if _bin_dir() is None:
+    if bin_dir() is None:
         done = subprocess.run([ROOT / "scripts" / "install-postgresql"], capture_output=True, text=True)
         if done.returncode == 3:
             pytest.skip(f"PostgreSQL is missing and cannot be installed here: {done.stderr.strip()}")
         assert done.returncode == 0, f"scripts/install-postgresql failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    bin_dir = _bin_dir()
-    assert bin_dir is not None, "scripts/install-postgresql succeeded but no initdb is found"
+    programs = bin_dir()
+    assert programs is not None, "scripts/install-postgresql succeeded but no initdb is found"
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
@@ -147,7 +146,7 @@ def postgres():
     # Not under pytest's tmp_path: its folders are private to root, and the server runs as postgres.
     root = Path(tempfile.mkdtemp(prefix="streamapp-pg-"))
     os.chmod(root, 0o700)
-    server = Postgres(bin_dir, root, free_port())
+    server = Postgres(programs, root, free_port())
     try:
         server.init()
         server.start()

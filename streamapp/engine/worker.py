@@ -10,8 +10,6 @@ import signal
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from streamapp import names
 from streamapp.engine.app import App
@@ -19,7 +17,7 @@ from streamapp.engine.recovery import keep_checked
 from streamapp.entries import Mark, entry_id
 from streamapp.lake.catalog import ensure_table, open_catalog
 from streamapp.metrics import serve_metrics
-from streamapp.redis_client import reader_client, text
+from streamapp.redis_client import FAILURES, Client, reader_client, text
 from streamapp.rejected import Rejected
 from streamapp.table_model import TableModel
 
@@ -34,7 +32,7 @@ def create_tables(app: App, catalog: Catalog) -> list[Table]:
     return [ensure_table(catalog, model) for model in models]
 
 
-async def trim_streams(redis: Redis) -> dict[str, str]:
+async def trim_streams(redis: Client) -> dict[str, str]:
     """Trim each stream below the lowest position any of its consumers committed.
 
     Never MAXLEN: that drops entries no one has read. A stream whose consumer never committed
@@ -52,11 +50,11 @@ async def trim_streams(redis: Redis) -> dict[str, str]:
     return lowest
 
 
-async def _trimmer(redis: Redis, stopping: asyncio.Event) -> None:
+async def _trimmer(redis: Client, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         try:
             await trim_streams(redis)
-        except (RedisError, OSError) as e:
+        except FAILURES as e:
             log.warning("trimming streams failed: %s", e)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=TRIM_EVERY_SECONDS)

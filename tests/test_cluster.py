@@ -1,0 +1,259 @@
+"""streamapp on a real Valkey Cluster (3 primaries, 3 replicas, `tests/cluster.py`): the pipeline
+end to end, and a primary SIGKILLed under load, with and without `STREAMAPP_REDIS_WAIT_REPLICAS`.
+
+The figures (failover time, events lost without WAIT, the throughput cost of WAIT) are printed
+(`pytest -s`) and recorded in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections import Counter
+
+import aiohttp
+import pytest
+
+from streamapp import names
+from streamapp.settings import Settings
+from tests.cluster import Cluster, Node
+from tests.conftest import check_redis, free_port, running_web, table_rows, wait_until
+from tests.helpers import assert_exactly_once, clicks, send, wait_rows
+
+AUTO_FAILOVER_SECONDS = 8.0  # then the test forces it (CLUSTER FAILOVER TAKEOVER) and says so
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def make_settings(tmp_path, cluster):
+    """Settings on the cluster, through a node that does not serve streamapp's slot (so every
+    command first meets a MOVED), with an empty cluster and lake."""
+    cluster.flush()
+    home = cluster.owner(names.CHECKED)
+    entry = next(n for n in cluster.live() if n is not home)
+
+    def make(wait_replicas: int = 0) -> Settings:
+        return Settings(
+            port=free_port(),
+            redis_url=entry.url,
+            redis_cluster=True,
+            redis_wait_replicas=wait_replicas,
+            warehouse=tmp_path / "warehouse",
+            window_count=1000,
+            window_seconds=0.3,
+            shutdown_seconds=10,
+            worker_metrics_port=free_port(),
+            web_processes=1,
+        )
+
+    return make
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    return {"STREAMAPP_REDIS_CLUSTER": "1", "STREAMAPP_REDIS_WAIT_REPLICAS": str(settings.redis_wait_replicas)}
+
+
+async def wait_ready(http: aiohttp.ClientSession, base: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with http.get(base + "/readyz") as r:
+            if r.status == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the web never became ready")
+
+
+async def test_events_reach_iceberg_exactly_once_through_the_cluster(make_settings, spawn, http):
+    settings = make_settings()
+    spawn("worker", settings, **worker_env(settings))
+    async with running_web(settings) as base:
+        await wait_ready(http, base)
+        events = clicks("c", 300)
+        await send(http, base, events)
+        await send(http, base, events[:100])  # retried: duplicates, stored once
+        rows = await wait_rows(settings, "events.clicks", 300)
+        await asyncio.sleep(1)  # a doubled window would land by now
+        assert_exactly_once(table_rows(settings, "events.clicks"), {e["event_id"] for e in events})
+        assert len(rows) == 300
+
+
+@dataclasses.dataclass
+class Load:
+    """Clients posting small batches of clicks, each retrying a batch until it is answered 202
+    (as a tracker does), so every event is either answered 202 or still being retried at the end."""
+
+    base: str
+    tag: str
+    acked: dict[str, float] = dataclasses.field(default_factory=dict)  # event_id -> when answered 202
+    failures: Counter[str] = dataclasses.field(default_factory=Counter)
+    stopping: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    async def client(self, http: aiohttp.ClientSession, n: int, batch: int = 5) -> None:
+        seq = 0
+        while not self.stopping.is_set():
+            events = [
+                {"type": "click", "x": 1, "y": 2, "event_id": f"{self.tag}-{n}-{seq + i}"} for i in range(batch)
+            ]
+            seq += batch
+            while not self.stopping.is_set():
+                try:
+                    async with http.post(
+                        self.base + "/api/events",
+                        data=json.dumps(events),
+                        headers={"Content-Type": "application/json"},
+                        timeout=aiohttp.ClientTimeout(total=10),
+                    ) as r:
+                        body = await r.json()
+                        if r.status == 202:
+                            assert body["accepted"] + body["duplicates"] == batch, body
+                            now = time.monotonic()
+                            self.acked.update((e["event_id"], now) for e in events)
+                            break
+                        assert r.status == 503, (r.status, body)  # never 500
+                        self.failures[str(r.status)] += 1
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    self.failures[type(e).__name__] += 1
+                await asyncio.sleep(0.05)
+
+    async def run(self, http: aiohttp.ClientSession, clients: int = 16) -> None:
+        await asyncio.gather(*(self.client(http, n) for n in range(clients)))
+
+
+def fail_over(cluster: Cluster, old: Node, replica: Node) -> tuple[float, bool]:
+    """SIGKILL `old` (a primary); wait until `replica` serves its slots. Returns (seconds from the
+    kill to a cluster that is ok again, whether the failover had to be forced)."""
+    killed = time.monotonic()
+    old.kill()
+
+    def promoted() -> bool:
+        try:
+            info = replica.client().cluster("info")
+            return replica.role() == "master" and info["cluster_state"] == "ok"
+        except Exception:  # noqa: BLE001 - the node is busy being elected
+            return False
+
+    forced = False
+    try:
+        wait_until(promoted, AUTO_FAILOVER_SECONDS, 0.02, "the replica to be promoted")
+    except AssertionError:
+        forced = True
+        replica.client().execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        wait_until(promoted, 20, 0.02, "the replica to be promoted after TAKEOVER")
+    return time.monotonic() - killed, forced
+
+
+async def kill_primary_under_load(settings: Settings, cluster: Cluster, spawn, http, tag: str) -> dict:
+    """Load, SIGKILL the primary serving streamapp's slot, bring it back as a replica, load on,
+    drain. Returns what was acked, what Iceberg holds and the timings."""
+    old = cluster.owner(names.CHECKED)
+    replica = cluster.replica_of(old)
+    spawn("worker", settings, **worker_env(settings))
+    async with running_web(settings) as base:
+        await wait_ready(http, base)
+        load = Load(base, tag)
+        running = asyncio.create_task(load.run(http))
+        await asyncio.sleep(1.5)
+        before = len(load.acked)
+        killed = time.monotonic()
+        failover, forced = await asyncio.to_thread(fail_over, cluster, old, replica)
+        # The promoted replica has no replica of its own: the killed node comes back as one (it
+        # learns from the cluster that its slots moved), so WAIT 1 can be met again.
+        await asyncio.to_thread(old.start)
+        await asyncio.to_thread(wait_until, lambda: max(load.acked.values()) > killed, 30, 0.05, "a 202 again")
+        resumed = min(t for t in load.acked.values() if t > killed) - killed
+        await asyncio.sleep(1.5)
+        load.stopping.set()
+        await running
+        await asyncio.to_thread(cluster.wait_ok)
+    after = {i for i, t in load.acked.items() if t > killed + resumed}
+    return {
+        "acked": set(load.acked),
+        "acked_before_kill": before,
+        "acked_after_recovery": after,
+        "failover_s": failover,
+        "forced": forced,
+        "ingest_outage_s": resumed,
+        "failures": dict(load.failures),
+    }
+
+
+async def drained(settings: Settings, must: set[str], timeout: float = 40) -> list[dict]:
+    """The rows of events.clicks once every id of `must` is there and a few windows passed."""
+
+    def done() -> list[dict] | None:
+        rows = table_rows(settings, "events.clicks")
+        return rows if must <= {r["event_id"] for r in rows} else None
+
+    await asyncio.to_thread(wait_until, done, timeout, 0.3, f"{len(must)} events in events.clicks")
+    await asyncio.sleep(2)  # a doubled window would land by now
+    return table_rows(settings, "events.clicks")
+
+
+async def test_a_primary_killed_under_load_loses_nothing_answered_202_with_wait(make_settings, cluster, spawn, http):
+    settings = make_settings(wait_replicas=1)
+    run = await kill_primary_under_load(settings, cluster, spawn, http, "w1")
+    rows = await drained(settings, run["acked"])
+    counts = Counter(r["event_id"] for r in rows)
+    doubled = sorted(i for i, n in counts.items() if n > 1)
+    assert not doubled, doubled[:10]
+    assert run["acked"] <= set(counts)  # every 202 is in Iceberg, exactly once
+    print(
+        f"\nWAIT=1: {len(run['acked'])} events answered 202 ({run['acked_before_kill']} before the kill), all in "
+        f"Iceberg once ({len(counts) - len(run['acked'])} more rows of events whose 202 was not seen); failover "
+        f"{run['failover_s']:.2f}s{' (forced)' if run['forced'] else ''}, ingest answered 503 for "
+        f"{run['ingest_outage_s']:.2f}s; non-202 answers {run['failures']}"
+    )
+
+
+async def test_a_primary_killed_under_load_without_wait_is_counted(make_settings, cluster, spawn, http):
+    settings = make_settings(wait_replicas=0)
+    run = await kill_primary_under_load(settings, cluster, spawn, http, "w0")
+    # What was answered after the failover lands exactly once: the pipeline recovered.
+    rows = await drained(settings, run["acked_after_recovery"])
+    counts = Counter(r["event_id"] for r in rows)
+    assert not any(counts[i] > 1 for i in run["acked_after_recovery"])
+    lost = run["acked"] - set(counts)
+    doubled = sorted(i for i, n in counts.items() if n > 1)
+    print(
+        f"\nWAIT=0: {len(run['acked'])} events answered 202 ({run['acked_before_kill']} before the kill); lost in "
+        f"the failover: {len(lost)}; stored twice: {len(doubled)}; failover {run['failover_s']:.2f}s"
+        f"{' (forced)' if run['forced'] else ''}, ingest answered 503 for {run['ingest_outage_s']:.2f}s; "
+        f"non-202 answers {run['failures']}"
+    )
+
+
+async def test_throughput_cost_of_wait(make_settings, cluster, http):
+    """Single-event POSTs from 32 concurrent clients, WAIT 0 and 1 alternating in one run."""
+    figures: dict[int, list[float]] = {0: [], 1: []}
+    for wait in (0, 1, 0, 1):
+        settings = make_settings(wait_replicas=wait)
+        check_redis(settings)  # no worker here: the check it would do
+        async with running_web(settings) as base:
+            sent = 0
+            deadline = time.monotonic() + 1.5
+
+            async def client(n: int) -> None:
+                nonlocal sent
+                i = 0
+                while time.monotonic() < deadline:
+                    await send(http, base, [{"type": "click", "x": 1, "y": 1, "event_id": f"t{wait}-{n}-{i}"}])
+                    sent += 1
+                    i += 1
+
+            started = time.monotonic()
+            await asyncio.gather(*(client(n) for n in range(32)))
+            figures[wait].append(sent / (time.monotonic() - started))
+    zero, one = (sum(v) / len(v) for v in (figures[0], figures[1]))
+    print(f"\nsingle-event POSTs/s on the cluster: WAIT=0 {zero:.0f}, WAIT=1 {one:.0f}, ratio {one / zero:.2f}")
+    assert one > 0 and zero > 0

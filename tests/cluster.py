@@ -7,6 +7,7 @@ cli does it, from Python: slots (`CLUSTER ADDSLOTSRANGE`), `CLUSTER MEET`, `CLUS
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -46,7 +47,8 @@ class Node:
             "--cluster-node-timeout",
             str(NODE_TIMEOUT_MS),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab") as log:  # for a failure's cause
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
 
         def up() -> bool:
             try:
@@ -54,7 +56,11 @@ class Node:
             except redis_sync.exceptions.RedisError:
                 return False
 
-        wait_until(up, 10, what=f"valkey-server :{self.port} to answer PING")
+        try:
+            wait_until(up, 10, what=f"valkey-server :{self.port} to answer PING")
+        except AssertionError:
+            log_text = (self.data_dir.parent / f"{self.data_dir.name}.log").read_text(errors="replace")
+            raise AssertionError(f"valkey-server :{self.port} did not start: {log_text[-2000:]}") from None
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no last write to the append-only file or to the replicas."""
@@ -62,8 +68,18 @@ class Node:
             self.proc.kill()
             self.proc.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: a replica that falls behind (a slow disk, a partition) without dying."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused node cannot handle SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(10)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
+import signal
 import time
 from collections import Counter
 
@@ -23,6 +25,7 @@ from tests.conftest import check_redis, free_port, running_web, table_rows, wait
 from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 
 AUTO_FAILOVER_SECONDS = 8.0  # then the test forces it (CLUSTER FAILOVER TAKEOVER) and says so
+LAG = 1.0  # seconds the replica is paused (falls behind) before its primary is killed
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +105,7 @@ class Load:
     async def client(self, http: aiohttp.ClientSession, n: int, batch: int = 5) -> None:
         seq = 0
         while not self.stopping.is_set():
-            events = [
-                {"type": "click", "x": 1, "y": 2, "event_id": f"{self.tag}-{n}-{seq + i}"} for i in range(batch)
-            ]
+            events = [{"type": "click", "x": 1, "y": 2, "event_id": f"{self.tag}-{n}-{seq + i}"} for i in range(batch)]
             seq += batch
             while not self.stopping.is_set():
                 try:
@@ -131,10 +132,12 @@ class Load:
 
 
 def fail_over(cluster: Cluster, old: Node, replica: Node) -> tuple[float, bool]:
-    """SIGKILL `old` (a primary); wait until `replica` serves its slots. Returns (seconds from the
-    kill to a cluster that is ok again, whether the failover had to be forced)."""
+    """SIGKILL `old` (a primary) while its `replica` is paused (behind by what it missed), resume
+    the replica, wait until it serves the slots. Returns (seconds from the kill to a cluster that
+    is ok again, whether the failover had to be forced)."""
     killed = time.monotonic()
     old.kill()
+    replica.resume()
 
     def promoted() -> bool:
         try:
@@ -153,37 +156,56 @@ def fail_over(cluster: Cluster, old: Node, replica: Node) -> tuple[float, bool]:
     return time.monotonic() - killed, forced
 
 
+def longest_gap(times: list[float], since: float) -> tuple[float, float]:
+    """The longest time without a 202 from `since` on: (its length, when it ended)."""
+    times = sorted(t for t in times if t >= since)
+    gaps = [(b - a, b) for a, b in zip([since, *times], times, strict=False)]
+    return max(gaps)
+
+
 async def kill_primary_under_load(settings: Settings, cluster: Cluster, spawn, http, tag: str) -> dict:
-    """Load, SIGKILL the primary serving streamapp's slot, bring it back as a replica, load on,
-    drain. Returns what was acked, what Iceberg holds and the timings."""
+    """Load; the replica of the primary serving streamapp's slot (SIGSTOP, its link cut) and the
+    worker (SIGSTOP) fall LAG seconds behind; the primary is SIGKILLed and the replica, resumed, takes over; the killed node comes
+    back as a replica; load on; stop. Returns what was acked and the timings."""
     old = cluster.owner(names.CHECKED)
     replica = cluster.replica_of(old)
-    spawn("worker", settings, **worker_env(settings))
+    worker = spawn("worker", settings, **worker_env(settings))
     async with running_web(settings) as base:
         await wait_ready(http, base)
         load = Load(base, tag)
         running = asyncio.create_task(load.run(http))
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
+        replica.pause()
+        # and its link is cut, so what the primary writes from now on never reaches it (paused
+        # alone, it would read the whole stream from its socket buffers when resumed)
+        await asyncio.to_thread(old.client().execute_command, "CLIENT", "KILL", "TYPE", "replica")
+        worker.signal(signal.SIGSTOP)  # the worker is behind too: what it has not committed is at stake
+        paused = time.monotonic()
+        await asyncio.sleep(LAG)
         before = len(load.acked)
         killed = time.monotonic()
         failover, forced = await asyncio.to_thread(fail_over, cluster, old, replica)
+        worker.signal(signal.SIGCONT)
         # The promoted replica has no replica of its own: the killed node comes back as one (it
         # learns from the cluster that its slots moved), so WAIT 1 can be met again.
         await asyncio.to_thread(old.start)
         await asyncio.to_thread(wait_until, lambda: max(load.acked.values()) > killed, 30, 0.05, "a 202 again")
-        resumed = min(t for t in load.acked.values() if t > killed) - killed
         await asyncio.sleep(1.5)
         load.stopping.set()
         await running
         await asyncio.to_thread(cluster.wait_ok)
-    after = {i for i, t in load.acked.items() if t > killed + resumed}
+    gone = re.search(r"Events gone from Redis: (\d+)", worker.output())
+    outage, recovered = longest_gap(list(load.acked.values()), paused)
     return {
         "acked": set(load.acked),
         "acked_before_kill": before,
-        "acked_after_recovery": after,
+        "acked_while_behind": sum(paused <= t < killed for t in load.acked.values()),
+        "acked_after_recovery": {i for i, t in load.acked.items() if t >= recovered},
         "failover_s": failover,
         "forced": forced,
-        "ingest_outage_s": resumed,
+        "ingest_outage_s": outage,
+        "kill_to_202_s": recovered - killed,
+        "gone_from_redis": int(gone.group(1)) if gone else 0,
         "failures": dict(load.failures),
     }
 
@@ -208,11 +230,14 @@ async def test_a_primary_killed_under_load_loses_nothing_answered_202_with_wait(
     doubled = sorted(i for i, n in counts.items() if n > 1)
     assert not doubled, doubled[:10]
     assert run["acked"] <= set(counts)  # every 202 is in Iceberg, exactly once
+    assert run["acked_while_behind"] == 0  # nothing was answered 202 while the replica was behind
     print(
         f"\nWAIT=1: {len(run['acked'])} events answered 202 ({run['acked_before_kill']} before the kill), all in "
         f"Iceberg once ({len(counts) - len(run['acked'])} more rows of events whose 202 was not seen); failover "
-        f"{run['failover_s']:.2f}s{' (forced)' if run['forced'] else ''}, ingest answered 503 for "
-        f"{run['ingest_outage_s']:.2f}s; non-202 answers {run['failures']}"
+        f"{run['failover_s']:.2f}s{' (forced)' if run['forced'] else ''}, from the kill to a 202 "
+        f"{run['kill_to_202_s']:.2f}s, longest time without a 202 (the replica's lag included) "
+        f"{run['ingest_outage_s']:.2f}s; events gone from Redis (the worker's check): {run['gone_from_redis']}; "
+        f"non-202 answers {run['failures']}"
     )
 
 
@@ -225,10 +250,13 @@ async def test_a_primary_killed_under_load_without_wait_is_counted(make_settings
     assert not any(counts[i] > 1 for i in run["acked_after_recovery"])
     lost = run["acked"] - set(counts)
     doubled = sorted(i for i, n in counts.items() if n > 1)
+    assert run["acked_while_behind"] > 0  # without WAIT the primary answered on alone
     print(
-        f"\nWAIT=0: {len(run['acked'])} events answered 202 ({run['acked_before_kill']} before the kill); lost in "
+        f"\nWAIT=0: {len(run['acked'])} events answered 202 ({run['acked_before_kill']} before the kill, "
+        f"{run['acked_while_behind']} while the replica was {LAG:g}s behind); lost in "
         f"the failover: {len(lost)}; stored twice: {len(doubled)}; failover {run['failover_s']:.2f}s"
-        f"{' (forced)' if run['forced'] else ''}, ingest answered 503 for {run['ingest_outage_s']:.2f}s; "
+        f"{' (forced)' if run['forced'] else ''}, from the kill to a 202 {run['kill_to_202_s']:.2f}s; events "
+        f"gone from Redis (the worker's check): {run['gone_from_redis']}; "
         f"non-202 answers {run['failures']}"
     )
 
@@ -243,7 +271,7 @@ async def test_throughput_cost_of_wait(make_settings, cluster, http):
             sent = 0
             deadline = time.monotonic() + 1.5
 
-            async def client(n: int) -> None:
+            async def client(n: int, deadline: float = deadline, wait: int = wait) -> None:
                 nonlocal sent
                 i = 0
                 while time.monotonic() < deadline:

@@ -7,7 +7,7 @@ command line and no log line. Building a client reads that file: do it off the e
 With `STREAMAPP_REDIS_CLUSTER=1` the clients are redis-py's `RedisCluster`, which finds the slots'
 primaries from the node REDIS_URL names and follows MOVED/ASK redirects and failovers. Every key
 streamapp keeps shares one hash tag (`names.PREFIX`), so each script and pipeline runs on the one
-primary serving that slot, and server state (run_id, memory) is read from that node too (`home`).
+primary serving that slot, and server state (run_id, memory) is read from that node too.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def text(value: bytes | str) -> str:
 
 
 async def home(redis: Client) -> dict[str, Any]:
-    """Keyword arguments sending a command without keys (INFO, WAIT) to the node that serves
+    """Keyword arguments sending a command without keys (WAIT) to the node that serves
     streamapp's keys: on a cluster, the primary of their slot; on one Redis, nothing to add."""
     if not isinstance(redis, RedisCluster):
         return {}
@@ -81,16 +81,36 @@ async def home(redis: Client) -> dict[str, Any]:
     return {"target_nodes": redis.get_node_from_key(names.CHECKED)}
 
 
-async def server_run_id(redis: Client) -> str:
-    """The run_id of the server that holds streamapp's keys: it changes with every start of the
-    server, and with a failover (the promoted replica is another process)."""
-    return str((await redis.info("server", **await home(redis)))["run_id"])
+async def _forget_slots(redis: Client, error: BaseException) -> None:
+    """A node failed a command of a pipeline that returned its errors (`write_and_wait`): redis-py
+    then does not ask the cluster where the slots went, as its own retries do. Make the next
+    command ask (what redis-py's pipeline does on these errors): after a failover the slot's new
+    primary is found, instead of the dead one being tried forever."""
+    if isinstance(redis, RedisCluster) and isinstance(error, RedisCluster.ERRORS_ALLOW_RETRY):
+        await redis.aclose()
+
+
+# INFO through a script keyed on streamapp's slot, not INFO sent to a node by name: a script goes
+# where the slot is served (a stale idea of the slots meets MOVED and is corrected), while INFO to
+# the node redis-py last knew could, after a failover, ask the old primary come back as a replica.
+_INFO_LUA = "return redis.call('INFO', ARGV[1])"
 
 
 async def server_info(redis: Client, section: str) -> dict[str, Any]:
-    """INFO `section` of the server that holds streamapp's keys."""
-    info: dict[str, Any] = await redis.info(section, **await home(redis))
+    """INFO `section` of the server that holds streamapp's keys, numbers as int."""
+    raw = text(await redis.eval(_INFO_LUA, 1, names.CHECKED, section))  # type: ignore[misc,unused-ignore]
+    info: dict[str, Any] = {}
+    for line in raw.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not key.startswith("#"):
+            info[key] = int(value) if value.isdigit() else value
     return info
+
+
+async def server_run_id(redis: Client) -> str:
+    """The run_id of the server that holds streamapp's keys: it changes with every start of the
+    server, and with a failover (the promoted replica is another process)."""
+    return str((await server_info(redis, "server"))["run_id"])
 
 
 async def is_checked(redis: Client) -> bool:
@@ -117,7 +137,14 @@ async def write_and_wait(
             pipe.execute_command(*command)
         pipe.execute_command("INCR", names.REPLICATED)
         pipe.execute_command("WAIT", replicas, timeout_ms, **target)
-        results = await pipe.execute(raise_on_error=False)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as e:
+            await _forget_slots(redis, e)
+            raise
+    for result in results:
+        if isinstance(result, Exception):
+            await _forget_slots(redis, result)
     *done, marker, acked = results
     for failed in (marker, acked):
         if isinstance(failed, Exception):

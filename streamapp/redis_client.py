@@ -176,6 +176,7 @@ UNAVAILABLE = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.ResponseError,  # OOM, MISCONF (disk full for the AOF), cluster states
+    redis.exceptions.ClusterError,  # e.g. redirected too many times while slots move
     redis.exceptions.RedisClusterException,
     OSError,
 )

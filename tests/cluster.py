@@ -62,6 +62,18 @@ class Node:
             log_text = (self.data_dir.parent / f"{self.data_dir.name}.log").read_text(errors="replace")
             raise AssertionError(f"valkey-server :{self.port} did not start: {log_text[-2000:]}") from None
 
+    def start_replica_of(self, port: int) -> None:
+        """A plain (not cluster) valkey replicating the server on `port`."""
+        cmd = [*server_command(self.port, self.data_dir), "--replicaof", "127.0.0.1", str(port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self._answers(), 10, what=f"valkey-server :{self.port} to answer PING")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis_sync.exceptions.RedisError:
+            return False
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no last write to the append-only file or to the replicas."""
         if self.proc is not None and self.proc.poll() is None:

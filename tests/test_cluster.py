@@ -260,3 +260,31 @@ async def test_a_primary_killed_under_load_without_wait_is_counted(make_settings
         f"gone from Redis (the worker's check): {run['gone_from_redis']}; "
         f"non-202 answers {run['failures']}"
     )
+
+
+async def test_wait_on_one_redis_answers_503_until_a_replica_has_the_events(settings, redis_server, tmp_path, http):
+    """WAIT without a cluster: a Redis with no replica cannot confirm (503, nothing lost: the
+    retry after a replica attached is a duplicate, answered 202); once one is attached, 202."""
+    settings = dataclasses.replace(settings, redis_wait_replicas=1, redis_wait_ms=200)
+    async with running_web(settings) as base:
+        event = {"type": "click", "x": 1, "y": 2, "event_id": "w-1"}
+        post = {"data": json.dumps(event), "headers": {"Content-Type": "application/json"}}
+        async with http.post(base + "/api/events", **post) as r:
+            body = await r.json()
+            assert r.status == 503 and "not on enough replicas" in body["error"], body
+        replica = Node(free_port(), tmp_path / "replica")
+        replica.start_replica_of(redis_server.port)
+        try:
+            await asyncio.to_thread(
+                wait_until, lambda: replica.info("replication")["master_link_status"] == "up", 20, 0.05, "sync"
+            )
+            async with http.post(base + "/api/events", **post) as r:
+                assert r.status == 202 and await r.json() == {
+                    "accepted": 0,
+                    "duplicates": 1,
+                    "rejected": 0,
+                    "errors": [],
+                }
+            assert len(replica.client().xrange(names.stream("click"))) == 1  # the replica has it
+        finally:
+            replica.stop()

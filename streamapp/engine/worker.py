@@ -12,7 +12,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
 from streamapp import names
-from streamapp.engine.app import App
+from streamapp.engine.app import Agent, App
 from streamapp.engine.recovery import keep_checked
 from streamapp.entries import Mark, entry_id
 from streamapp.lake.catalog import ensure_table, open_catalog
@@ -62,6 +62,23 @@ async def _trimmer(redis: Client, stopping: asyncio.Event) -> None:
             pass
 
 
+async def _hold_places(redis: Client, others: list[Agent], stopping: asyncio.Event) -> None:
+    """Register the agents another worker runs, retrying while Redis (or a cluster failing over)
+    does not answer, rather than exiting."""
+    while not stopping.is_set():
+        try:
+            for agent in others:
+                await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
+                await redis.hsetnx(names.progress(agent.stream.key), agent.name, str(Mark("0-0", 0, 0)))
+            return
+        except FAILURES as e:
+            log.warning("worker: Redis does not answer (%s); again in 1s", e)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+
 async def run_worker(app: App, only: list[str] | None = None) -> None:
     """Run every agent, or those named in `only` (so that agents can share the load across
     processes: each worker is a process with its own interpreter lock)."""
@@ -91,9 +108,7 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     redis = await asyncio.to_thread(reader_client, settings)  # may read the password file
     # The agents another worker runs hold their place in the trim from here on, even before that
     # worker first starts: this one's trimmer must not drop what they have not read.
-    for agent in others:
-        await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
-        await redis.hsetnx(names.progress(agent.stream.key), agent.name, str(Mark("0-0", 0, 0)))
+    await _hold_places(redis, others, stopping)
     tasks = []
     for agent in agents.values():
         agent.stream.bind(redis, agent.name, stopping, settings=settings, catalog=catalog)

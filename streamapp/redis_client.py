@@ -107,10 +107,14 @@ async def server_info(redis: Client, section: str) -> dict[str, Any]:
     return info
 
 
+# KEYS[1]: names.CHECKED (for the slot). The run_id of the server that runs it.
+RUN_ID_LUA = "return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
+
+
 async def server_run_id(redis: Client) -> str:
     """The run_id of the server that holds streamapp's keys: it changes with every start of the
     server, and with a failover (the promoted replica is another process)."""
-    return str((await server_info(redis, "server"))["run_id"])
+    return text(await redis.eval(RUN_ID_LUA, 1, names.CHECKED))  # type: ignore[misc,unused-ignore]
 
 
 async def is_checked(redis: Client) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 from streamapp import metrics, names
 from streamapp.entries import Collected, Mark, Window, entry_id
-from streamapp.redis_client import FAILURES, Client, text, write_and_wait
+from streamapp.redis_client import FAILURES, RUN_ID_LUA, Client, server_run_id, text, write_and_wait
 from streamapp.table_model import TableModel
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class StreamReader:
         self.stopping = stopping
         self.window_bytes = window_bytes  # a window closes once its payloads hold this many bytes
         self.wait_replicas, self.wait_ms = wait_replicas, wait_ms  # see `replicated`
+        self.server = ""  # with wait_replicas: the run_id of the server it reads from, see `replicated`
         self.acked = "0-0"  # the last position this agent acknowledged: reading resumes after it
         self.handed: collections.deque[Window[Any]] = collections.deque(maxlen=2)  # the newest windows handed out
         self.guessed: bool | None = None  # whether the first window's sample was spread over many days
@@ -84,6 +85,8 @@ class StreamReader:
                 pipe.hsetnx(names.progress(self.key), self.consumer, str(Mark("0-0", 0, 0)))
                 pipe.hget(names.ACKS, field)
                 *_, hint = await pipe.execute()
+            if self.wait_replicas:
+                self.server = await server_run_id(self.redis)
         except FAILURES as e:
             raise StreamInterrupted(f"registering {self.consumer} on {self.key} failed: {e}") from e
         if hint and entry_id(text(hint)) > entry_id(self.acked):
@@ -180,11 +183,21 @@ class StreamReader:
         """Hand out a window only once `wait_replicas` replicas have its entries (WAIT), so that no
         commit holds an entry a failover may lose: that entry's ingest was answered 503, and its
         retry, which the promoted replica would not know as a duplicate, would be stored twice.
-        Not confirmed in time: StreamInterrupted, the agent reads it again from its position."""
+        Not confirmed in time: StreamInterrupted, the agent reads it again from its position.
+
+        The server's run_id is read on the same connection as the WAIT: were it not the one the
+        agent started reading from (`register`), the entries may come from a primary that failed
+        over since, and the promoted one's replicas say nothing about them: read again too."""
         try:
-            _, acked = await write_and_wait(self.redis, [], self.wait_replicas, self.wait_ms)
+            (server,), acked = await write_and_wait(
+                self.redis, [("EVAL", RUN_ID_LUA, 1, names.CHECKED)], self.wait_replicas, self.wait_ms
+            )
+            if isinstance(server, Exception):
+                raise server
         except FAILURES as e:
             raise StreamInterrupted(f"waiting for the replicas of {self.key} failed: {e}") from e
+        if text(server) != self.server:
+            raise StreamInterrupted(f"{self.key}: Redis changed (a failover) while the window was read; read again")
         if acked < self.wait_replicas:
             raise StreamInterrupted(
                 f"{self.key}: {acked} of {self.wait_replicas} replicas have the window's entries; read again"

@@ -92,7 +92,7 @@ async def _forget_slots(redis: Client, error: BaseException) -> None:
 
 # INFO through a script keyed on streamapp's slot, not INFO sent to a node by name: a script goes
 # where the slot is served (a stale idea of the slots meets MOVED and is corrected), while INFO to
-# the node redis-py last knew could, after a failover, ask the old primary come back as a replica.
+# the node redis-py last knew could, after a failover, ask the old primary, back as a replica.
 _INFO_LUA = "return redis.call('INFO', ARGV[1])"
 
 

@@ -32,6 +32,12 @@ class Settings:
     # Empty: the embedded server on redis_port, with the password in `redis_password_file`. Given
     # (REDIS_URL), it is used as it is, with its own password if any.
     redis_url: str = ""
+    # REDIS_URL names a node of a Redis/Valkey Cluster (STREAMAPP_REDIS_CLUSTER=1).
+    redis_cluster: bool = False
+    # Ingest answers 202 only once this many replicas have the events (WAIT), 503 when they do not
+    # within redis_wait_ms; the worker commits only entries that many replicas have.
+    redis_wait_replicas: int = 0
+    redis_wait_ms: int = 1000
     # Where the tables' files go: a local directory (resolved against the working directory; a
     # Path after __post_init__) or an S3 URI, s3://bucket/prefix (a str), reached with the AWS_*
     # settings below.
@@ -143,6 +149,12 @@ class Settings:
             raise SettingsError("STREAMAPP_WINDOW_BYTES must be >= 1")
         if self.web_processes < 0:
             raise SettingsError("STREAMAPP_WEB_PROCESSES must be >= 0 (0: one per CPU core)")
+        if self.redis_cluster and not self.redis_url:
+            raise SettingsError("STREAMAPP_REDIS_CLUSTER=1 needs REDIS_URL: a node of the cluster")
+        if self.redis_wait_replicas < 0:
+            raise SettingsError("STREAMAPP_REDIS_WAIT_REPLICAS must be >= 0")
+        if not 1 <= self.redis_wait_ms <= 60_000:
+            raise SettingsError("STREAMAPP_REDIS_WAIT_MS must be 1..60000")
         if self.request_timeout_seconds <= 0:
             raise SettingsError("STREAMAPP_REQUEST_TIMEOUT_SECONDS must be > 0")
 
@@ -213,6 +225,8 @@ class Settings:
             ("PORT", int, "port"),
             ("REDIS_URL", str, "redis_url"),
             ("STREAMAPP_REDIS_PORT", int, "redis_port"),
+            ("STREAMAPP_REDIS_WAIT_REPLICAS", int, "redis_wait_replicas"),
+            ("STREAMAPP_REDIS_WAIT_MS", int, "redis_wait_ms"),
             ("STREAMAPP_WAREHOUSE", str, "warehouse"),
             ("STREAMAPP_STATE_DIR", str, "state_dir"),
             ("AWS_ENDPOINT_URL", str, "aws_endpoint_url"),
@@ -251,6 +265,10 @@ class Settings:
         if region := values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION"):  # the SDKs' order
             kwargs["aws_region"] = region
         kwargs["catalog_from_pyiceberg"] = not values.get("STREAMAPP_CATALOG_URI")
+        cluster = values.get("STREAMAPP_REDIS_CLUSTER", "").strip().lower()
+        if cluster not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise SettingsError(f"STREAMAPP_REDIS_CLUSTER={cluster!r} must be 1 or 0")
+        kwargs["redis_cluster"] = cluster in ("1", "true", "yes")
         crash = values.get("STREAMAPP_CRASH_AT", "")
         kwargs["crash_at"] = tuple(p.strip() for p in crash.split(",") if p.strip())
         return cls(**kwargs)

@@ -47,6 +47,24 @@ def test_redis_url_and_port():
     assert not Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0"}, dotenv=None).embedded_redis
 
 
+def test_redis_cluster_and_wait():
+    s = Settings.from_env({}, dotenv=None)
+    assert (s.redis_cluster, s.redis_wait_replicas, s.redis_wait_ms) == (False, 0, 1000)
+    s = Settings.from_env(
+        {
+            "REDIS_URL": "redis://10.0.0.5:7000",
+            "STREAMAPP_REDIS_CLUSTER": "1",
+            "STREAMAPP_REDIS_WAIT_REPLICAS": "1",
+            "STREAMAPP_REDIS_WAIT_MS": "250",
+        },
+        dotenv=None,
+    )
+    assert (s.redis_cluster, s.redis_wait_replicas, s.redis_wait_ms) == (True, 1, 250)
+    assert not Settings.from_env(
+        {"REDIS_URL": "redis://h:1", "STREAMAPP_REDIS_CLUSTER": "0"}, dotenv=None
+    ).redis_cluster
+
+
 @pytest.mark.parametrize(
     ("name", "value", "needle"),
     [
@@ -59,6 +77,10 @@ def test_redis_url_and_port():
         ("STREAMAPP_WEB_PROCESSES", "-1", "STREAMAPP_WEB_PROCESSES must be >= 0"),
         ("STREAMAPP_WEB_PROCESSES", "two", "STREAMAPP_WEB_PROCESSES='two'"),
         ("STREAMAPP_TARGET_FILE_BYTES", "1000", "STREAMAPP_TARGET_FILE_BYTES must be >= 1048576"),
+        ("STREAMAPP_REDIS_CLUSTER", "1", "STREAMAPP_REDIS_CLUSTER=1 needs REDIS_URL"),
+        ("STREAMAPP_REDIS_CLUSTER", "maybe", "STREAMAPP_REDIS_CLUSTER='maybe' must be 1 or 0"),
+        ("STREAMAPP_REDIS_WAIT_REPLICAS", "-1", "STREAMAPP_REDIS_WAIT_REPLICAS must be >= 0"),
+        ("STREAMAPP_REDIS_WAIT_MS", "0", "STREAMAPP_REDIS_WAIT_MS must be 1..60000"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, needle):

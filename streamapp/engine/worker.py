@@ -10,16 +10,14 @@ import signal
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from streamapp import names
-from streamapp.engine.app import App
+from streamapp.engine.app import Agent, App
 from streamapp.engine.recovery import keep_checked
 from streamapp.entries import Mark, entry_id
 from streamapp.lake.catalog import ensure_table, open_catalog
 from streamapp.metrics import serve_metrics
-from streamapp.redis_client import reader_client, text
+from streamapp.redis_client import FAILURES, Client, reader_client, text
 from streamapp.rejected import Rejected
 from streamapp.table_model import TableModel
 
@@ -34,7 +32,7 @@ def create_tables(app: App, catalog: Catalog) -> list[Table]:
     return [ensure_table(catalog, model) for model in models]
 
 
-async def trim_streams(redis: Redis) -> dict[str, str]:
+async def trim_streams(redis: Client) -> dict[str, str]:
     """Trim each stream below the lowest position any of its consumers committed.
 
     Never MAXLEN: that drops entries no one has read. A stream whose consumer never committed
@@ -52,16 +50,33 @@ async def trim_streams(redis: Redis) -> dict[str, str]:
     return lowest
 
 
-async def _trimmer(redis: Redis, stopping: asyncio.Event) -> None:
+async def _trimmer(redis: Client, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         try:
             await trim_streams(redis)
-        except (RedisError, OSError) as e:
+        except FAILURES as e:
             log.warning("trimming streams failed: %s", e)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=TRIM_EVERY_SECONDS)
         except TimeoutError:
             pass
+
+
+async def _hold_places(redis: Client, others: list[Agent], stopping: asyncio.Event) -> None:
+    """Register the agents another worker runs, retrying while Redis (or a cluster failing over)
+    does not answer, rather than exiting."""
+    while not stopping.is_set():
+        try:
+            for agent in others:
+                await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
+                await redis.hsetnx(names.progress(agent.stream.key), agent.name, str(Mark("0-0", 0, 0)))
+            return
+        except FAILURES as e:
+            log.warning("worker: Redis does not answer (%s); again in 1s", e)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
 
 
 async def run_worker(app: App, only: list[str] | None = None) -> None:
@@ -93,9 +108,7 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     redis = await asyncio.to_thread(reader_client, settings)  # may read the password file
     # The agents another worker runs hold their place in the trim from here on, even before that
     # worker first starts: this one's trimmer must not drop what they have not read.
-    for agent in others:
-        await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
-        await redis.hsetnx(names.progress(agent.stream.key), agent.name, str(Mark("0-0", 0, 0)))
+    await _hold_places(redis, others, stopping)
     tasks = []
     for agent in agents.values():
         agent.stream.bind(redis, agent.name, stopping, settings=settings, catalog=catalog)

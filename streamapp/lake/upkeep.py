@@ -32,6 +32,7 @@ from pyiceberg.table.update.snapshot import ExpireSnapshots
 from pyiceberg.typedef import Record
 
 from streamapp.lake import files
+from streamapp.lake.commit import committing
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ class Upkeep:
             return
         name = ".".join(table.name())
         try:
-            self.pending = compact_run(table, self.keep_snapshots).left > 0
+            with committing(name):
+                self.pending = compact_run(table, self.keep_snapshots).left > 0
         except Exception as e:  # noqa: BLE001 - upkeep must never fail a committed window
             log.warning("compacting %s failed (%s); will try again", name, e)
             self.pending = False

@@ -61,10 +61,14 @@ class Cleanup:
         """The one line `python -m streamapp maintain` prints for the table."""
         if self.skipped:
             return f"{self.table}: skipped ({self.skipped})"
-        verb = "would remove" if self.dry_run else "removed"
+        did = (
+            f"would remove {self.removed:,} ({_mb(self.freed)})"
+            if self.dry_run
+            else f"removed {self.removed:,} ({_mb(self.freed)} freed)"
+        )
         return (
             f"{self.table}: {self.files:,} files ({_mb(self.bytes)}) on storage, {self.referenced:,} referenced; "
-            f"orphans: {self.orphans:,} found, {verb} {self.removed:,} ({_mb(self.freed)} freed); "
+            f"orphans: {self.orphans:,} found, {did}; "
             f"{self.young:,} unreferenced but too young, kept; {self.seconds:.2f}s"
         )
 

@@ -108,7 +108,9 @@ def main() -> None:
     table = app.catalog.load_table(ClickEvent.table)
     rows = table.scan().to_arrow().num_rows
     before = census(table)
+    t = time.perf_counter()
     refs = referenced(table, settings.keep_metadata)
+    refs_seconds = time.perf_counter() - t
     kept = census(table, refs)
     now_run = clean(table, keep_metadata=settings.keep_metadata, min_age=settings.orphan_min_age_seconds)
     later = time.time() + settings.orphan_min_age_seconds
@@ -133,7 +135,8 @@ def main() -> None:
     )
     print(
         f"cleanup an hour later: {late_run.removed:,} removed, {late_run.freed / 1e6:.1f} MB freed, "
-        f"{late_run.seconds:.2f}s; on storage / referenced = {ratio:.2f}x (target <= 2x)"
+        f"{late_run.seconds:.2f}s (reading what the table references: {refs_seconds:.2f}s); "
+        f"on storage / referenced = {ratio:.2f}x (target <= 2x)"
     )
 
 

@@ -114,14 +114,16 @@ def referenced(table: Table, keep_metadata: int) -> set[str]:
 
 
 @dataclass(frozen=True)
-class _File:
+class StoredFile:
+    """A file under a table's location, as the storage lists it."""
+
     uri: str  # as the FileIO takes it
     key: str
     size: int
     mtime: float | None  # epoch seconds; None when the storage did not say (kept)
 
 
-def stored_files(table: Table) -> list[_File]:
+def stored_files(table: Table) -> list[StoredFile]:
     """Every file under the table's location (directories are not files: an S3 "directory" is a
     prefix, a local one is left in place, empty)."""
     location = table.location()
@@ -139,7 +141,7 @@ def stored_files(table: Table) -> list[_File]:
             continue
         uri = info.path if scheme == "file" else f"{scheme}://{info.path}"
         mtime = info.mtime_ns / 1e9 if info.mtime_ns is not None else None
-        found.append(_File(uri, location_key(uri), info.size or 0, mtime))
+        found.append(StoredFile(uri, location_key(uri), info.size or 0, mtime))
     return found
 
 

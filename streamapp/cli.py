@@ -1,4 +1,9 @@
+<<<<<<< HEAD
 """`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | complete | check-redis | maintain.
+=======
+"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | status | complete |
+check-redis.
+>>>>>>> main
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import signal
 import sys
 from collections.abc import Coroutine
@@ -89,6 +95,48 @@ def _show(settings: Settings, table: str, limit: int) -> None:
         rows = rows.sort_by([(order, "ascending")])
         for row in rows.slice(max(0, rows.num_rows - limit)).to_pylist():
             print({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None})
+
+
+def _query(settings: Settings, sql: str, fmt: str) -> int:
+    # duckdb and pyiceberg: only the commands that use them load them (RSS and start-up, see above)
+    from streamapp.lake.catalog import open_catalog
+    from streamapp.lake.query import QueryError, render, run
+
+    try:
+        result = run(open_catalog(settings), sql)
+    except QueryError as e:
+        print(f"streamapp: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(result, fmt))
+    return 0
+
+
+def _status(settings: Settings, as_json: bool) -> int:
+    """Exit 0 with every figure, 1 when Redis could not be read (the tables' figures still print)."""
+    # pyiceberg: only the commands that use it load it (RSS and start-up, see the module docstring)
+    from streamapp import app
+    from streamapp.engine.status import gather, render
+    from streamapp.lake.catalog import open_catalog
+
+    # the models and the Redis client: loaded by the commands that read them (RSS, start-up)
+    from streamapp.redis_client import reader_client
+    from streamapp.rejected import Rejected
+    from streamapp.table_model import TableModel
+
+    app.configure(settings)
+    models: list[TableModel] = [*app.discover_models().values(), Rejected]
+    streams = [names.stream(m.type_name()) for m in models]
+
+    async def run() -> int:
+        client = reader_client(settings)
+        try:
+            status = await gather(open_catalog(settings), client, streams)
+        finally:
+            await client.aclose()
+        print(json.dumps(status.as_dict(), indent=2) if as_json else render(status))
+        return 1 if status.redis_error else 0
+
+    return asyncio.run(run())
 
 
 def _period_end(period: str) -> datetime:
@@ -174,6 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("show", help="print a table's row count and its latest rows")
     show.add_argument("table", help='e.g. "events.clicks"')
     show.add_argument("-n", type=int, default=10, help="how many rows (default 10)")
+    query = sub.add_parser("query", help="run SQL (DuckDB) over the lake's tables, e.g. events.clicks")
+    query.add_argument("sql", help='e.g. "SELECT page_url, count(*) FROM events.clicks GROUP BY 1"')
+    query.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output (default: an aligned table)"
+    )
+    status = sub.add_parser("status", help="each agent's lag and each table's rows, files, bytes and last commit")
+    status.add_argument("--json", action="store_true", help="print the figures as JSON")
     complete = sub.add_parser("complete", help="is a day or an hour complete in an aggregate table? (exit 0: yes)")
     complete.add_argument("table", help='e.g. "events.clicks_per_minute"')
     complete.add_argument("period", help="a UTC day, 2026-11-27, or hour, 2026-11-27T13")
@@ -196,6 +251,16 @@ def main(argv: list[str] | None = None) -> None:
             embedded_password(settings)  # made, or checked, before anything starts: a clear error
         except RedisPasswordError as e:
             parser.exit(2, f"streamapp: {e}\n")
+    if (
+        args.command in ("worker", "create-tables", "show", "query", "status", "check-redis", "complete")
+        and not settings.warehouse_is_local
+    ):
+        from streamapp.lake.storage import StorageError, check_storage  # pyiceberg: only where used (RSS)
+
+        try:
+            check_storage(settings)  # a clear line now, not a traceback from the first commit
+        except StorageError as e:
+            parser.exit(2, f"streamapp: {e}\n")
     if args.command == "redis":
         exec_server(settings)
     elif args.command == "web":
@@ -206,8 +271,15 @@ def main(argv: list[str] | None = None) -> None:
         _create_tables(settings)
     elif args.command == "show":
         _show(settings, args.table, args.n)
+<<<<<<< HEAD
     elif args.command == "maintain":
         sys.exit(_maintain(settings, args.table, args.dry_run))
+=======
+    elif args.command == "query":
+        sys.exit(_query(settings, args.sql, args.format))
+    elif args.command == "status":
+        sys.exit(_status(settings, args.json))
+>>>>>>> main
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
     elif args.command == "complete":

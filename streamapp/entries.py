@@ -155,6 +155,17 @@ class Collected:
             self.last = Mark(entry, int(c), int(b)) if c is not None and b is not None else None
 
 
+class Told:
+    """What a sink found out about a window once it was handed out, kept by the reader after the
+    window itself is gone: holding the window would keep its payloads and decoded events (a
+    window's worth of memory per agent) alive until the next window after it was handled."""
+
+    __slots__ = ("partitions",)
+
+    def __init__(self) -> None:
+        self.partitions: int | None = None
+
+
 class Window(Sequence[M], Generic[M]):
     """Consecutive entries of one stream, as an agent receives them: their payloads, the stream id
     and receive time of each event (an entry holding several events repeats its id), and the
@@ -186,10 +197,7 @@ class Window(Sequence[M], Generic[M]):
         self.payloads = payloads
         self.received_us = received_us
         self.last = last  # the stream's totals at the window's last entry, when the entry carries them
-        # How many partitions of its table its rows fall into, once a raw sink has worked that out
-        # (None before): the reader reads the next windows past their count while this is high, so
-        # that a backfill's files hold more rows each (see `streamapp.engine.reader`).
-        self.partitions: int | None = None
+        self.told = Told()
         self.dead = dead or []
         self._end = end
 
@@ -201,6 +209,17 @@ class Window(Sequence[M], Generic[M]):
                 f"{self!r}: its entries hold {len(events)} events, but their counts (n) say {len(self.ids)}"
             )
         return events
+
+    @property
+    def partitions(self) -> int | None:
+        """How many partitions of its table its rows fall into, once a raw sink has worked that out
+        (None before): the reader reads the next windows past their count while this is high, so
+        that a backfill's files hold more rows each (see `streamapp.engine.reader`)."""
+        return self.told.partitions
+
+    @partitions.setter
+    def partitions(self, count: int) -> None:
+        self.told.partitions = count
 
     @property
     def last_id(self) -> str:

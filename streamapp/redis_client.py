@@ -1,7 +1,7 @@
 """Redis clients, configured once for the two very different jobs they do.
 
 Against the embedded server (REDIS_URL unset) they authenticate with its password, read from (or,
-first, created in) the warehouse; a REDIS_URL is used as it is. Either way the password is in no
+first, created in) the state directory; a REDIS_URL is used as it is. Either way the password is in no
 command line and no log line. Building a client reads that file: do it off the event loop.
 """
 

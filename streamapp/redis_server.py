@@ -2,11 +2,11 @@
 
 `python -m streamapp redis` replaces itself with valkey-server (exec), so honcho's SIGTERM reaches
 the server directly and it shuts down cleanly, flushing its append-only file. Data lives in
-`$STREAMAPP_WAREHOUSE/redis` with `appendonly yes`, so accepted events survive a restart.
+`$STREAMAPP_STATE_DIR/redis` with `appendonly yes`, so accepted events survive a restart.
 
 The server requires a password, so another local user can neither inject entries nor FLUSHALL: a
 random one, created by whichever of the server, web and worker needs it first, in
-`$STREAMAPP_WAREHOUSE/redis/password` (mode 0600, in a 0700 directory). valkey gets it on its
+`$STREAMAPP_STATE_DIR/redis/password` (mode 0600, in a 0700 directory). valkey gets it on its
 standard input, never on its command line, which every local user can read in `ps`.
 """
 

@@ -27,8 +27,22 @@ class Settings:
     # Empty: the embedded server on redis_port, with the password in `redis_password_file`. Given
     # (REDIS_URL), it is used as it is, with its own password if any.
     redis_url: str = ""
-    warehouse: Path = Path("warehouse")  # resolved against the working directory
-    catalog_uri: str = ""  # empty: sqlite file inside the warehouse
+    # Where the tables' files go: a local directory (resolved against the working directory; a
+    # Path after __post_init__) or an S3 URI, s3://bucket/prefix (a str), reached with the AWS_*
+    # settings below.
+    warehouse: Path | str = Path("warehouse")
+    # What stays on local disk (the SQLite catalog, the embedded Redis's data and password). Empty:
+    # the warehouse when it is local, ./state when it is on S3.
+    state_dir: Path | str = ""
+    catalog_uri: str = ""  # empty: sqlite file inside the state dir
+    # S3 storage, from the standard AWS variables. Empty: pyarrow's own default chain (the
+    # ~/.aws files, an instance's role). The region defaults to us-east-1 with an endpoint (MinIO,
+    # moto and the like ignore it, but the signature needs one).
+    aws_endpoint_url: str = ""
+    aws_region: str = ""
+    aws_access_key_id: str = dataclasses.field(default="", repr=False)
+    aws_secret_access_key: str = dataclasses.field(default="", repr=False)
+    aws_session_token: str = dataclasses.field(default="", repr=False)
     window_count: int = 50_000  # a backlog drains ~20% faster than with 10,000 (fewer commits)
     window_seconds: float = 10.0
     # A window also closes once its events' JSON holds this many bytes: 50,000 events of 32 KiB
@@ -87,9 +101,20 @@ class Settings:
     crash_at: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "warehouse", Path(self.warehouse).resolve())
+        warehouse = str(self.warehouse)
+        if "://" in warehouse:
+            scheme, _, rest = warehouse.partition("://")
+            if scheme != "s3" or not rest.split("/", 1)[0]:
+                raise SettingsError(
+                    f"STREAMAPP_WAREHOUSE={warehouse!r} is neither a local directory nor s3://bucket/prefix"
+                )
+            object.__setattr__(self, "warehouse", warehouse.rstrip("/"))
+        else:
+            object.__setattr__(self, "warehouse", Path(warehouse).resolve())
+        state = self.state_dir or (self.warehouse if isinstance(self.warehouse, Path) else "state")
+        object.__setattr__(self, "state_dir", Path(state).resolve())
         if not self.catalog_uri:
-            object.__setattr__(self, "catalog_uri", f"sqlite:///{self.warehouse}/catalog.db")
+            object.__setattr__(self, "catalog_uri", f"sqlite:///{self.state_dir}/catalog.db")
         if self.window_count < 1:
             raise SettingsError("STREAMAPP_WINDOW_COUNT must be >= 1")
         if self.window_seconds <= 0:
@@ -140,9 +165,24 @@ class Settings:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
     @property
+    def warehouse_is_local(self) -> bool:
+        return isinstance(self.warehouse, Path)
+
+    @property
+    def warehouse_uri(self) -> str:
+        """The warehouse as pyiceberg takes it: file:///abs/dir or s3://bucket/prefix."""
+        return f"file://{self.warehouse}" if isinstance(self.warehouse, Path) else self.warehouse
+
+    @property
+    def local_dir(self) -> Path:
+        """Local state (`state_dir`), a Path."""
+        assert isinstance(self.state_dir, Path)  # made one in __post_init__
+        return self.state_dir
+
+    @property
     def redis_dir(self) -> Path:
         """The embedded server's data (its append-only file) and password."""
-        return self.warehouse / "redis"
+        return self.local_dir / "redis"
 
     @property
     def redis_password_file(self) -> Path:
@@ -171,7 +211,12 @@ class Settings:
             ("PORT", int, "port"),
             ("REDIS_URL", str, "redis_url"),
             ("STREAMAPP_REDIS_PORT", int, "redis_port"),
-            ("STREAMAPP_WAREHOUSE", Path, "warehouse"),
+            ("STREAMAPP_WAREHOUSE", str, "warehouse"),
+            ("STREAMAPP_STATE_DIR", str, "state_dir"),
+            ("AWS_ENDPOINT_URL", str, "aws_endpoint_url"),
+            ("AWS_ACCESS_KEY_ID", str, "aws_access_key_id"),
+            ("AWS_SECRET_ACCESS_KEY", str, "aws_secret_access_key"),
+            ("AWS_SESSION_TOKEN", str, "aws_session_token"),
             ("STREAMAPP_CATALOG_URI", str, "catalog_uri"),
             ("STREAMAPP_WINDOW_COUNT", int, "window_count"),
             ("STREAMAPP_WINDOW_SECONDS", float, "window_seconds"),
@@ -203,6 +248,8 @@ class Settings:
             kwargs["cors_origins"] = tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
         if raw_keys := values.get("STREAMAPP_WRITE_KEYS", "").strip():
             kwargs["write_keys"] = _write_keys(raw_keys)
+        if region := values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION"):  # the SDKs' order
+            kwargs["aws_region"] = region
         crash = values.get("STREAMAPP_CRASH_AT", "")
         kwargs["crash_at"] = tuple(p.strip() for p in crash.split(",") if p.strip())
         return cls(**kwargs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -142,8 +143,9 @@ def check_redis(settings: Settings) -> None:
 
 
 def clean_env() -> dict[str, str]:
-    """This process's environment without any streamapp setting, for a child that gets its own."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT"))}
+    """This process's environment without any streamapp setting, for a child that gets its own
+    (the developer's AWS_* included: a child must not reach their buckets)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT", "AWS_"))}
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -162,8 +164,17 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
             "STREAMAPP_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
             "STREAMAPP_GRACE_SECONDS": str(settings.grace_seconds),
             "STREAMAPP_WEB_PROCESSES": str(settings.web_processes),
+            "STREAMAPP_STATE_DIR": str(settings.state_dir),
         }
     )
+    aws = {
+        "AWS_ENDPOINT_URL": settings.aws_endpoint_url,
+        "AWS_REGION": settings.aws_region,
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key,
+        "AWS_SESSION_TOKEN": settings.aws_session_token,
+    }
+    env.update({k: v for k, v in aws.items() if v})
     env.update(extra)
     return env
 
@@ -271,3 +282,74 @@ def stream_events(redis_server: RedisServer, type_name: str) -> list[bytes]:
         assert len(events) == int(fields.get(b"n", 1))
         out += events
     return out
+
+
+class S3Server:
+    """A real S3 API server on loopback: moto's `moto_server`, in its own process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)],
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(up, 20, what="moto_server to listen")
+
+    def client(self, key: str = "test", secret: str = "test"):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+        )
+
+    def keys(self, bucket: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A new bucket for this test, on the session's S3 server."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{free_port()}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+def s3_settings(settings: Settings, s3_server: S3Server, bucket: str, state_dir: Path) -> Settings:
+    """`settings` with the warehouse in `bucket` on `s3_server`, its SQLite catalog in `state_dir`."""
+    return dataclasses.replace(
+        settings,
+        warehouse=f"s3://{bucket}/lake",
+        state_dir=state_dir,
+        catalog_uri="",
+        aws_endpoint_url=s3_server.endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamapp import metrics, names
-from streamapp.entries import Collected, Mark, Window, entry_id
+from streamapp.entries import Collected, Mark, Told, Window, entry_id
 from streamapp.redis_client import text
 from streamapp.table_model import TableModel
 
@@ -65,7 +65,7 @@ class StreamReader:
         self.stopping = stopping
         self.window_bytes = window_bytes  # a window closes once its payloads hold this many bytes
         self.acked = "0-0"  # the last position this agent acknowledged: reading resumes after it
-        self.handed: collections.deque[Window[Any]] = collections.deque(maxlen=2)  # the newest windows handed out
+        self.handed: collections.deque[Told] = collections.deque(maxlen=2)  # of the newest windows handed out
         self.guessed: bool | None = None  # whether the first window's sample was spread over many days
 
     async def register(self) -> None:
@@ -125,7 +125,7 @@ class StreamReader:
                         dead=got.dead,
                         end=got.end,
                     )
-                    self.handed.append(window)
+                    self.handed.append(window.told)
                     yield window
                 if self.stopping.is_set() and pending is None:
                     return  # a window prefetched when the stop came is handed out first
@@ -171,9 +171,9 @@ class StreamReader:
     def spread(self) -> bool:
         """Whether the newest window a sink has split into partitions fell into many of them (or,
         before any has, whether the sample of the first window did)."""
-        for window in reversed(self.handed):
-            if window.partitions is not None:
-                return bool(window.partitions >= SPREAD_PARTITIONS)
+        for told in reversed(self.handed):
+            if told.partitions is not None:
+                return bool(told.partitions >= SPREAD_PARTITIONS)
         return bool(self.guessed)
 
     async def _read(self, cursor: str, count: int, block_ms: int | None) -> list[Any]:

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from pyiceberg.catalog import Catalog
@@ -21,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from streamapp import names
 from streamapp.entries import entry_id
+from streamapp.lake import storage
 from streamapp.settings import Settings
 from streamapp.table_model import TableSchema
 
@@ -58,10 +60,15 @@ def _retry_lost_race(
 
 def open_catalog(settings: Settings) -> Catalog:
     """The SQL catalog. Opening a new one creates its tables, which processes starting together
-    race to do: the losers see "already exists" errors and open it again."""
-    settings.warehouse.mkdir(parents=True, exist_ok=True)
+    race to do: the losers see "already exists" errors and open it again. Its tables' files go to
+    the warehouse (a local directory or S3, see `streamapp.lake.storage`)."""
+    if isinstance(settings.warehouse, Path):
+        settings.warehouse.mkdir(parents=True, exist_ok=True)
+    if settings.catalog_uri.startswith("sqlite:///"):  # SQLite makes the file, not its directory
+        Path(settings.catalog_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    props = storage.file_io_properties(settings)
     return _retry_lost_race(
-        lambda: SqlCatalog(CATALOG_NAME, uri=settings.catalog_uri, warehouse=f"file://{settings.warehouse}"),
+        lambda: SqlCatalog(CATALOG_NAME, uri=settings.catalog_uri, warehouse=settings.warehouse_uri, **props),
         DBAPIError,
     )
 

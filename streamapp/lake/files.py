@@ -260,6 +260,8 @@ class _DatasetWrite:
         self.data_path = locations.data_path
         scheme, netloc, self.base_dir = io.parse_location(self.data_path, io.properties)
         self.fs = io.fs_by_scheme(scheme, netloc)
+        # An object store has no directories: making them would leave empty "dir/" marker objects.
+        self.make_dirs = scheme in ("file", "")
         self.written: list[Any] = []  # pyarrow's WrittenFile of each file
         self.keys: dict[str, PartitionKey] = {}  # partition directory -> key
 
@@ -300,6 +302,7 @@ class _DatasetWrite:
             partitioning=ds.DirectoryPartitioning(pa.schema([(_PATH, pa.string())]), segment_encoding="none"),
             basename_template=f"{call}-{{i}}-{self.write_uuid}.parquet",
             existing_data_behavior="overwrite_or_ignore",  # the directories exist; the names are new
+            create_dir=self.make_dirs,
             max_partitions=PARTITIONS_PER_CALL,
             max_open_files=PARTITIONS_PER_CALL + 1,
             # each partition's rows in one row group (up to the table's limit), not one per chunk

@@ -1,9 +1,5 @@
-<<<<<<< HEAD
-"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | complete | check-redis | maintain.
-=======
 """`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | status | complete |
-check-redis.
->>>>>>> main
+check-redis | maintain.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -271,15 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         _create_tables(settings)
     elif args.command == "show":
         _show(settings, args.table, args.n)
-<<<<<<< HEAD
-    elif args.command == "maintain":
-        sys.exit(_maintain(settings, args.table, args.dry_run))
-=======
     elif args.command == "query":
         sys.exit(_query(settings, args.sql, args.format))
     elif args.command == "status":
         sys.exit(_status(settings, args.json))
->>>>>>> main
+    elif args.command == "maintain":
+        sys.exit(_maintain(settings, args.table, args.dry_run))
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
     elif args.command == "complete":

@@ -1,14 +1,9 @@
 """The orphan cleanup on an S3 warehouse (moto_server on loopback): listed through the FileIO's
-pyarrow filesystem, deleted through the FileIO; what the table references stays, it reads whole.
-Runs once the S3 warehouse (streamapp.lake.storage) is in the tree."""
+pyarrow filesystem, deleted through the FileIO; what the table references stays, it reads whole."""
 
 from __future__ import annotations
 
 import time
-
-import pytest
-
-pytest.importorskip("streamapp.lake.storage")
 
 from models.click import ClickEvent
 from streamapp.lake.catalog import ensure_table, open_catalog

@@ -257,6 +257,13 @@ def main(argv: list[str] | None = None) -> None:
             check_storage(settings)  # a clear line now, not a traceback from the first commit
         except StorageError as e:
             parser.exit(2, f"streamapp: {e}\n")
+    try:
+        _command(args, settings)
+    except SettingsError as e:  # the catalog's (CatalogError): opened only now
+        parser.exit(2, f"streamapp: {e}\n")
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "redis":
         exec_server(settings)
     elif args.command == "web":
@@ -279,5 +286,5 @@ def main(argv: list[str] | None = None) -> None:
         try:
             end = _period_end(args.period)
         except ValueError:
-            parser.exit(2, f"streamapp: {args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)\n")
+            raise SettingsError(f"{args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)") from None
         sys.exit(_complete(settings, args.table, args.period, end))

@@ -19,6 +19,11 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
 
+class CatalogError(SettingsError):
+    """The catalog the settings name cannot be opened (a wrong URI, a database that does not
+    answer, an incomplete pyiceberg configuration); the message names the setting."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -35,6 +40,10 @@ class Settings:
     # the warehouse when it is local, ./state when it is on S3.
     state_dir: Path | str = ""
     catalog_uri: str = ""  # empty: sqlite file inside the state dir
+    # True where STREAMAPP_CATALOG_URI is unset (from_env): a catalog named "streamapp" in
+    # pyiceberg's own configuration (.pyiceberg.yaml, PYICEBERG_CATALOG__STREAMAPP__*), e.g. a REST
+    # catalog, then wins over the SQLite file (see streamapp.lake.catalog.open_catalog).
+    catalog_from_pyiceberg: bool = False
     # S3 storage, from the standard AWS variables. Empty: pyarrow's own default chain (the
     # ~/.aws files, an instance's role). The region defaults to us-east-1 with an endpoint (MinIO,
     # moto and the like ignore it, but the signature needs one).
@@ -87,6 +96,9 @@ class Settings:
     # partitions (days) is committed in several commits of even sizes (see streamapp.lake.split).
     # A file costs ~0.7-0.9 ms on 2 cores, so a commit stays under ~1 s plus its rows.
     max_files_per_commit: int = 1000
+    # Compaction's target: data files under it are small, and a day partition holding more than 2
+    # files, two of them small, has its small ones rewritten as one (files over it are split).
+    target_file_bytes: int = 64 * 1024 * 1024
     # The worker's /metrics port; 0 turns it off.
     worker_metrics_port: int = 9100
     shutdown_seconds: float = 25.0
@@ -114,7 +126,7 @@ class Settings:
         state = self.state_dir or (self.warehouse if isinstance(self.warehouse, Path) else "state")
         object.__setattr__(self, "state_dir", Path(state).resolve())
         if not self.catalog_uri:
-            object.__setattr__(self, "catalog_uri", f"sqlite:///{self.state_dir}/catalog.db")
+            object.__setattr__(self, "catalog_uri", self.default_catalog_uri)
         if self.window_count < 1:
             raise SettingsError("STREAMAPP_WINDOW_COUNT must be >= 1")
         if self.window_seconds <= 0:
@@ -136,6 +148,8 @@ class Settings:
             )
         if self.orphan_interval_seconds < 0:
             raise SettingsError("STREAMAPP_ORPHAN_INTERVAL_SECONDS must be >= 0 (0: off)")
+        if self.target_file_bytes < 1024 * 1024:
+            raise SettingsError("STREAMAPP_TARGET_FILE_BYTES must be >= 1048576 (1 MiB)")
         if self.max_files_per_commit < 1:
             raise SettingsError("STREAMAPP_MAX_FILES_PER_COMMIT must be >= 1")
         if self.max_backlog < 1:
@@ -148,6 +162,11 @@ class Settings:
             raise SettingsError("STREAMAPP_WEB_PROCESSES must be >= 0 (0: one per CPU core)")
         if self.request_timeout_seconds <= 0:
             raise SettingsError("STREAMAPP_REQUEST_TIMEOUT_SECONDS must be > 0")
+
+    @property
+    def default_catalog_uri(self) -> str:
+        """The SQLite file inside the state dir (the warehouse, when it is local)."""
+        return f"sqlite:///{self.state_dir}/catalog.db"
 
     @property
     def web_process_count(self) -> int:
@@ -238,6 +257,7 @@ class Settings:
             ("STREAMAPP_ORPHAN_MIN_AGE_SECONDS", float, "orphan_min_age_seconds"),
             ("STREAMAPP_ORPHAN_INTERVAL_SECONDS", float, "orphan_interval_seconds"),
             ("STREAMAPP_MAX_FILES_PER_COMMIT", int, "max_files_per_commit"),
+            ("STREAMAPP_TARGET_FILE_BYTES", int, "target_file_bytes"),
             ("STREAMAPP_SHUTDOWN_SECONDS", float, "shutdown_seconds"),
             ("STREAMAPP_WEB_PROCESSES", int, "web_processes"),
             ("STREAMAPP_LOG_LEVEL", str, "log_level"),
@@ -250,6 +270,7 @@ class Settings:
             kwargs["write_keys"] = _write_keys(raw_keys)
         if region := values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION"):  # the SDKs' order
             kwargs["aws_region"] = region
+        kwargs["catalog_from_pyiceberg"] = not values.get("STREAMAPP_CATALOG_URI")
         crash = values.get("STREAMAPP_CRASH_AT", "")
         kwargs["crash_at"] = tuple(p.strip() for p in crash.split(",") if p.strip())
         return cls(**kwargs)

@@ -32,6 +32,13 @@ def test_environment_wins_over_dotenv(tmp_path):
     assert s.catalog_uri == "sqlite:////tmp/from-dotenv/catalog.db"
 
 
+def test_pyiceberg_configuration_is_consulted_only_without_a_catalog_uri():
+    assert Settings.from_env({}, dotenv=None).catalog_from_pyiceberg
+    given = Settings.from_env({"STREAMAPP_CATALOG_URI": "postgresql+psycopg://db/streamapp"}, dotenv=None)
+    assert not given.catalog_from_pyiceberg and given.catalog_uri == "postgresql+psycopg://db/streamapp"
+    assert not Settings().catalog_from_pyiceberg  # built in code (tests): what it says, nothing else
+
+
 def test_redis_url_and_port():
     s = Settings.from_env({"STREAMAPP_REDIS_PORT": "7000", "REDIS_URL": ""}, dotenv=None)
     assert s.embedded_redis and s.embedded_redis_url == "redis://127.0.0.1:7000/0"
@@ -55,6 +62,7 @@ def test_redis_url_and_port():
         ("STREAMAPP_KEEP_METADATA", "0", "STREAMAPP_KEEP_METADATA must be >= 1"),
         ("STREAMAPP_ORPHAN_MIN_AGE_SECONDS", "59", "STREAMAPP_ORPHAN_MIN_AGE_SECONDS must be >= 60"),
         ("STREAMAPP_ORPHAN_INTERVAL_SECONDS", "-1", "STREAMAPP_ORPHAN_INTERVAL_SECONDS must be >= 0"),
+        ("STREAMAPP_TARGET_FILE_BYTES", "1000", "STREAMAPP_TARGET_FILE_BYTES must be >= 1048576"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, needle):

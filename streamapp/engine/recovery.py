@@ -190,6 +190,8 @@ async def keep_checked(redis: Redis, catalog: Catalog, stopping: asyncio.Event, 
             await check(redis, catalog, crash_at=crash_at)
         except (RedisError, OSError) as e:
             log.debug("checking Redis failed (%s); again in %.0fs", e, CHECK_EVERY_SECONDS)
+        except Exception as e:  # noqa: BLE001 - the catalog's (PostgreSQL restarting, a REST server down)
+            log.warning("checking Redis failed: the catalog: %s; again in %.0fs", e, CHECK_EVERY_SECONDS)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=CHECK_EVERY_SECONDS)
         except TimeoutError:

@@ -80,7 +80,7 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
             raise SystemExit(f"no agent named {', '.join(unknown)}; the agents are {', '.join(agents)}")
         others = [agent for name, agent in agents.items() if name not in only]
         agents = {name: agent for name, agent in agents.items() if name in only}
-    app.catalog = catalog = open_catalog(settings)
+    app.catalog = catalog = await asyncio.to_thread(open_catalog, settings)  # connects: not on the loop
     tables = await asyncio.to_thread(create_tables, app, catalog)
     log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables), ", ".join(agents))
 

@@ -1,5 +1,5 @@
 """`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | status | complete |
-check-redis.
+check-redis | maintain.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -182,6 +182,25 @@ def _complete(settings: Settings, table: str, period: str, end: datetime) -> int
     return 1
 
 
+def _maintain(settings: Settings, table: str | None, dry_run: bool) -> int:
+    """Remove orphan files and old metadata now, as the worker does every
+    STREAMAPP_ORPHAN_INTERVAL_SECONDS; one line per table."""
+    # pyiceberg: only the commands that use it load it (RSS and start-up, see the module docstring)
+    from streamapp.lake.catalog import open_catalog
+    from streamapp.lake.maintain import UnknownTable, maintain
+
+    try:
+        done = maintain(open_catalog(settings), settings, table, dry_run=dry_run)
+    except UnknownTable as e:
+        print(f"streamapp: {e}", file=sys.stderr)
+        return 2
+    for cleanup in done:
+        print(cleanup.line())
+    if dry_run:
+        print(f"dry run: nothing deleted (orphans: unreferenced files older than {settings.orphan_min_age_seconds:g}s)")
+    return 1 if any(c.skipped for c in done) else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m streamapp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "check-redis", help="check Redis against the tables now (a worker does it after each start of Redis)"
     )
+    maintain = sub.add_parser(
+        "maintain", help="remove files no snapshot references and old metadata (the worker does it hourly)"
+    )
+    maintain.add_argument("table", nargs="?", help='e.g. "events.clicks" (default: every table)')
+    maintain.add_argument("--dry-run", action="store_true", help="report what would be removed, delete nothing")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -254,6 +278,8 @@ def _command(args: argparse.Namespace, settings: Settings) -> None:
         sys.exit(_query(settings, args.sql, args.format))
     elif args.command == "status":
         sys.exit(_status(settings, args.json))
+    elif args.command == "maintain":
+        sys.exit(_maintain(settings, args.table, args.dry_run))
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
     elif args.command == "complete":

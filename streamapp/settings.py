@@ -90,6 +90,14 @@ class Settings:
     # Snapshots each table keeps (time travel reaches back this many commits); more makes every
     # commit slower (see streamapp.lake.upkeep).
     keep_snapshots: int = 10
+    # Previous metadata JSON files each table keeps besides its current one (Iceberg's
+    # write.metadata.previous-versions-max, which streamapp sets to this).
+    keep_metadata: int = 20
+    # Files no snapshot references are removed only when older than this: the longest a commit can
+    # take (a commit in progress has written files no snapshot references yet). At least 60.
+    orphan_min_age_seconds: float = 3600.0
+    # How often the worker removes orphan files and old metadata (see streamapp.lake.orphans); 0: never.
+    orphan_interval_seconds: float = 3600.0
     # Data files one commit of a raw sink writes at most: a window whose rows fall into more
     # partitions (days) is committed in several commits of even sizes (see streamapp.lake.split).
     # A file costs ~0.7-0.9 ms on 2 cores, so a commit stays under ~1 s plus its rows.
@@ -137,6 +145,15 @@ class Settings:
             raise SettingsError("STREAMAPP_LOG_FORMAT must be auto, json or text")
         if self.keep_snapshots < 1:
             raise SettingsError("STREAMAPP_KEEP_SNAPSHOTS must be >= 1")
+        if self.keep_metadata < 1:
+            raise SettingsError("STREAMAPP_KEEP_METADATA must be >= 1")
+        if self.orphan_min_age_seconds < 60:
+            raise SettingsError(
+                "STREAMAPP_ORPHAN_MIN_AGE_SECONDS must be >= 60 (the longest a commit can take; "
+                "a younger file may belong to a commit in progress)"
+            )
+        if self.orphan_interval_seconds < 0:
+            raise SettingsError("STREAMAPP_ORPHAN_INTERVAL_SECONDS must be >= 0 (0: off)")
         if self.target_file_bytes < 1024 * 1024:
             raise SettingsError("STREAMAPP_TARGET_FILE_BYTES must be >= 1048576 (1 MiB)")
         if self.max_files_per_commit < 1:
@@ -250,6 +267,9 @@ class Settings:
             ("STREAMAPP_REDIS_MAXMEMORY", str, "redis_maxmemory"),
             ("STREAMAPP_WORKER_METRICS_PORT", int, "worker_metrics_port"),
             ("STREAMAPP_KEEP_SNAPSHOTS", int, "keep_snapshots"),
+            ("STREAMAPP_KEEP_METADATA", int, "keep_metadata"),
+            ("STREAMAPP_ORPHAN_MIN_AGE_SECONDS", float, "orphan_min_age_seconds"),
+            ("STREAMAPP_ORPHAN_INTERVAL_SECONDS", float, "orphan_interval_seconds"),
             ("STREAMAPP_MAX_FILES_PER_COMMIT", int, "max_files_per_commit"),
             ("STREAMAPP_TARGET_FILE_BYTES", int, "target_file_bytes"),
             ("STREAMAPP_SHUTDOWN_SECONDS", float, "shutdown_seconds"),

@@ -12,6 +12,7 @@ def test_defaults(tmp_path, monkeypatch):
     s = Settings.from_env({}, dotenv=None)
     assert (s.port, s.redis_port, s.window_count, s.window_seconds, s.dedupe_seconds) == (8000, 6379, 50000, 10.0, 3600)
     assert s.grace_seconds == 10.0
+    assert (s.keep_metadata, s.orphan_min_age_seconds, s.orphan_interval_seconds) == (20, 3600.0, 3600.0)
     assert s.redis_url == "" and s.embedded_redis and s.embedded_redis_url == "redis://127.0.0.1:6379/0"
     assert s.redis_password_file == (tmp_path / "warehouse" / "redis" / "password").resolve()
     assert s.warehouse == (tmp_path / "warehouse").resolve()
@@ -76,6 +77,9 @@ def test_redis_cluster_and_wait():
         ("STREAMAPP_REDIS_APPENDFSYNC", "sometimes", "STREAMAPP_REDIS_APPENDFSYNC"),
         ("STREAMAPP_WEB_PROCESSES", "-1", "STREAMAPP_WEB_PROCESSES must be >= 0"),
         ("STREAMAPP_WEB_PROCESSES", "two", "STREAMAPP_WEB_PROCESSES='two'"),
+        ("STREAMAPP_KEEP_METADATA", "0", "STREAMAPP_KEEP_METADATA must be >= 1"),
+        ("STREAMAPP_ORPHAN_MIN_AGE_SECONDS", "59", "STREAMAPP_ORPHAN_MIN_AGE_SECONDS must be >= 60"),
+        ("STREAMAPP_ORPHAN_INTERVAL_SECONDS", "-1", "STREAMAPP_ORPHAN_INTERVAL_SECONDS must be >= 0"),
         ("STREAMAPP_TARGET_FILE_BYTES", "1000", "STREAMAPP_TARGET_FILE_BYTES must be >= 1048576"),
         ("STREAMAPP_REDIS_CLUSTER", "1", "STREAMAPP_REDIS_CLUSTER=1 needs REDIS_URL"),
         ("STREAMAPP_REDIS_CLUSTER", "maybe", "STREAMAPP_REDIS_CLUSTER='maybe' must be 1 or 0"),

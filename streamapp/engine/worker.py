@@ -1,6 +1,7 @@
 """The worker process: create tables, run every agent, trim what all consumers committed, check
-Redis against the lake after each of its starts (`streamapp.engine.recovery`), stop gracefully on
-SIGTERM (open windows are flushed and committed, then the process exits)."""
+Redis against the lake after each of its starts (`streamapp.engine.recovery`), remove orphan files
+and old metadata (`streamapp.lake.maintain`), stop gracefully on SIGTERM (open windows are flushed
+and committed, then the process exits)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from streamapp.engine.app import Agent, App
 from streamapp.engine.recovery import keep_checked
 from streamapp.entries import Mark, entry_id
 from streamapp.lake.catalog import ensure_table, open_catalog
+from streamapp.lake.maintain import keep_clean
 from streamapp.metrics import serve_metrics
 from streamapp.redis_client import FAILURES, Client, reader_client, text
 from streamapp.rejected import Rejected
@@ -115,6 +117,7 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
         tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
     tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
     tasks.append(asyncio.create_task(keep_checked(redis, catalog, stopping, settings.crash_at), name="redis-check"))
+    tasks.append(asyncio.create_task(keep_clean(catalog, settings, stopping), name="storage-upkeep"))
     try:
         await stopping.wait()
         log.info("worker: stopping; flushing open windows (up to %.0fs)", settings.shutdown_seconds)

@@ -39,10 +39,13 @@ TABLE_PROPERTIES = {
     # pyiceberg's own retry re-applies an append without re-checking our stream position and
     # double-commits under contention: the sink refreshes, re-checks and retries itself.
     TableProperties.COMMIT_NUM_RETRIES: "0",
-    # Keep the metadata folder from growing by one file per window forever.
+    # Keep the metadata folder from growing by one file per window forever: pyiceberg deletes the
+    # metadata files that fall off the log after each commit (the orphan cleanup those of failed
+    # commits, and sets previous-versions-max to STREAMAPP_KEEP_METADATA: not checked here, so a
+    # table does not flip between the two).
     TableProperties.METADATA_DELETE_AFTER_COMMIT_ENABLED: "true",
-    TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: "20",
 }
+CREATE_PROPERTIES = {**TABLE_PROPERTIES, TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: str(Settings.keep_metadata)}
 
 
 def _retry_lost_race(
@@ -156,7 +159,7 @@ def _ensure_table(catalog: Catalog, model: TableSchema) -> Table:
             name,
             schema=schema,
             partition_spec=day_partition(schema, model.partition_column),
-            properties=TABLE_PROPERTIES,
+            properties=CREATE_PROPERTIES,
         )
         log.info("created table %s", name)
         return table

@@ -36,6 +36,7 @@ from pyiceberg.table.update.snapshot import ExpireSnapshots
 from pyiceberg.typedef import Record
 
 from streamapp.lake import files
+from streamapp.lake.commit import committing
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ class Upkeep:
             return
         name = ".".join(table.name())
         try:
-            self.pending = compact_run(table, self.keep_snapshots, target_bytes=self.target_bytes).left > 0
+            with committing(name):
+                self.pending = compact_run(table, self.keep_snapshots, target_bytes=self.target_bytes).left > 0
         except Exception as e:  # noqa: BLE001 - upkeep must never fail a committed window
             log.warning("compacting %s failed (%s); will try again", name, e)
             self.pending = False

@@ -1,5 +1,5 @@
 """`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | status | complete |
-check-redis | forget | retention.
+check-redis | maintain | forget | retention.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -229,6 +229,25 @@ def _retention(settings: Settings, dry_run: bool) -> int:
     return 0
 
 
+def _maintain(settings: Settings, table: str | None, dry_run: bool) -> int:
+    """Remove orphan files and old metadata now, as the worker does every
+    STREAMAPP_ORPHAN_INTERVAL_SECONDS; one line per table."""
+    # pyiceberg: only the commands that use it load it (RSS and start-up, see the module docstring)
+    from streamapp.lake.catalog import open_catalog
+    from streamapp.lake.maintain import UnknownTable, maintain
+
+    try:
+        done = maintain(open_catalog(settings), settings, table, dry_run=dry_run)
+    except UnknownTable as e:
+        print(f"streamapp: {e}", file=sys.stderr)
+        return 2
+    for cleanup in done:
+        print(cleanup.line())
+    if dry_run:
+        print(f"dry run: nothing deleted (orphans: unreferenced files older than {settings.orphan_min_age_seconds:g}s)")
+    return 1 if any(c.skipped for c in done) else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m streamapp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,7 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     forget.add_argument("--user-id", required=True, help="the user_id to erase (matched exactly)")
     retention = sub.add_parser("retention", help="drop day partitions older than STREAMAPP_RETENTION says, now")
     retention.add_argument("--dry-run", action="store_true", help="say what would be dropped, drop nothing")
+    maintain = sub.add_parser(
+        "maintain", help="remove files no snapshot references and old metadata (the worker does it hourly)"
+    )
+    maintain.add_argument("table", nargs="?", help='e.g. "events.clicks" (default: every table)')
+    maintain.add_argument("--dry-run", action="store_true", help="report what would be removed, delete nothing")
     args = parser.parse_args(argv)
+    if args.command == "forget" and not args.user_id.strip():
+        parser.exit(2, "streamapp: --user-id is empty\n")
     try:
         settings = Settings.from_env()
     except SettingsError as e:
@@ -285,6 +311,13 @@ def main(argv: list[str] | None = None) -> None:
             check_storage(settings)  # a clear line now, not a traceback from the first commit
         except StorageError as e:
             parser.exit(2, f"streamapp: {e}\n")
+    try:
+        _command(args, settings)
+    except SettingsError as e:  # the catalog's (CatalogError): opened only now
+        parser.exit(2, f"streamapp: {e}\n")
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "redis":
         exec_server(settings)
     elif args.command == "web":
@@ -299,11 +332,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_query(settings, args.sql, args.format))
     elif args.command == "status":
         sys.exit(_status(settings, args.json))
+    elif args.command == "maintain":
+        sys.exit(_maintain(settings, args.table, args.dry_run))
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
     elif args.command == "forget":
-        if not args.user_id.strip():
-            parser.exit(2, "streamapp: --user-id is empty\n")
         sys.exit(_forget(settings, args.user_id))
     elif args.command == "retention":
         sys.exit(_retention(settings, args.dry_run))
@@ -311,5 +344,5 @@ def main(argv: list[str] | None = None) -> None:
         try:
             end = _period_end(args.period)
         except ValueError:
-            parser.exit(2, f"streamapp: {args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)\n")
+            raise SettingsError(f"{args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)") from None
         sys.exit(_complete(settings, args.table, args.period, end))

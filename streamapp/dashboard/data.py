@@ -161,7 +161,7 @@ class Dashboard:
         self._history.append((now, {k: v for k, v in totals.items() if v is not None}))
         return (
             {
-                "now": _iso(now),
+                "now": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
                 "refresh_seconds": CACHE_SECONDS,
                 "redis_error": status.redis_error,
                 "events": {"totals": totals, "rates": rates(self._history)},

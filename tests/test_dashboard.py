@@ -201,7 +201,7 @@ async def test_the_page_draws_the_charts_in_chromium(web, http, fast, spawn, chr
     await wait_per_minute(fast, 300)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = await (await browser.new_context(viewport={"width": 1000, "height": 800})).new_page()
+        page = await (await browser.new_context(viewport={"width": 1040, "height": 800})).new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         await page.goto(base + "/")
@@ -215,7 +215,7 @@ async def test_the_page_draws_the_charts_in_chromium(web, http, fast, spawn, chr
         shop_cells = await page.locator("#heatmap rect.cell title").all_inner_texts()
         # traffic while the page polls: the events/s chart gets a line
         for i in range(4):
-            await send(http, web, traffic(f"b{i}-", 30, datetime.now(UTC)))
+            await send(http, web, [{"type": "click", "x": 40 * j, "y": 30, "page_url": SHOP} for j in range(30)])
             await asyncio.sleep(1)
         await page.wait_for_selector('#rates path[data-series="click"]', timeout=15_000)
         # choosing the other page redraws the heatmap from its clicks

@@ -214,7 +214,7 @@ async def test_the_page_draws_the_charts_in_chromium(web, http, fast, spawn, chr
         assert "300" in await page.locator('#tables tr[data-table="events.clicks"]').inner_text()
         shop_cells = await page.locator("#heatmap rect.cell title").all_inner_texts()
         # traffic while the page polls: the events/s chart gets a line
-        for i in range(4):
+        for _ in range(4):
             await send(http, web, [{"type": "click", "x": 40 * j, "y": 30, "page_url": SHOP} for j in range(30)])
             await asyncio.sleep(1)
         await page.wait_for_selector('#rates path[data-series="click"]', timeout=15_000)

@@ -51,6 +51,8 @@ def test_redis_url_and_port():
         ("STREAMAPP_REDIS_APPENDFSYNC", "sometimes", "STREAMAPP_REDIS_APPENDFSYNC"),
         ("STREAMAPP_WEB_PROCESSES", "-1", "STREAMAPP_WEB_PROCESSES must be >= 0"),
         ("STREAMAPP_WEB_PROCESSES", "two", "STREAMAPP_WEB_PROCESSES='two'"),
+        ("STREAMAPP_DASHBOARD_PORT", "0", "STREAMAPP_DASHBOARD_PORT must be a TCP port"),
+        ("STREAMAPP_DASHBOARD_PORT", "70000", "STREAMAPP_DASHBOARD_PORT must be a TCP port"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, needle):

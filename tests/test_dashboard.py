@@ -122,13 +122,19 @@ def recount_heatmap(clicks: list[dict], page: str) -> tuple[int, dict[tuple[int,
 async def test_the_figures_equal_a_recount_of_the_tables(web, http, fast, spawn):
     spawn("worker", fast)
     now = datetime.now(UTC)
-    await send(http, web, traffic("a", 300, now))
+    # older clicks on SHOP: two days ago (outside the heatmap's day), two hours ago (outside the
+    # per-minute hour, inside the heatmap's day)
+    old = [
+        {"type": "click", "x": 5, "y": 5, "page_url": SHOP, "timestamp": (now - ago).isoformat()}
+        for ago in [timedelta(days=2)] * 10 + [timedelta(hours=2)] * 10
+    ]
+    await send(http, web, old + traffic("a", 300, now))
     async with http.post(web + "/api/events", json={"type": "click", "x": 1, "event_id": "bad"}) as r:
         assert r.status == 422  # no y: stored in events.rejected
-    clicks = await wait_rows(fast, "events.clicks", 300)
+    clicks = await wait_rows(fast, "events.clicks", 320)
     await wait_rows(fast, "events.keydowns", 30)
     await wait_rows(fast, "events.rejected", 1)
-    await wait_per_minute(fast, 300)
+    await wait_per_minute(fast, 320)
 
     async with dashboard_server(fast) as (base, dashboard):
         # two viewers at once: one refresh serves both
@@ -136,7 +142,7 @@ async def test_the_figures_equal_a_recount_of_the_tables(web, http, fast, spawn)
         assert dashboard.refreshes == 1 and first == again
         d = first
         assert d["redis_error"] is None
-        assert d["events"]["totals"] == {"click": 300, "keydown": 30, "rejected": 1}
+        assert d["events"]["totals"] == {"click": 320, "keydown": 30, "rejected": 1}
         assert d["events"]["rates"] == {}  # one sample: no rate yet
 
         tables = {t["table"]: t for t in d["tables"]}
@@ -158,11 +164,12 @@ async def test_the_figures_equal_a_recount_of_the_tables(web, http, fast, spawn)
             for page, counts in pm["pages"].items()
         }
         assert served == recount_per_minute(clicks, since)
-        assert sum(sum(c) for c in pm["pages"].values()) == 300
+        assert sum(sum(c) for c in pm["pages"].values()) == 300  # not the older ones
 
         heat = d["heatmap"]  # no ?page=: the page with most clicks this hour
-        assert heat["page"] == SHOP and heat["clicks"] == 200
-        cell, cells = recount_heatmap(clicks, SHOP)
+        assert heat["page"] == SHOP and heat["clicks"] == 210  # and 10 of the older ones
+        day = datetime.fromisoformat(d["now"]) - timedelta(days=1)
+        cell, cells = recount_heatmap([r for r in clicks if r["event_time"] >= day], SHOP)
         assert heat["cell"] == cell and {(c, r): n for c, r, n in heat["cells"]} == cells
         cart = (await get(http, base + "/api/dashboard?page=" + CART))["heatmap"]
         assert cart["page"] == CART and cart["clicks"] == 100
@@ -178,7 +185,18 @@ async def test_the_figures_equal_a_recount_of_the_tables(web, http, fast, spawn)
         [(t1, rate)] = later["events"]["rates"]["click"]
         t0 = datetime.fromisoformat(d["now"]).timestamp()
         assert abs(rate * (t1 - t0) - 40) < 0.5, (rate, t1 - t0)
-        assert later["events"]["totals"]["click"] == 340
+        assert later["events"]["totals"]["click"] == 360
+
+
+async def test_an_empty_lake_and_a_stopped_redis_still_answer(http, fast, redis_server):
+    async with dashboard_server(fast) as (base, _):
+        d = await get(http, base + "/api/dashboard")
+        assert (d["tables"], d["agents"], d["redis_error"]) == ([], [], None)
+        assert d["clicks_per_minute"]["pages"] == {} and d["heatmap"]["clicks"] == 0
+        redis_server.stop()
+        await asyncio.sleep(2.1)  # past the cache
+        d = await get(http, base + "/api/dashboard")
+        assert d["redis_error"] is not None and d["events"]["totals"] == {}
 
 
 @pytest.fixture(scope="session")

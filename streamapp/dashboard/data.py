@@ -42,6 +42,7 @@ HEATMAP_SPAN = timedelta(days=1)  # ...of the last day (so only that day's parti
 HEATMAP_COLUMNS = 40  # grid cells across; square cells, as many rows as the clicks reach
 HEATMAP_MAX_ROWS = 120
 MAX_PAGE_CHARS = 2048
+MAX_CACHED_PAGES = 64
 
 
 def _iso(t: datetime | float | None) -> str | None:
@@ -143,6 +144,8 @@ class Dashboard:
             at, overview, tables = self._overview
             pages = list(overview["clicks_per_minute"]["pages"])
             chosen = page if page is not None else next((p for p in pages if p), "")
+            if len(self._heatmaps) >= MAX_CACHED_PAGES:  # many pages asked for within one refresh
+                self._heatmaps.clear()
             if chosen not in self._heatmaps:
                 clicks = tables.get(CLICKS_TABLE)
                 when = datetime.fromtimestamp(at, UTC)

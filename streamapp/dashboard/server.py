@@ -27,7 +27,11 @@ async def figures_view(request: web.Request) -> web.Response:
     page = request.query.get("page")
     if page is not None and len(page) > MAX_PAGE_CHARS:
         return web.json_response({"error": f"page is over {MAX_PAGE_CHARS} characters"}, status=400)
-    figures = await request.app[DASHBOARD].figures(page)
+    try:
+        figures = await request.app[DASHBOARD].figures(page)
+    except Exception as e:  # noqa: BLE001 - the catalog or its storage failed: say so, keep serving
+        log.warning("dashboard: cannot read the figures: %s: %s", type(e).__name__, e)
+        return web.json_response({"error": f"cannot read the figures: {type(e).__name__}: {e}"}, status=503)
     return web.Response(
         text=json.dumps(figures), content_type="application/json", headers={"Cache-Control": "no-store"}
     )

@@ -132,7 +132,7 @@ class Dashboard:
         self._history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY)
         self._lock = asyncio.Lock()
         self._overview: tuple[float, dict[str, Any], dict[str, Table]] | None = None
-        self._heatmaps: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._heatmaps: dict[str, dict[str, Any]] = {}  # by page, for the current refresh
 
     async def figures(self, page: str | None = None) -> dict[str, Any]:
         """Every figure, with the heatmap of `page` (default: the page with most clicks this hour)."""
@@ -149,8 +149,8 @@ class Dashboard:
             if chosen not in self._heatmaps:
                 clicks = tables.get(CLICKS_TABLE)
                 when = datetime.fromtimestamp(at, UTC)
-                self._heatmaps[chosen] = (at, await asyncio.to_thread(heatmap, clicks, chosen, when))
-            return {**overview, "heatmap": self._heatmaps[chosen][1]}
+                self._heatmaps[chosen] = await asyncio.to_thread(heatmap, clicks, chosen, when)
+            return {**overview, "heatmap": self._heatmaps[chosen]}
 
     async def _refresh(self, now: float) -> tuple[dict[str, Any], dict[str, Table]]:
         self.refreshes += 1

@@ -1,5 +1,5 @@
 """`python -m streamapp COMMAND`: redis | web | worker | dashboard | create-tables | show | query | status |
-complete | check-redis.
+complete | check-redis | maintain.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -213,6 +213,25 @@ def _complete(settings: Settings, table: str, period: str, end: datetime) -> int
     return 1
 
 
+def _maintain(settings: Settings, table: str | None, dry_run: bool) -> int:
+    """Remove orphan files and old metadata now, as the worker does every
+    STREAMAPP_ORPHAN_INTERVAL_SECONDS; one line per table."""
+    # pyiceberg: only the commands that use it load it (RSS and start-up, see the module docstring)
+    from streamapp.lake.catalog import open_catalog
+    from streamapp.lake.maintain import UnknownTable, maintain
+
+    try:
+        done = maintain(open_catalog(settings), settings, table, dry_run=dry_run)
+    except UnknownTable as e:
+        print(f"streamapp: {e}", file=sys.stderr)
+        return 2
+    for cleanup in done:
+        print(cleanup.line())
+    if dry_run:
+        print(f"dry run: nothing deleted (orphans: unreferenced files older than {settings.orphan_min_age_seconds:g}s)")
+    return 1 if any(c.skipped for c in done) else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m streamapp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "check-redis", help="check Redis against the tables now (a worker does it after each start of Redis)"
     )
+    maintain = sub.add_parser(
+        "maintain", help="remove files no snapshot references and old metadata (the worker does it hourly)"
+    )
+    maintain.add_argument("table", nargs="?", help='e.g. "events.clicks" (default: every table)')
+    maintain.add_argument("--dry-run", action="store_true", help="report what would be removed, delete nothing")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -269,6 +293,13 @@ def main(argv: list[str] | None = None) -> None:
             check_storage(settings)  # a clear line now, not a traceback from the first commit
         except StorageError as e:
             parser.exit(2, f"streamapp: {e}\n")
+    try:
+        _command(args, settings)
+    except SettingsError as e:  # the catalog's (CatalogError): opened only now
+        parser.exit(2, f"streamapp: {e}\n")
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "redis":
         exec_server(settings)
     elif args.command == "web":
@@ -285,11 +316,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_query(settings, args.sql, args.format))
     elif args.command == "status":
         sys.exit(_status(settings, args.json))
+    elif args.command == "maintain":
+        sys.exit(_maintain(settings, args.table, args.dry_run))
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
     elif args.command == "complete":
         try:
             end = _period_end(args.period)
         except ValueError:
-            parser.exit(2, f"streamapp: {args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)\n")
+            raise SettingsError(f"{args.period!r} is neither a day (2026-11-27) nor an hour (2026-11-27T13)") from None
         sys.exit(_complete(settings, args.table, args.period, end))

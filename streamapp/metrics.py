@@ -82,6 +82,10 @@ FRESHNESS_SECONDS = Histogram(
 DEAD_LETTERS = Counter(
     "streamapp_dead_letters", "Stream entries an agent could not turn into rows, kept in events.dead_letter", ["agent"]
 )
+REDIS_NOT_REPLICATED = Counter(
+    "streamapp_redis_not_replicated",
+    "Flushes answered 503 because fewer than STREAMAPP_REDIS_WAIT_REPLICAS replicas confirmed them in time",
+)
 REDIS_LOST_EVENTS = Counter(
     "streamapp_redis_lost_events",
     "Events a Redis that came back with older data no longer held, by stream and by the consumer that had not "

@@ -2,7 +2,8 @@
 properties it commits, and the tables it creates on its own (not declared by a model).
 
 Redis keys share the `{streamapp}` hash tag so that the ingest script, which touches several of
-them atomically, also runs on Redis Cluster (one slot).
+them atomically, also runs on Redis Cluster (one slot, so one primary holds them all: sharded
+streams, which spread over the primaries, are `STREAMAPP_SHARDS`' business).
 
 The table properties are the durable half of exactly-once: each moves in the same Iceberg commit
 as the rows it describes (see `streamapp.lake.sink` and `streamapp.lake.aggregate_sink`).
@@ -39,6 +40,11 @@ def progress(stream_key: str) -> str:
 # `streamapp.engine.recovery`). The web writes only while it names the server it talks to, so a
 # Redis that restarted, maybe from older data, takes no event before it has been checked.
 CHECKED = f"{PREFIX}:checked"
+
+
+# Integer: incremented right before each WAIT (`STREAMAPP_REDIS_WAIT_REPLICAS`), so that the WAIT
+# covers every write before it (see `streamapp.redis_client.write_and_wait`).
+REPLICATED = f"{PREFIX}:replicated"
 
 
 # Iceberg table properties, per (stream, consumer): "<prefix><stream key>|<consumer>"

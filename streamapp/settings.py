@@ -19,6 +19,11 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
 
+class CatalogError(SettingsError):
+    """The catalog the settings name cannot be opened (a wrong URI, a database that does not
+    answer, an incomplete pyiceberg configuration); the message names the setting."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -29,6 +34,12 @@ class Settings:
     # Empty: the embedded server on redis_port, with the password in `redis_password_file`. Given
     # (REDIS_URL), it is used as it is, with its own password if any.
     redis_url: str = ""
+    # REDIS_URL names a node of a Redis/Valkey Cluster (STREAMAPP_REDIS_CLUSTER=1).
+    redis_cluster: bool = False
+    # Ingest answers 202 only once this many replicas have the events (WAIT), 503 when they do not
+    # within redis_wait_ms; the worker commits only entries that many replicas have.
+    redis_wait_replicas: int = 0
+    redis_wait_ms: int = 1000
     # Where the tables' files go: a local directory (resolved against the working directory; a
     # Path after __post_init__) or an S3 URI, s3://bucket/prefix (a str), reached with the AWS_*
     # settings below.
@@ -37,6 +48,10 @@ class Settings:
     # the warehouse when it is local, ./state when it is on S3.
     state_dir: Path | str = ""
     catalog_uri: str = ""  # empty: sqlite file inside the state dir
+    # True where STREAMAPP_CATALOG_URI is unset (from_env): a catalog named "streamapp" in
+    # pyiceberg's own configuration (.pyiceberg.yaml, PYICEBERG_CATALOG__STREAMAPP__*), e.g. a REST
+    # catalog, then wins over the SQLite file (see streamapp.lake.catalog.open_catalog).
+    catalog_from_pyiceberg: bool = False
     # S3 storage, from the standard AWS variables. Empty: pyarrow's own default chain (the
     # ~/.aws files, an instance's role). The region defaults to us-east-1 with an endpoint (MinIO,
     # moto and the like ignore it, but the signature needs one).
@@ -77,10 +92,21 @@ class Settings:
     # Snapshots each table keeps (time travel reaches back this many commits); more makes every
     # commit slower (see streamapp.lake.upkeep).
     keep_snapshots: int = 10
+    # Previous metadata JSON files each table keeps besides its current one (Iceberg's
+    # write.metadata.previous-versions-max, which streamapp sets to this).
+    keep_metadata: int = 20
+    # Files no snapshot references are removed only when older than this: the longest a commit can
+    # take (a commit in progress has written files no snapshot references yet). At least 60.
+    orphan_min_age_seconds: float = 3600.0
+    # How often the worker removes orphan files and old metadata (see streamapp.lake.orphans); 0: never.
+    orphan_interval_seconds: float = 3600.0
     # Data files one commit of a raw sink writes at most: a window whose rows fall into more
     # partitions (days) is committed in several commits of even sizes (see streamapp.lake.split).
     # A file costs ~0.7-0.9 ms on 2 cores, so a commit stays under ~1 s plus its rows.
     max_files_per_commit: int = 1000
+    # Compaction's target: data files under it are small, and a day partition holding more than 2
+    # files, two of them small, has its small ones rewritten as one (files over it are split).
+    target_file_bytes: int = 64 * 1024 * 1024
     # The worker's /metrics port; 0 turns it off.
     worker_metrics_port: int = 9100
     shutdown_seconds: float = 25.0
@@ -108,7 +134,7 @@ class Settings:
         state = self.state_dir or (self.warehouse if isinstance(self.warehouse, Path) else "state")
         object.__setattr__(self, "state_dir", Path(state).resolve())
         if not self.catalog_uri:
-            object.__setattr__(self, "catalog_uri", f"sqlite:///{self.state_dir}/catalog.db")
+            object.__setattr__(self, "catalog_uri", self.default_catalog_uri)
         if self.window_count < 1:
             raise SettingsError("STREAMAPP_WINDOW_COUNT must be >= 1")
         if self.window_seconds <= 0:
@@ -121,6 +147,17 @@ class Settings:
             raise SettingsError("STREAMAPP_LOG_FORMAT must be auto, json or text")
         if self.keep_snapshots < 1:
             raise SettingsError("STREAMAPP_KEEP_SNAPSHOTS must be >= 1")
+        if self.keep_metadata < 1:
+            raise SettingsError("STREAMAPP_KEEP_METADATA must be >= 1")
+        if self.orphan_min_age_seconds < 60:
+            raise SettingsError(
+                "STREAMAPP_ORPHAN_MIN_AGE_SECONDS must be >= 60 (the longest a commit can take; "
+                "a younger file may belong to a commit in progress)"
+            )
+        if self.orphan_interval_seconds < 0:
+            raise SettingsError("STREAMAPP_ORPHAN_INTERVAL_SECONDS must be >= 0 (0: off)")
+        if self.target_file_bytes < 1024 * 1024:
+            raise SettingsError("STREAMAPP_TARGET_FILE_BYTES must be >= 1048576 (1 MiB)")
         if self.max_files_per_commit < 1:
             raise SettingsError("STREAMAPP_MAX_FILES_PER_COMMIT must be >= 1")
         if self.max_backlog < 1:
@@ -133,8 +170,19 @@ class Settings:
             raise SettingsError("STREAMAPP_WEB_PROCESSES must be >= 0 (0: one per CPU core)")
         if not 0 < self.dashboard_port < 65536:
             raise SettingsError("STREAMAPP_DASHBOARD_PORT must be a TCP port, 1-65535")
+        if self.redis_cluster and not self.redis_url:
+            raise SettingsError("STREAMAPP_REDIS_CLUSTER=1 needs REDIS_URL: a node of the cluster")
+        if self.redis_wait_replicas < 0:
+            raise SettingsError("STREAMAPP_REDIS_WAIT_REPLICAS must be >= 0")
+        if not 1 <= self.redis_wait_ms <= 60_000:
+            raise SettingsError("STREAMAPP_REDIS_WAIT_MS must be 1..60000")
         if self.request_timeout_seconds <= 0:
             raise SettingsError("STREAMAPP_REQUEST_TIMEOUT_SECONDS must be > 0")
+
+    @property
+    def default_catalog_uri(self) -> str:
+        """The SQLite file inside the state dir (the warehouse, when it is local)."""
+        return f"sqlite:///{self.state_dir}/catalog.db"
 
     @property
     def web_process_count(self) -> int:
@@ -199,6 +247,8 @@ class Settings:
             ("STREAMAPP_DASHBOARD_PORT", int, "dashboard_port"),
             ("REDIS_URL", str, "redis_url"),
             ("STREAMAPP_REDIS_PORT", int, "redis_port"),
+            ("STREAMAPP_REDIS_WAIT_REPLICAS", int, "redis_wait_replicas"),
+            ("STREAMAPP_REDIS_WAIT_MS", int, "redis_wait_ms"),
             ("STREAMAPP_WAREHOUSE", str, "warehouse"),
             ("STREAMAPP_STATE_DIR", str, "state_dir"),
             ("AWS_ENDPOINT_URL", str, "aws_endpoint_url"),
@@ -222,7 +272,11 @@ class Settings:
             ("STREAMAPP_REDIS_MAXMEMORY", str, "redis_maxmemory"),
             ("STREAMAPP_WORKER_METRICS_PORT", int, "worker_metrics_port"),
             ("STREAMAPP_KEEP_SNAPSHOTS", int, "keep_snapshots"),
+            ("STREAMAPP_KEEP_METADATA", int, "keep_metadata"),
+            ("STREAMAPP_ORPHAN_MIN_AGE_SECONDS", float, "orphan_min_age_seconds"),
+            ("STREAMAPP_ORPHAN_INTERVAL_SECONDS", float, "orphan_interval_seconds"),
             ("STREAMAPP_MAX_FILES_PER_COMMIT", int, "max_files_per_commit"),
+            ("STREAMAPP_TARGET_FILE_BYTES", int, "target_file_bytes"),
             ("STREAMAPP_SHUTDOWN_SECONDS", float, "shutdown_seconds"),
             ("STREAMAPP_WEB_PROCESSES", int, "web_processes"),
             ("STREAMAPP_LOG_LEVEL", str, "log_level"),
@@ -235,6 +289,11 @@ class Settings:
             kwargs["write_keys"] = _write_keys(raw_keys)
         if region := values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION"):  # the SDKs' order
             kwargs["aws_region"] = region
+        kwargs["catalog_from_pyiceberg"] = not values.get("STREAMAPP_CATALOG_URI")
+        cluster = values.get("STREAMAPP_REDIS_CLUSTER", "").strip().lower()
+        if cluster not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise SettingsError(f"STREAMAPP_REDIS_CLUSTER={cluster!r} must be 1 or 0")
+        kwargs["redis_cluster"] = cluster in ("1", "true", "yes")
         crash = values.get("STREAMAPP_CRASH_AT", "")
         kwargs["crash_at"] = tuple(p.strip() for p in crash.split(",") if p.strip())
         return cls(**kwargs)

@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import tests.isolation  # first: before pyiceberg reads its configuration
+
+# isort: split
 import aiohttp
 import pytest
 import redis as redis_sync
@@ -26,6 +29,8 @@ from streamapp.settings import Settings
 from streamapp.web.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytest_plugins = ["tests.postgres"]  # the `postgres` server and `pg_uri` fixtures
 
 
 def free_port() -> int:
@@ -144,8 +149,12 @@ def check_redis(settings: Settings) -> None:
 
 def clean_env() -> dict[str, str]:
     """This process's environment without any streamapp setting, for a child that gets its own
-    (the developer's AWS_* included: a child must not reach their buckets)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT", "AWS_"))}
+    (the developer's AWS_* included: a child must not reach their buckets), nor any pyiceberg
+    setting but the stand-in configuration of tests.isolation."""
+    prefixes = ("STREAMAPP_", "REDIS_URL", "PORT", "AWS_", "PYICEBERG_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env["PYICEBERG_HOME"] = tests.isolation.PYICEBERG_HOME
+    return env
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

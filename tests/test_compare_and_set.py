@@ -1,4 +1,4 @@
-"""Two writers on one SQLite catalog: every commit that moves a stream position goes in only on the
+"""Two writers on one catalog (SQLite, PostgreSQL): every commit that moves a stream position goes in only on the
 table state the position was read from.
 
 Each writer has its own catalog, as two worker processes do. The stale writer's attempt is
@@ -30,9 +30,10 @@ T0 = 1_795_000_020.0  # on a minute
 SPEC = aggregate_spec("events.agg", "page_url", {"clicks": (int, False)})
 
 
-@pytest.fixture
-def settings(tmp_path) -> Settings:
-    return Settings(warehouse=tmp_path / "wh", keep_snapshots=5)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request, tmp_path) -> Settings:
+    uri = request.getfixturevalue("pg_uri") if request.param == "postgresql" else ""
+    return Settings(warehouse=tmp_path / "wh", keep_snapshots=5, catalog_uri=uri)
 
 
 def after_next_refresh(monkeypatch, table, other_writer_commits: Callable[[], object]) -> None:

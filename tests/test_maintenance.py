@@ -13,10 +13,11 @@ from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import pyarrow as iceberg_arrow
 
 from models.click import ClickEvent
-from streamapp.entries import Window
+from streamapp.entries import DeadEntry, Window
 from streamapp.lake import upkeep
-from streamapp.lake.aggregate_sink import AggregateSink, Flush, aggregate_spec
+from streamapp.lake.aggregate_sink import AggregateSink, Flush, LateEvent, aggregate_spec
 from streamapp.lake.catalog import ensure_table, open_catalog
+from streamapp.lake.dead_letter import DeadLetters
 from streamapp.lake.sink import TableSink
 from streamapp.lake.upkeep import compact, data_files
 from streamapp.names import COMPLETE_BEFORE, position_property
@@ -145,3 +146,80 @@ def test_a_tagged_snapshot_outlives_expiry(sink):
     assert sorted(table.scan(snapshot_id=tagged).to_arrow().column("event_id").to_pylist()) == [
         f"w0-{j}" for j in range(4)
     ]
+
+
+def _file_rows(table, column: str) -> list[list]:
+    """Each data file's values of `column`, in the file's order (read straight from its Parquet)."""
+    import pyarrow.parquet as pq
+
+    return [
+        pq.read_table(t.file.file_path.removeprefix("file://"), columns=[column]).column(column).to_pylist()
+        for t in table.scan().plan_files()
+    ]
+
+
+def test_aggregates_and_late_events_are_compacted_and_their_files_sorted_by_time(settings):
+    """An aggregate flush writes a file per day its windows touch, in its table and in events.late:
+    both are compacted as the raw tables are, rows and position kept, each file sorted by time."""
+    spec = aggregate_spec("events.agg", "page_url", {"clicks": (int, False)})
+    sink, _ = AggregateSink.open(open_catalog(settings), spec, "stream", "agent", keep_snapshots=5)
+    expected, late_ids = [], []
+    for n in range(1, 61):  # 60 flushes, each with windows on 2 days in reverse time order
+        starts = [DAY1.timestamp() + 86_400 * (n % 2) + 60 * (60 - n), DAY1.timestamp() + 86_400 * 2 + 60 * (60 - n)]
+        rows = [{"window_start": s, "window_end": s + 60, "page_url": f"p{n}", "clicks": n} for s in starts]
+        late = [
+            LateEvent(f"{n}-{j}", ClickEvent(x=n, y=j, event_id=f"late-{n}-{j}"), s - 30, s - 60, s, None)
+            for j, s in enumerate(starts)
+        ]
+        expected += [(r["page_url"], r["window_start"]) for r in rows]
+        late_ids += [e.event.event_id for e in late]
+        pos = f"{n}-9"
+        sink.commit(Flush(rows, [], late, pos, pos, starts[0], 0.0, starts[0], 0.0))
+    table, late_table = sink.table, sink.late
+    table.refresh()
+    late_table.refresh()
+    # Without compaction: 120 files in each (a flush writes one per day); it ran at 100.
+    assert data_files(table) < 30 and data_files(late_table) < 30, (data_files(table), data_files(late_table))
+    got = table.scan().to_arrow().to_pylist()
+    assert sorted((r["page_url"], r["window_start"].timestamp()) for r in got) == sorted(expected)
+    assert_exactly_once([{"event_id": r["event_id"]} for r in late_table.scan().to_arrow().to_pylist()], set(late_ids))
+    assert table.properties[position_property("stream", "agent")] == "60-9"
+    assert late_table.properties[position_property("stream", "agent")] == "60-9"
+    compacted = [v for v in _file_rows(table, "window_start") if len(v) > 2]
+    assert compacted and all(v == sorted(v) for v in compacted)  # flushes wrote them newest first
+    assert table.properties["write.target-file-size-bytes"] == str(64 * 1024 * 1024)
+
+
+def test_dead_letters_are_compacted(settings):
+    letters = DeadLetters(open_catalog(settings), keep_snapshots=5)
+    for n in range(1, 111):
+        assert letters.write([DeadEntry(f"{n}-0", '{"x":', "unreadable")], "stream", "agent", f"{n}-0") == 1
+    table = letters.table
+    table.refresh()
+    assert data_files(table) <= 11, data_files(table)  # one file per commit until the compaction at 100
+    assert sorted(r["entry_id"] for r in table.scan().to_arrow().to_pylist()) == sorted(f"{n}-0" for n in range(1, 111))
+    assert table.properties[position_property("stream", "agent")] == "110-0"
+
+
+def test_raw_files_are_sorted_by_event_time_after_compaction_with_the_target_size_set(settings):
+    """Every file compaction wrote is sorted by event time, though the windows arrived newest
+    first; the target size (which pyiceberg's bin-packing splits a partition by) is the table's."""
+    catalog = open_catalog(settings)
+    ensure_table(catalog, ClickEvent)
+    sink = TableSink(catalog, "events.clicks", keep_snapshots=5, target_file_bytes=1024 * 1024)
+    for n in range(120):
+        window = _window(n, size=40)
+        window.payloads = [
+            msgspec.json.encode(
+                ClickEvent(x=n, y=j, event_id=f"w{n}-{j}", timestamp=DAY1 + timedelta(days=j % 2, seconds=-n * 60 - j))
+            )
+            for j in range(40)
+        ]
+        sink.write(window)
+    table = sink.table
+    table.refresh()
+    assert data_files(table) < 60  # 240 without compaction (one file per day per window)
+    assert len(table.scan().to_arrow()) == 120 * 40
+    compacted = [v for v in _file_rows(table, "event_time") if len(v) > 40]
+    assert compacted and all(v == sorted(v) for v in compacted)
+    assert table.properties["write.target-file-size-bytes"] == str(1024 * 1024)

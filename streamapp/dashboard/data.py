@@ -25,12 +25,12 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, Reference
 from pyiceberg.expressions.literals import literal
 from pyiceberg.table import Table
-from redis.asyncio import Redis
 
 from streamapp import names
 from streamapp.engine.status import Status, gather
 from streamapp.entries import entry_id
 from streamapp.lake.catalog import all_tables
+from streamapp.redis_client import Client
 
 CACHE_SECONDS = 2.0  # a refresh serves every viewer for this long
 HISTORY = 300  # events/s samples kept: 10 minutes at one refresh per 2 s
@@ -124,7 +124,7 @@ def rates(history: deque[tuple[float, dict[str, int]]]) -> dict[str, list[list[f
 class Dashboard:
     """What `/api/dashboard` answers, cached: one refresh at a time, shared by every viewer."""
 
-    def __init__(self, catalog: Catalog, redis: Redis, streams: list[str]) -> None:
+    def __init__(self, catalog: Catalog, redis: Client, streams: list[str]) -> None:
         self.catalog = catalog
         self.redis = redis
         self.streams = streams

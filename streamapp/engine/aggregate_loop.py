@@ -57,6 +57,7 @@ async def run_aggregate(
             reader.consumer,
             keep_snapshots=settings.keep_snapshots,
             crash_at=settings.crash_at,
+            target_file_bytes=settings.target_file_bytes,
         )
         log.info(
             "%s: resuming from its last commit (position %s, watermark %s): re-reading after %s",

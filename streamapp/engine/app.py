@@ -157,6 +157,7 @@ class App:
                 keep_snapshots=self.settings.keep_snapshots,
                 max_files=self.settings.max_files_per_commit,
                 crash_at=self.settings.crash_at,
+                target_file_bytes=self.settings.target_file_bytes,
             )
         return self._tables[name]
 

@@ -21,12 +21,9 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from streamapp import metrics, names
 from streamapp.entries import Collected, Mark, Told, Window, entry_id
-from streamapp.redis_client import text
+from streamapp.redis_client import FAILURES, RUN_ID_LUA, Client, server_run_id, text, write_and_wait
 from streamapp.table_model import TableModel
 
 log = logging.getLogger(__name__)
@@ -56,7 +53,15 @@ class StreamReader:
     (None: none does)."""
 
     def __init__(
-        self, redis: Redis, model: TableModel, consumer: str, stopping: asyncio.Event, *, window_bytes: int
+        self,
+        redis: Client,
+        model: TableModel,
+        consumer: str,
+        stopping: asyncio.Event,
+        *,
+        window_bytes: int,
+        wait_replicas: int = 0,
+        wait_ms: int = 1000,
     ) -> None:
         self.redis = redis
         self.model = model
@@ -64,6 +69,8 @@ class StreamReader:
         self.consumer = consumer
         self.stopping = stopping
         self.window_bytes = window_bytes  # a window closes once its payloads hold this many bytes
+        self.wait_replicas, self.wait_ms = wait_replicas, wait_ms  # see `replicated`
+        self.server = ""  # with wait_replicas: the run_id of the server it reads from, see `replicated`
         self.acked = "0-0"  # the last position this agent acknowledged: reading resumes after it
         self.handed: collections.deque[Told] = collections.deque(maxlen=2)  # of the newest windows handed out
         self.guessed: bool | None = None  # whether the first window's sample was spread over many days
@@ -78,7 +85,9 @@ class StreamReader:
                 pipe.hsetnx(names.progress(self.key), self.consumer, str(Mark("0-0", 0, 0)))
                 pipe.hget(names.ACKS, field)
                 *_, hint = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as e:
+            if self.wait_replicas:
+                self.server = await server_run_id(self.redis)
+        except FAILURES as e:
             raise StreamInterrupted(f"registering {self.consumer} on {self.key} failed: {e}") from e
         if hint and entry_id(text(hint)) > entry_id(self.acked):
             self.acked = text(hint)
@@ -125,6 +134,8 @@ class StreamReader:
                         dead=got.dead,
                         end=got.end,
                     )
+                    if got.ids and self.wait_replicas:
+                        await self.replicated()
                     self.handed.append(window.told)
                     yield window
                 if self.stopping.is_set() and pending is None:
@@ -168,6 +179,30 @@ class StreamReader:
                     deadline = loop.time() + within
         return got
 
+    async def replicated(self) -> None:
+        """Hand out a window only once `wait_replicas` replicas have its entries (WAIT), so that no
+        commit holds an entry a failover may lose: that entry's ingest was answered 503, and its
+        retry, which the promoted replica would not know as a duplicate, would be stored twice.
+        Not confirmed in time: StreamInterrupted, the agent reads it again from its position.
+
+        The server's run_id is read on the same connection as the WAIT: were it not the one the
+        agent started reading from (`register`), the entries may come from a primary that failed
+        over since, and the promoted one's replicas say nothing about them: read again too."""
+        try:
+            (server,), acked = await write_and_wait(
+                self.redis, [("EVAL", RUN_ID_LUA, 1, names.CHECKED)], self.wait_replicas, self.wait_ms
+            )
+            if isinstance(server, Exception):
+                raise server
+        except FAILURES as e:
+            raise StreamInterrupted(f"waiting for the replicas of {self.key} failed: {e}") from e
+        if text(server) != self.server:
+            raise StreamInterrupted(f"{self.key}: Redis changed (a failover) while the window was read; read again")
+        if acked < self.wait_replicas:
+            raise StreamInterrupted(
+                f"{self.key}: {acked} of {self.wait_replicas} replicas have the window's entries; read again"
+            )
+
     def spread(self) -> bool:
         """Whether the newest window a sink has split into partitions fell into many of them (or,
         before any has, whether the sample of the first window did)."""
@@ -180,10 +215,10 @@ class StreamReader:
         """Up to `count` entries after `cursor`, waiting up to `block_ms` for one (None: no wait)."""
         block = () if block_ms is None else ("BLOCK", block_ms)
         try:
-            reply = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            reply = await self.redis.execute_command(  # type: ignore[no-untyped-call,unused-ignore]
                 "XREAD", "COUNT", count, *block, "STREAMS", self.key, cursor
             )
-        except (TimeoutError, RedisError, OSError) as e:
+        except FAILURES as e:
             raise StreamInterrupted(f"reading {self.key} failed: {e}") from e
         if not reply:
             return []
@@ -202,14 +237,14 @@ class StreamReader:
                 if progress is not None:
                     pipe.hset(names.progress(self.key), self.consumer, str(progress))
                 await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as e:  # hints; the next ack writes them again
+        except FAILURES as e:  # hints; the next ack writes them again
             log.warning("could not record position %s of %s: %s", last_id, self.key, e)
 
     async def report(self, progress: Mark) -> None:
         """Only the progress hint: an aggregate has read up to `progress` into its windows."""
         try:
             await self.redis.hset(names.progress(self.key), self.consumer, str(progress))
-        except (RedisError, OSError, TimeoutError) as e:
+        except FAILURES as e:
             log.warning("could not record the progress of %s on %s: %s", self.consumer, self.key, e)
 
 

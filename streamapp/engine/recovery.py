@@ -30,14 +30,13 @@ import logging
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
-from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from streamapp import metrics, names
 from streamapp.entries import RUNNING_BYTES, RUNNING_COUNT, Mark, entry_id, format_id
 from streamapp.faults import crashpoint
 from streamapp.lake.catalog import all_tables, committed_positions
-from streamapp.redis_client import server_run_id, text
+from streamapp.redis_client import FAILURES, Client, server_run_id, text
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ def lost(marks: dict[str, Mark], tail_id: str | None, tail: Mark | None) -> tupl
     return max(0, top.events - kept), {c: n for c, n in missing.items() if n > 0}
 
 
-async def _last_id(redis: Redis, stream: str) -> str | None:
+async def _last_id(redis: Client, stream: str) -> str | None:
     """The stream's last-generated-id: the highest id it ever gave (None: no such stream)."""
     try:
         info = await redis.xinfo_stream(stream)
@@ -121,7 +120,7 @@ async def _last_id(redis: Redis, stream: str) -> str | None:
     return text(info["last-generated-id"])
 
 
-async def _tail(redis: Redis, stream: str) -> tuple[str | None, Mark | None]:
+async def _tail(redis: Client, stream: str) -> tuple[str | None, Mark | None]:
     """The stream's last entry: its id, and its totals when it carries them."""
     entries = await redis.xrevrange(stream, count=1)
     if not entries:
@@ -133,7 +132,9 @@ async def _tail(redis: Redis, stream: str) -> tuple[str | None, Mark | None]:
     return entry, Mark(entry, int(c), int(b)) if c is not None and b is not None else None
 
 
-async def check(redis: Redis, catalog: Catalog, *, force: bool = False, crash_at: tuple[str, ...] = ()) -> list[Repair]:
+async def check(
+    redis: Client, catalog: Catalog, *, force: bool = False, crash_at: tuple[str, ...] = ()
+) -> list[Repair]:
     """Check the Redis behind `redis` against the tables of `catalog` unless it is checked already
     (or `force`); returns the streams it repaired. Raises RedisError when Redis does not answer."""
     server = await server_run_id(redis)
@@ -183,13 +184,17 @@ def _report(r: Repair) -> None:
     )
 
 
-async def keep_checked(redis: Redis, catalog: Catalog, stopping: asyncio.Event, crash_at: tuple[str, ...] = ()) -> None:
+async def keep_checked(
+    redis: Client, catalog: Catalog, stopping: asyncio.Event, crash_at: tuple[str, ...] = ()
+) -> None:
     """The worker's task: check Redis now and whenever it has restarted since, until the worker stops."""
     while not stopping.is_set():
         try:
             await check(redis, catalog, crash_at=crash_at)
-        except (RedisError, OSError) as e:
+        except FAILURES as e:
             log.debug("checking Redis failed (%s); again in %.0fs", e, CHECK_EVERY_SECONDS)
+        except Exception as e:  # noqa: BLE001 - the catalog's (PostgreSQL restarting, a REST server down)
+            log.warning("checking Redis failed: the catalog: %s; again in %.0fs", e, CHECK_EVERY_SECONDS)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=CHECK_EVERY_SECONDS)
         except TimeoutError:

@@ -18,13 +18,12 @@ from typing import Any
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamapp import names
 from streamapp.entries import RUNNING_BYTES, RUNNING_COUNT, Mark, entry_id
 from streamapp.lake.catalog import all_tables
-from streamapp.redis_client import text
+from streamapp.redis_client import Client, text
 from streamapp.tabular import text_table
 
 
@@ -110,7 +109,7 @@ def committed(tables: list[Table]) -> dict[tuple[str, str], tuple[Table, str, Ma
     return found
 
 
-async def _stream_figures(redis: Redis, stream: str) -> tuple[StreamStatus, dict[str, Mark | None]]:
+async def _stream_figures(redis: Client, stream: str) -> tuple[StreamStatus, dict[str, Mark | None]]:
     """The stream's figures and the progress marks its consumers registered."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xlen(stream)
@@ -127,7 +126,7 @@ async def _stream_figures(redis: Redis, stream: str) -> tuple[StreamStatus, dict
     return StreamStatus(stream, int(length), events, newest_id), consumers
 
 
-async def _totals_at(redis: Redis, stream: str, position: str) -> tuple[int, int] | None:
+async def _totals_at(redis: Client, stream: str, position: str) -> tuple[int, int] | None:
     """The running totals of `stream` at entry `position`, where Redis still holds it."""
     entries: Any = await redis.xrange(stream, position, position, count=1)
     if not entries:
@@ -139,7 +138,7 @@ async def _totals_at(redis: Redis, stream: str, position: str) -> tuple[int, int
 
 
 async def gather(
-    catalog: Catalog, redis: Redis, streams: list[str], now: float | None = None, tables: list[Table] | None = None
+    catalog: Catalog, redis: Client, streams: list[str], now: float | None = None, tables: list[Table] | None = None
 ) -> Status:
     """Every figure of `status`: the tables from the catalog (in a thread), the streams' and the
     agents' from Redis; with Redis unreachable, what the tables alone tell. `tables`: the catalog's
@@ -173,7 +172,7 @@ async def gather(
 
 
 async def _agent(
-    redis: Redis,
+    redis: Client,
     stream: str,
     consumer: str,
     commit: tuple[Table, str, Mark | None] | None,

@@ -32,7 +32,8 @@ from streamapp.table_model import TableModel
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
-    from redis.asyncio import Redis
+
+    from streamapp.redis_client import Client
 
 M = TypeVar("M")
 
@@ -56,7 +57,7 @@ class Stream(Generic[M]):
 
     def bind(
         self,
-        redis: Redis,
+        redis: Client,
         consumer: str,
         stopping: asyncio.Event,
         *,
@@ -65,7 +66,15 @@ class Stream(Generic[M]):
     ) -> None:
         """Called by the worker before the agent runs: where to read, who reads (the agent's name),
         when to stop, and what an aggregate's sink needs (settings, catalog)."""
-        reader = StreamReader(redis, self.model, consumer, stopping, window_bytes=settings.window_bytes)
+        reader = StreamReader(
+            redis,
+            self.model,
+            consumer,
+            stopping,
+            window_bytes=settings.window_bytes,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_ms=settings.redis_wait_ms,
+        )
         self._bound = Bound(reader, settings, catalog)
 
     @property

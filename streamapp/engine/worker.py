@@ -1,6 +1,7 @@
 """The worker process: create tables, run every agent, trim what all consumers committed, check
-Redis against the lake after each of its starts (`streamapp.engine.recovery`), stop gracefully on
-SIGTERM (open windows are flushed and committed, then the process exits)."""
+Redis against the lake after each of its starts (`streamapp.engine.recovery`), remove orphan files
+and old metadata (`streamapp.lake.maintain`), stop gracefully on SIGTERM (open windows are flushed
+and committed, then the process exits)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import signal
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from streamapp import names
-from streamapp.engine.app import App
+from streamapp.engine.app import Agent, App
 from streamapp.engine.recovery import keep_checked
 from streamapp.entries import Mark, entry_id
 from streamapp.lake.catalog import ensure_table, open_catalog
+from streamapp.lake.maintain import keep_clean
 from streamapp.metrics import serve_metrics
-from streamapp.redis_client import reader_client, text
+from streamapp.redis_client import FAILURES, Client, reader_client, text
 from streamapp.rejected import Rejected
 from streamapp.table_model import TableModel
 
@@ -34,7 +34,7 @@ def create_tables(app: App, catalog: Catalog) -> list[Table]:
     return [ensure_table(catalog, model) for model in models]
 
 
-async def trim_streams(redis: Redis) -> dict[str, str]:
+async def trim_streams(redis: Client) -> dict[str, str]:
     """Trim each stream below the lowest position any of its consumers committed.
 
     Never MAXLEN: that drops entries no one has read. A stream whose consumer never committed
@@ -52,16 +52,33 @@ async def trim_streams(redis: Redis) -> dict[str, str]:
     return lowest
 
 
-async def _trimmer(redis: Redis, stopping: asyncio.Event) -> None:
+async def _trimmer(redis: Client, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         try:
             await trim_streams(redis)
-        except (RedisError, OSError) as e:
+        except FAILURES as e:
             log.warning("trimming streams failed: %s", e)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=TRIM_EVERY_SECONDS)
         except TimeoutError:
             pass
+
+
+async def _hold_places(redis: Client, others: list[Agent], stopping: asyncio.Event) -> None:
+    """Register the agents another worker runs, retrying while Redis (or a cluster failing over)
+    does not answer, rather than exiting."""
+    while not stopping.is_set():
+        try:
+            for agent in others:
+                await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
+                await redis.hsetnx(names.progress(agent.stream.key), agent.name, str(Mark("0-0", 0, 0)))
+            return
+        except FAILURES as e:
+            log.warning("worker: Redis does not answer (%s); again in 1s", e)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
 
 
 async def run_worker(app: App, only: list[str] | None = None) -> None:
@@ -78,7 +95,7 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
             raise SystemExit(f"no agent named {', '.join(unknown)}; the agents are {', '.join(agents)}")
         others = [agent for name, agent in agents.items() if name not in only]
         agents = {name: agent for name, agent in agents.items() if name in only}
-    app.catalog = catalog = open_catalog(settings)
+    app.catalog = catalog = await asyncio.to_thread(open_catalog, settings)  # connects: not on the loop
     tables = await asyncio.to_thread(create_tables, app, catalog)
     log.info("worker: tables %s ready; agents %s", ", ".join(".".join(t.name()) for t in tables), ", ".join(agents))
 
@@ -93,15 +110,14 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     redis = await asyncio.to_thread(reader_client, settings)  # may read the password file
     # The agents another worker runs hold their place in the trim from here on, even before that
     # worker first starts: this one's trimmer must not drop what they have not read.
-    for agent in others:
-        await redis.hsetnx(names.ACKS, names.ack_field(agent.stream.key, agent.name), "0-0")
-        await redis.hsetnx(names.progress(agent.stream.key), agent.name, str(Mark("0-0", 0, 0)))
+    await _hold_places(redis, others, stopping)
     tasks = []
     for agent in agents.values():
         agent.stream.bind(redis, agent.name, stopping, settings=settings, catalog=catalog)
         tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
     tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
     tasks.append(asyncio.create_task(keep_checked(redis, catalog, stopping, settings.crash_at), name="redis-check"))
+    tasks.append(asyncio.create_task(keep_clean(catalog, settings, stopping), name="storage-upkeep"))
     try:
         await stopping.wait()
         log.info("worker: stopping; flushing open windows (up to %.0fs)", settings.shutdown_seconds)

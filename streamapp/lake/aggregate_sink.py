@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,7 +47,7 @@ from streamapp.faults import crashpoint
 from streamapp.lake.catalog import TableSpec, ensure_table
 from streamapp.lake.commit import assert_snapshot_read, commit_with_retry, table_name
 from streamapp.lake.dead_letter import DeadLetters
-from streamapp.lake.upkeep import expire_old_snapshots
+from streamapp.lake.upkeep import SMALL_FILE_BYTES, Upkeep, expire_old_snapshots, snapshot_figure
 from streamapp.model import table_schema
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,14 @@ class AggregateSink:
         keep_snapshots: int,
         crash_at: tuple[str, ...],
         dead_letters: DeadLetters,
+        target_file_bytes: int = SMALL_FILE_BYTES,
     ) -> None:
         self.table, self.late, self.spec, self.consumer = table, late, spec, consumer
+        # a flush writes a file per day its rows touch, in each table: compacted as the raw tables are
+        self.upkeep, self.late_upkeep = (
+            Upkeep(keep_snapshots, target_file_bytes),
+            Upkeep(keep_snapshots, target_file_bytes),
+        )
         self.stream_key, self.dead_letters = stream_key, dead_letters
         self.keep_snapshots, self.crash_at = keep_snapshots, crash_at
         self.pos_key = names.position_property(stream_key, consumer)
@@ -176,6 +183,7 @@ class AggregateSink:
         *,
         keep_snapshots: int,
         crash_at: tuple[str, ...] = (),
+        target_file_bytes: int = SMALL_FILE_BYTES,
     ) -> tuple[AggregateSink, Restored]:
         """Create the tables if missing; the sink, and what its last commit recorded."""
         sink = cls(
@@ -186,7 +194,8 @@ class AggregateSink:
             consumer,
             keep_snapshots,
             crash_at,
-            DeadLetters(catalog, keep_snapshots=keep_snapshots),
+            DeadLetters(catalog, keep_snapshots=keep_snapshots, target_file_bytes=target_file_bytes),
+            target_file_bytes,
         )
         props = sink.table.properties
         state = json.loads(props.get(sink.state_key, "{}"))
@@ -243,8 +252,10 @@ class AggregateSink:
                 expire_old_snapshots(tx, self.keep_snapshots)
             return len(late)
 
+        began = time.monotonic()
         written = commit_with_retry(self.late, attempt)
         if written:
+            self.late_upkeep.after_write(self.late, snapshot_figure(self.late, "added-data-files"), began)
             self.late_base = flush.position
             log.info("routed %d late events to %s up to %s", written, names.LATE_TABLE, flush.position)
             crashpoint(self.crash_at, "after_late_commit")
@@ -292,11 +303,13 @@ class AggregateSink:
                 crashpoint(self.crash_at, "aggregate_during_write")
             return previous
 
+        began = time.monotonic()
         previous = commit_with_retry(table, attempt)
         self.base = flush.position
         if previous and flush.state is not None:
             table.io.delete(previous)  # no longer referenced; a kill before this leaves an orphan
         crashpoint(self.crash_at, "aggregate_after_commit")
+        self.upkeep.after_write(table, snapshot_figure(table, "added-data-files"), began)
         log.info(
             "committed %d rows (%d rewritten) to %s up to %s, watermark %s",
             rows.num_rows,

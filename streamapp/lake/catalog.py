@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from pyiceberg.catalog import Catalog
+from pyiceberg.catalog import Catalog, list_catalogs, load_catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
@@ -23,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from streamapp import names
 from streamapp.entries import entry_id
 from streamapp.lake import storage
-from streamapp.settings import Settings
+from streamapp.settings import CatalogError, Settings
 from streamapp.table_model import TableSchema
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,20 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CATALOG_NAME = "streamapp"
+# A PostgreSQL catalog that does not answer fails the start (or the commit) after this long.
+CONNECT_TIMEOUT_SECONDS = 10
 
 TABLE_PROPERTIES = {
     # pyiceberg's own retry re-applies an append without re-checking our stream position and
     # double-commits under contention: the sink refreshes, re-checks and retries itself.
     TableProperties.COMMIT_NUM_RETRIES: "0",
-    # Keep the metadata folder from growing by one file per window forever.
+    # Keep the metadata folder from growing by one file per window forever: pyiceberg deletes the
+    # metadata files that fall off the log after each commit (the orphan cleanup those of failed
+    # commits, and sets previous-versions-max to STREAMAPP_KEEP_METADATA: not checked here, so a
+    # table does not flip between the two).
     TableProperties.METADATA_DELETE_AFTER_COMMIT_ENABLED: "true",
-    TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: "20",
 }
+CREATE_PROPERTIES = {**TABLE_PROPERTIES, TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: str(Settings.keep_metadata)}
 
 
 def _retry_lost_race(
@@ -56,18 +62,52 @@ def _retry_lost_race(
 
 
 def open_catalog(settings: Settings) -> Catalog:
-    """The SQL catalog. Opening a new one creates its tables, which processes starting together
-    race to do: the losers see "already exists" errors and open it again. Its tables' files go to
-    the warehouse (a local directory or S3, see `streamapp.lake.storage`)."""
-    if isinstance(settings.warehouse, Path):
-        settings.warehouse.mkdir(parents=True, exist_ok=True)
-    if settings.catalog_uri.startswith("sqlite:///"):  # SQLite makes the file, not its directory
-        Path(settings.catalog_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    props = storage.file_io_properties(settings)
-    return _retry_lost_race(
-        lambda: SqlCatalog(CATALOG_NAME, uri=settings.catalog_uri, warehouse=settings.warehouse_uri, **props),
-        DBAPIError,
-    )
+    """The catalog, the first of: STREAMAPP_CATALOG_URI (a SQL catalog: SQLite or PostgreSQL); a
+    catalog named "streamapp" in pyiceberg's own configuration (`.pyiceberg.yaml`,
+    `PYICEBERG_CATALOG__STREAMAPP__*`), e.g. a REST catalog; the SQLite file in the warehouse.
+
+    It connects, so it blocks: the worker calls it in a thread. Raises CatalogError, naming the
+    setting, when the catalog cannot be opened."""
+    if settings.catalog_from_pyiceberg and CATALOG_NAME in list_catalogs():
+        try:
+            return load_catalog(CATALOG_NAME)
+        except Exception as e:  # any catalog implementation, any failure: one line
+            raise CatalogError(
+                f"pyiceberg's catalog {CATALOG_NAME!r} (.pyiceberg.yaml, PYICEBERG_CATALOG__STREAMAPP__*) "
+                f"cannot be opened: {_one_line(e)}"
+            ) from e
+    uri = settings.catalog_uri
+    setting = "STREAMAPP_WAREHOUSE" if uri == settings.default_catalog_uri else f"STREAMAPP_CATALOG_URI={_redact(uri)}"
+    # the tables' files go to the warehouse (a local directory or S3, see `streamapp.lake.storage`)
+    properties = {"uri": uri, "warehouse": settings.warehouse_uri, **storage.file_io_properties(settings)}
+    if uri.startswith("postgresql"):
+        # A connection the pool kept across a restart of PostgreSQL is dead: test it on checkout
+        # rather than fail the commit that gets it; and give up on a server that never answers.
+        properties["pool_pre_ping"] = "true"
+        if "connect_timeout=" not in uri:
+            properties["uri"] = f"{uri}{'&' if '?' in uri else '?'}connect_timeout={CONNECT_TIMEOUT_SECONDS}"
+    try:
+        if isinstance(settings.warehouse, Path):
+            settings.warehouse.mkdir(parents=True, exist_ok=True)
+        if uri.startswith("sqlite:///"):  # SQLite makes the file, not its directory
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Opening a new one creates its tables, which processes starting together race to do: the
+        # losers see "already exists" errors and open it again.
+        return _retry_lost_race(lambda: SqlCatalog(CATALOG_NAME, **properties), DBAPIError)
+    except Exception as e:  # a bad URI, a missing driver, no server: one line
+        raise CatalogError(f"{setting}: cannot open the catalog: {_one_line(e)}") from e
+
+
+def _redact(uri: str) -> str:
+    """The URI without its password."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", uri)
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of what the driver said (SQLAlchemy adds its own lines and a link)."""
+    cause = getattr(e, "orig", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _ensure_namespace(catalog: Catalog, namespace: str) -> None:
@@ -119,7 +159,7 @@ def _ensure_table(catalog: Catalog, model: TableSchema) -> Table:
             name,
             schema=schema,
             partition_spec=day_partition(schema, model.partition_column),
-            properties=TABLE_PROPERTIES,
+            properties=CREATE_PROPERTIES,
         )
         log.info("created table %s", name)
         return table

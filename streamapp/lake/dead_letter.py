@@ -12,6 +12,7 @@ the window's commit moves the consumer's position past it. Each is counted
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -22,7 +23,7 @@ from streamapp import metrics, names
 from streamapp.entries import BEFORE_ALL, DeadEntry, entry_id
 from streamapp.lake.catalog import TableSpec, ensure_table
 from streamapp.lake.commit import commit_with_retry
-from streamapp.lake.upkeep import expire_old_snapshots
+from streamapp.lake.upkeep import SMALL_FILE_BYTES, Upkeep, expire_old_snapshots, snapshot_figure
 from streamapp.model import table_schema
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ SPEC = TableSpec(names.DEAD_LETTER_TABLE, SCHEMA, "failed_at")
 class DeadLetters:
     """`events.dead_letter` for the sinks of one worker (blocking: call from a thread)."""
 
-    def __init__(self, catalog: Catalog, *, keep_snapshots: int) -> None:
+    def __init__(self, catalog: Catalog, *, keep_snapshots: int, target_file_bytes: int = SMALL_FILE_BYTES) -> None:
         self.catalog = catalog
         self.keep_snapshots = keep_snapshots
+        self.upkeep = Upkeep(keep_snapshots, target_file_bytes)
         self._table: Table | None = None
 
     @property
@@ -91,7 +93,10 @@ class DeadLetters:
                 expire_old_snapshots(tx, self.keep_snapshots)
             return len(new)
 
+        began = time.monotonic()
         written = commit_with_retry(self.table, attempt)
+        if written:
+            self.upkeep.after_write(self.table, snapshot_figure(self.table, "added-data-files"), began)
         for d in letters[len(letters) - written :]:
             metrics.DEAD_LETTERS.labels(consumer).inc()
             log.error(

@@ -49,6 +49,7 @@ class TableSink:
         keep_snapshots: int,
         max_files: int = Settings.max_files_per_commit,
         crash_at: tuple[str, ...] = (),
+        target_file_bytes: int = Settings.target_file_bytes,
     ) -> None:
         self.catalog = catalog
         self.name = name
@@ -56,8 +57,8 @@ class TableSink:
         self.max_files = max_files
         self.crash_at = crash_at
         self._table: Table | None = None
-        self.upkeep = Upkeep(keep_snapshots)
-        self.dead_letters = DeadLetters(catalog, keep_snapshots=keep_snapshots)
+        self.upkeep = Upkeep(keep_snapshots, target_file_bytes)
+        self.dead_letters = DeadLetters(catalog, keep_snapshots=keep_snapshots, target_file_bytes=target_file_bytes)
 
     @property
     def table(self) -> Table:

@@ -8,8 +8,12 @@
   its rows touch, and every file is an entry that each commit's manifests and each reader's plan
   must carry. Every partition holding more than MAX_FILES_PER_PARTITION files, two or more of them
   small, has its small files rewritten as one, in an overwrite commit that removes exactly those
-  files: a partition is left with its files over SMALL_FILE_BYTES and at most one under, so at
-  most 2 files for any day under 64 MB of Parquet. A run takes the oldest partitions first, up to
+  files: a partition is left with its files over the target size (STREAMAPP_TARGET_FILE_BYTES,
+  64 MiB) and at most one under, so at most 2 files for any day under 64 MiB of Parquet. The rows
+  of a rewritten file are sorted by the partition's source column (the event time, an aggregate's
+  window start), so a reader's time filter skips row groups and files by their statistics. Every
+  table the product writes is compacted so: the raw event tables, `events.rejected`, aggregates,
+  `events.late` and `events.dead_letter`. A run takes the oldest partitions first, up to
   COMPACT_MAX_FILES files and COMPACT_MAX_BYTES of them, and says how many it left for the next
   run: a backfill that left 1,100 partitions of 3 files each is compacted over several runs of
   bounded cost, not in one that stalls the worker. The rows are the same rows, so exactly-once is
@@ -27,17 +31,18 @@ from typing import Any
 
 from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.io.pyarrow import ArrowScan
-from pyiceberg.table import FileScanTask, Table, Transaction
+from pyiceberg.table import FileScanTask, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
 from pyiceberg.typedef import Record
 
 from streamapp.lake import files
+from streamapp.lake.commit import committing
 
 log = logging.getLogger(__name__)
 
 COMPACT_EVERY_FILES = 100  # run compaction when the table gained this many data files
 MAX_FILES_PER_PARTITION = 2  # a partition holding more, two or more of them small, is compacted
-SMALL_FILE_BYTES = 64 * 1024 * 1024
+SMALL_FILE_BYTES = 64 * 1024 * 1024  # the default target file size (STREAMAPP_TARGET_FILE_BYTES)
 # One run reads at most this many small files, or bytes of them (at least one partition's two
 # smallest): measured ~1 s for 1,000 files of ~270 rows on 2 shared cores.
 COMPACT_MAX_FILES = 1000
@@ -89,19 +94,24 @@ def compact(table: Table, keep_snapshots: int) -> int:
 
 
 def compact_run(
-    table: Table, keep_snapshots: int, *, max_files: int = COMPACT_MAX_FILES, max_bytes: int = COMPACT_MAX_BYTES
+    table: Table,
+    keep_snapshots: int,
+    *,
+    max_files: int = COMPACT_MAX_FILES,
+    max_bytes: int = COMPACT_MAX_BYTES,
+    target_bytes: int = SMALL_FILE_BYTES,
 ) -> Compaction:
-    """Rewrite the small data files of the oldest partitions holding more than
-    MAX_FILES_PER_PARTITION files as one file each, reading at most `max_files` files and
-    `max_bytes` bytes. Raises CommitFailedException when another commit got in first (try again
-    later)."""
+    """Rewrite the small (under `target_bytes`) data files of the oldest partitions holding more
+    than MAX_FILES_PER_PARTITION files as one file each, its rows sorted by the partition's source
+    column, reading at most `max_files` files and `max_bytes` bytes. Raises CommitFailedException
+    when another commit got in first (try again later)."""
     started = time.perf_counter()
     spec_id = table.metadata.default_spec_id
     held: dict[Record, list[FileScanTask]] = collections.defaultdict(list)
     small: dict[Record, list[FileScanTask]] = collections.defaultdict(list)
     for task in table.scan().plan_files():
         held[task.file.partition].append(task)
-        if not task.delete_files and task.file.spec_id == spec_id and task.file.file_size_in_bytes < SMALL_FILE_BYTES:
+        if not task.delete_files and task.file.spec_id == spec_id and task.file.file_size_in_bytes < target_bytes:
             small[task.file.partition].append(task)
     due = sorted(
         (p for p, tasks in small.items() if len(tasks) >= 2 and len(held[p]) > MAX_FILES_PER_PARTITION),
@@ -125,8 +135,12 @@ def compact_run(
         return Compaction()
     written = 0
     with table.transaction() as tx:
+        if table.properties.get(TableProperties.WRITE_TARGET_FILE_SIZE_BYTES) != str(target_bytes):
+            # what a partition over the target is split by (pyiceberg's bin-packing)
+            tx.set_properties({TableProperties.WRITE_TARGET_FILE_SIZE_BYTES: str(target_bytes)})
         with tx.update_snapshot().overwrite() as rewrite:
             rows = ArrowScan(tx.table_metadata, table.io, tx.table_metadata.schema(), AlwaysTrue()).to_table(chosen)
+            rows = _sorted_by_time(tx, rows)
             for task in chosen:
                 rewrite.delete_data_file(task.file)
             values = files.partition_values(tx.table_metadata, rows)
@@ -149,6 +163,15 @@ def compact_run(
     return done
 
 
+def _sorted_by_time(tx: Transaction, rows: Any) -> Any:
+    """`rows` sorted by the column the table is partitioned by (stably), when it has one."""
+    metadata = tx.table_metadata
+    if len(metadata.spec().fields) != 1:
+        return rows
+    column = metadata.schema().find_field(metadata.spec().fields[0].source_id).name
+    return rows.sort_by([(column, "ascending")]) if column in rows.column_names else rows
+
+
 def _bytes(tasks: list[FileScanTask]) -> int:
     return sum(t.file.file_size_in_bytes for t in tasks)
 
@@ -164,8 +187,9 @@ class Upkeep:
     sink writes spread windows back to back (see DEFER_FILES). Runs after a commit, in the sink's
     thread: the window is committed already, so a failure is logged and tried again later."""
 
-    def __init__(self, keep_snapshots: int) -> None:
+    def __init__(self, keep_snapshots: int, target_bytes: int = SMALL_FILE_BYTES) -> None:
         self.keep_snapshots = keep_snapshots
+        self.target_bytes = target_bytes
         self.compact_at = COMPACT_EVERY_FILES  # the data-file count at which to compact next
         self.pending = False  # the last run left partitions with too many files
         self.deferred = 0  # files written while compaction was due but deferred
@@ -188,7 +212,8 @@ class Upkeep:
             return
         name = ".".join(table.name())
         try:
-            self.pending = compact_run(table, self.keep_snapshots).left > 0
+            with committing(name):
+                self.pending = compact_run(table, self.keep_snapshots, target_bytes=self.target_bytes).left > 0
         except Exception as e:  # noqa: BLE001 - upkeep must never fail a committed window
             log.warning("compacting %s failed (%s); will try again", name, e)
             self.pending = False

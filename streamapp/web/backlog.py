@@ -22,11 +22,9 @@ import math
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from streamapp import metrics, names
 from streamapp.entries import RUNNING_COUNT
+from streamapp.redis_client import FAILURES, Client, server_info
 from streamapp.web.writer import BACKLOG_LUA_FUNCTIONS, Limits
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ def retry_after(backlog: int, limit: int, drain_per_second: float) -> int:
 class Backlog:
     """Samples the streams and Redis's memory every second in the web process."""
 
-    def __init__(self, redis: Redis, streams: list[str], limits: Limits, *, bytes_from_maxmemory: bool) -> None:
+    def __init__(self, redis: Client, streams: list[str], limits: Limits, *, bytes_from_maxmemory: bool) -> None:
         self.redis = redis
         self.streams = streams
         self.limits = limits
@@ -101,7 +99,7 @@ class Backlog:
         while True:
             try:
                 await self.sample()
-            except (RedisError, OSError) as e:
+            except FAILURES as e:
                 log.debug("backlog sample failed: %s", e)
             # redis-py (8.1) can swallow a cancellation that lands inside a pipeline: honour it
             # here, or the web server's shutdown waits for this task forever.
@@ -113,8 +111,8 @@ class Backlog:
     async def sample(self) -> None:
         keys = [*self.streams, *map(names.progress, self.streams)]
         figures: list[int] = await self._script(keys=keys)
-        memory: dict[str, Any] = await self.redis.info("memory")
-        stats: dict[str, Any] = await self.redis.info("stats")
+        memory = await server_info(self.redis, "memory")
+        stats = await server_info(self.redis, "stats")
         self._observe_memory(memory, int(stats.get("evicted_keys", 0)))
         # -1: a stream whose entries carry no totals yet (written before they did): not counted
         backlog, backlog_bytes, added = (sum(max(0, v) for v in figures[i::3]) for i in range(3))

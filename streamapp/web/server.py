@@ -13,12 +13,10 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from aiohttp import web
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from streamapp import metrics, names
 from streamapp.engine.app import App, Handler
-from streamapp.redis_client import UNAVAILABLE, is_checked, writer_client
+from streamapp.redis_client import FAILURES, UNAVAILABLE, Client, is_checked, writer_client
 from streamapp.settings import Settings
 from streamapp.web.backlog import NO_MAXMEMORY_BACKLOG_BYTES, Backlog
 from streamapp.web.cors import Cors
@@ -32,7 +30,7 @@ from streamapp.web.writer import Limits, StreamWriter
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", Redis)
+REDIS: web.AppKey[Client] = web.AppKey("redis")
 OPENAPI = web.AppKey("openapi", bytes)
 
 
@@ -143,9 +141,15 @@ def build(app: App, settings: Settings) -> web.Application:
         )
         try:
             await backlog.sample()  # the limits in force before the first request
-        except (RedisError, OSError) as e:
+        except FAILURES as e:
             log.warning("web: Redis does not answer yet (%s); it is sampled again every second", e)
-        writer = StreamWriter(client, settings.dedupe_seconds, limits)
+        writer = StreamWriter(
+            client,
+            settings.dedupe_seconds,
+            limits,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_ms=settings.redis_wait_ms,
+        )
         writer.start()
         sampler = asyncio.create_task(backlog.run(), name="backlog")
         flusher = asyncio.create_task(metrics.flush_tallies_every(1.0), name="metrics")

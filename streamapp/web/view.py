@@ -21,7 +21,7 @@ import redis.exceptions
 from aiohttp import web
 
 from streamapp import metrics, names
-from streamapp.redis_client import UNAVAILABLE
+from streamapp.redis_client import UNAVAILABLE, NotReplicated
 from streamapp.settings import Settings
 from streamapp.web.backlog import Backlog
 from streamapp.web.cors import Cors
@@ -157,6 +157,12 @@ class IngestView:
             return error_response(
                 503,
                 "the event store restarted and is being checked against the tables (a worker does it); retry later",
+                {"Retry-After": str(settings.retry_after_seconds)},
+            )
+        except NotReplicated as e:
+            return error_response(
+                503,
+                f"the events are not on enough replicas yet ({e}); retry later (a retry is deduplicated)",
                 {"Retry-After": str(settings.retry_after_seconds)},
             )
         except redis.exceptions.OutOfMemoryError:

@@ -25,6 +25,11 @@ the client's automatic retry writes nothing twice (what it wrote comes back as d
 ids are `dedupe_ids` and `rejected_dedupe_id`: scoped by the write key's source, so that one source
 cannot claim another's event_ids in advance, and deterministic for rejected events, so that a
 client retrying a bad event does not store it twice.
+
+With `STREAMAPP_REDIS_WAIT_REPLICAS` > 0 a flush is the script, then `WAIT` on the same connection
+(`redis_client.write_and_wait`): its requests are answered only once that many replicas have the
+flush, or `NotReplicated` (503) after `STREAMAPP_REDIS_WAIT_MS`. The events may then be on the
+primary only: a failover may lose them, or they survive and the client's retry is a duplicate.
 """
 
 from __future__ import annotations
@@ -38,11 +43,11 @@ import string
 import time
 
 import msgspec
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from streamapp import metrics, names
 from streamapp.entries import COUNT, EVENTS, RECEIVED, RUNNING_BYTES, RUNNING_COUNT
+from streamapp.redis_client import Client, NotReplicated, write_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +309,13 @@ class _Pending:
 class StreamWriter:
     """Appends entries to Redis streams with group commit. `write` returns once they are in Redis."""
 
-    def __init__(self, redis: Redis, dedupe_seconds: int, limits: Limits) -> None:
+    def __init__(
+        self, redis: Client, dedupe_seconds: int, limits: Limits, *, wait_replicas: int = 0, wait_ms: int = 1000
+    ) -> None:
         self._redis = redis
         self.limits = limits
         self._script = redis.register_script(_INGEST_LUA)
+        self._wait_replicas, self._wait_ms = wait_replicas, wait_ms
         self._span_ms = max(1, math.ceil(dedupe_seconds * 1000 / DEDUPE_SPANS))
         self._clock_offset_ms = 0  # the server's clock minus ours, learned from each reply
         self._queue: list[_Pending] = []
@@ -381,7 +389,7 @@ class StreamWriter:
                 raise BacklogFull(streams[reply[2] - 1], reply[3], reply[4])
             metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
         except Exception as error:  # noqa: BLE001 - every waiter learns the write failed; none is left hanging
-            if not isinstance(error, (Unchecked, BacklogFull)):  # answered as such, not failures
+            if not isinstance(error, (Unchecked, BacklogFull, NotReplicated)):  # answered as such, not failures
                 log.warning("writing %d events of %d requests to Redis failed: %s", len(ids), len(batch), error)
             for pending in batch:
                 if not pending.future.done():
@@ -414,6 +422,28 @@ class StreamWriter:
         sets = [names.dedupe_bucket(b * span) for b in range(first, current + 2)]
         keys = [*streams, *map(names.progress, streams), names.CHECKED, *sets]
         limits = [self.limits.max_events, self.limits.max_bytes]
-        reply: list[int] = await self._script(keys=keys, args=[span, check, first, *limits, *args])
+        argv: list[int | bytes] = [span, check, first, *limits, *args]
+        if self._wait_replicas:
+            reply = await self._call_and_wait(keys, argv)
+        else:
+            reply = await self._script(keys=keys, args=argv)
         self._clock_offset_ms = reply[0] - time.time_ns() // 1_000_000
+        return reply
+
+    async def _call_and_wait(self, keys: list[str], argv: list[int | bytes]) -> list[int]:
+        """The script, then WAIT for the replicas, on one connection; NotReplicated when fewer
+        confirmed a flush that wrote (or found duplicates: their first copy must be there too)."""
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *argv)
+        for attempt in (1, 2):
+            (result,), acked = await write_and_wait(self._redis, [command], self._wait_replicas, self._wait_ms)
+            if isinstance(result, NoScriptError) and attempt == 1:
+                await self._redis.script_load(_INGEST_LUA)  # a new or restarted server: load it, then again
+                continue
+            if isinstance(result, Exception):
+                raise result
+            break
+        reply: list[int] = result
+        if reply[1] == 1 and acked < self._wait_replicas:
+            metrics.REDIS_NOT_REPLICATED.inc()
+            raise NotReplicated(acked, self._wait_replicas)
         return reply

@@ -1,5 +1,5 @@
-"""`python -m streamapp COMMAND`: redis | web | worker | create-tables | show | query | status | complete |
-check-redis | maintain | forget | retention.
+"""`python -m streamapp COMMAND`: redis | web | worker | dashboard | create-tables | show | query | status |
+complete | check-redis | maintain | forget | retention.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -137,6 +137,37 @@ def _status(settings: Settings, as_json: bool) -> int:
     return asyncio.run(run())
 
 
+def _dashboard(settings: Settings) -> None:
+    # pyiceberg and aiohttp: only the commands that use them load them (RSS and start-up, see above)
+    from streamapp import app
+    from streamapp.dashboard.data import Dashboard
+    from streamapp.dashboard.server import serve
+    from streamapp.lake.catalog import open_catalog  # the catalog, Redis and the models: RSS, as above
+    from streamapp.redis_client import reader_client  # RSS, as above
+    from streamapp.rejected import Rejected  # RSS, as above
+    from streamapp.table_model import TableModel  # RSS, as above
+
+    app.configure(settings)
+    models: list[TableModel] = [*app.discover_models().values(), Rejected]
+    streams = [names.stream(m.type_name()) for m in models]
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        client = reader_client(settings)
+        try:
+            await serve(Dashboard(open_catalog(settings), client, streams), settings, stopping)
+        finally:
+            await client.aclose()
+
+    try:
+        _run(main())
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        sys.exit(f"streamapp: dashboard cannot listen on {settings.host}:{settings.dashboard_port}: {e.strerror or e}")
+
+
 def _period_end(period: str) -> datetime:
     """The end of a UTC day (2026-11-27) or hour (2026-11-27T13)."""
     try:
@@ -261,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME",
         help="run only this agent (repeatable; default: every agent in agents/)",
     )
+    sub.add_parser(
+        "dashboard",
+        help="serve the live dashboard (lag, events/s, commits, clicks per page, a click heatmap) "
+        "on STREAMAPP_DASHBOARD_PORT",
+    )
     sub.add_parser("create-tables", help="create the Iceberg tables (idempotent)")
     show = sub.add_parser("show", help="print a table's row count and its latest rows")
     show.add_argument("table", help='e.g. "events.clicks"')
@@ -302,7 +338,18 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"streamapp: {e}\n")
     if (
         args.command
-        in ("worker", "create-tables", "show", "query", "status", "check-redis", "complete", "forget", "retention")
+        in (
+            "worker",
+            "dashboard",
+            "create-tables",
+            "show",
+            "query",
+            "status",
+            "check-redis",
+            "complete",
+            "forget",
+            "retention",
+        )
         and not settings.warehouse_is_local
     ):
         from streamapp.lake.storage import StorageError, check_storage  # pyiceberg: only where used (RSS)
@@ -324,6 +371,8 @@ def _command(args: argparse.Namespace, settings: Settings) -> None:
         _web(settings, args.child)
     elif args.command == "worker":
         _worker(settings, args.agent)
+    elif args.command == "dashboard":
+        _dashboard(settings)
     elif args.command == "create-tables":
         _create_tables(settings)
     elif args.command == "show":

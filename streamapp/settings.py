@@ -28,6 +28,8 @@ class CatalogError(SettingsError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    # `python -m streamapp dashboard`: its own process and port, on `host` too.
+    dashboard_port: int = 8001
     redis_port: int = 6379
     # Empty: the embedded server on redis_port, with the password in `redis_password_file`. Given
     # (REDIS_URL), it is used as it is, with its own password if any.
@@ -169,6 +171,8 @@ class Settings:
             raise SettingsError("STREAMAPP_WINDOW_BYTES must be >= 1")
         if self.web_processes < 0:
             raise SettingsError("STREAMAPP_WEB_PROCESSES must be >= 0 (0: one per CPU core)")
+        if not 0 < self.dashboard_port < 65536:
+            raise SettingsError("STREAMAPP_DASHBOARD_PORT must be a TCP port, 1-65535")
         if self.redis_cluster and not self.redis_url:
             raise SettingsError("STREAMAPP_REDIS_CLUSTER=1 needs REDIS_URL: a node of the cluster")
         if self.redis_wait_replicas < 0:
@@ -243,6 +247,7 @@ class Settings:
         for name, kind, field in (
             ("HOST", str, "host"),
             ("PORT", int, "port"),
+            ("STREAMAPP_DASHBOARD_PORT", int, "dashboard_port"),
             ("REDIS_URL", str, "redis_url"),
             ("STREAMAPP_REDIS_PORT", int, "redis_port"),
             ("STREAMAPP_REDIS_WAIT_REPLICAS", int, "redis_wait_replicas"),

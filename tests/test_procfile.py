@@ -65,9 +65,9 @@ class Honcho:
 
 
 def test_honcho_start_runs_the_whole_pipeline(tmp_path):
-    port, redis_port = free_port(), free_port()
+    port, redis_port, dashboard_port = free_port(), free_port(), free_port()
     (tmp_path / ".env").write_text(
-        f"PORT={port}\nSTREAMAPP_REDIS_PORT={redis_port}\n"
+        f"PORT={port}\nSTREAMAPP_REDIS_PORT={redis_port}\nSTREAMAPP_DASHBOARD_PORT={dashboard_port}\n"
         f"STREAMAPP_WAREHOUSE={tmp_path / 'wh'}\nSTREAMAPP_WINDOW_SECONDS=1\n"
     )
     settings = Settings.from_env({}, dotenv=tmp_path / ".env")
@@ -90,6 +90,10 @@ def test_honcho_start_runs_the_whole_pipeline(tmp_path):
             "both rows within STREAMAPP_WINDOW_SECONDS + 2 s",
         )
         print(f"click and keydown in Iceberg {time.monotonic() - sent:.2f}s after the POST")
+        # the dashboard (its own process, with the embedded Redis's password) sees them
+        with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/dashboard", timeout=30) as r:
+            figures = json.loads(r.read())
+        assert figures["redis_error"] is None and figures["events"]["totals"]["click"] == 1, figures
 
         # Stop the whole stack while requests are in flight: every 202 must survive.
         accepted: set[str] = set()

@@ -137,10 +137,14 @@ async def _totals_at(redis: Client, stream: str, position: str) -> tuple[int, in
     return int(fields[RUNNING_COUNT]), int(fields[RUNNING_BYTES])
 
 
-async def gather(catalog: Catalog, redis: Client, streams: list[str], now: float | None = None) -> Status:
+async def gather(
+    catalog: Catalog, redis: Client, streams: list[str], now: float | None = None, tables: list[Table] | None = None
+) -> Status:
     """Every figure of `status`: the tables from the catalog (in a thread), the streams' and the
-    agents' from Redis; with Redis unreachable, what the tables alone tell."""
-    tables = await asyncio.to_thread(all_tables, catalog)
+    agents' from Redis; with Redis unreachable, what the tables alone tell. `tables`: the catalog's
+    tables loaded already (the dashboard reads them once per refresh for its scans too)."""
+    if tables is None:
+        tables = await asyncio.to_thread(all_tables, catalog)
     table_figures = await asyncio.to_thread(lambda: [table_status(t) for t in tables])
     positions = committed(tables)
     now = time.time() if now is None else now

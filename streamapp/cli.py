@@ -1,5 +1,5 @@
 """`python -m streamapp COMMAND`: redis | web | worker | dashboard | create-tables | show | query | status |
-complete | check-redis | maintain.
+complete | check-redis | maintain | forget | retention.
 
 Each command imports what it runs when it runs: the supervisor of several web processes loads
 neither aiohttp nor pyiceberg (31 MB of RSS against 48 MB for a web process and 86 MB for a
@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import getpass
 import json
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
@@ -213,6 +215,51 @@ def _complete(settings: Settings, table: str, period: str, end: datetime) -> int
     return 1
 
 
+def _forget(settings: Settings, user_id: str) -> int:
+    """Erase a user's rows everywhere; print rows removed per table (see streamapp.lake.erasure)."""
+    from streamapp.lake.catalog import open_catalog  # pyiceberg: only where used (RSS and start-up)
+    from streamapp.lake.erasure import forget
+
+    try:
+        who: str | None = f"{getpass.getuser()}@{socket.gethostname()}"
+    except (KeyError, OSError):  # no user name for this uid (a container)
+        who = None
+    report = forget(
+        open_catalog(settings),
+        user_id,
+        command="python -m streamapp forget --user-id",  # the id itself is not kept
+        requested_by=who,
+        keep_snapshots=settings.keep_snapshots,
+    )
+    print(f"erased user {report.user_hash} (sha256) at {report.erased_at.isoformat()}")
+    for table, rows in sorted(report.removed.items()):
+        cut = report.rewritten.get(table)
+        print(f"  {table}: {rows} rows removed" + (f", {cut} rows rewritten without its events" if cut else ""))
+    for table in report.untouched:
+        print(f"  {table}: no user ids (counts only), untouched")
+    print(f"{report.total} rows removed; audit row in {names.ERASURES_TABLE}")
+    return 0
+
+
+def _retention(settings: Settings, dry_run: bool) -> int:
+    """Drop the day partitions STREAMAPP_RETENTION says are too old (see streamapp.lake.retention)."""
+    from streamapp.lake.catalog import open_catalog  # pyiceberg: only where used (RSS and start-up)
+    from streamapp.lake.retention import apply_retention
+
+    if not settings.retention:
+        print("STREAMAPP_RETENTION is empty: every table is kept forever")
+        return 0
+    for drop in apply_retention(
+        open_catalog(settings), settings.retention, keep_snapshots=settings.keep_snapshots, dry_run=dry_run
+    ):
+        verb = "would drop" if dry_run else "dropped"
+        print(
+            f"{drop.table}: keep {drop.days}d: {verb} {drop.rows} rows in {drop.files} files "
+            f"of {drop.partitions} days before {drop.cutoff.date().isoformat()}"
+        )
+    return 0
+
+
 def _maintain(settings: Settings, table: str | None, dry_run: bool) -> int:
     """Remove orphan files and old metadata now, as the worker does every
     STREAMAPP_ORPHAN_INTERVAL_SECONDS; one line per table."""
@@ -267,12 +314,18 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "check-redis", help="check Redis against the tables now (a worker does it after each start of Redis)"
     )
+    forget = sub.add_parser("forget", help="erase a user's rows from every table (GDPR/CCPA), with an audit row")
+    forget.add_argument("--user-id", required=True, help="the user_id to erase (matched exactly)")
+    retention = sub.add_parser("retention", help="drop day partitions older than STREAMAPP_RETENTION says, now")
+    retention.add_argument("--dry-run", action="store_true", help="say what would be dropped, drop nothing")
     maintain = sub.add_parser(
         "maintain", help="remove files no snapshot references and old metadata (the worker does it hourly)"
     )
     maintain.add_argument("table", nargs="?", help='e.g. "events.clicks" (default: every table)')
     maintain.add_argument("--dry-run", action="store_true", help="report what would be removed, delete nothing")
     args = parser.parse_args(argv)
+    if args.command == "forget" and not args.user_id.strip():
+        parser.exit(2, "streamapp: --user-id is empty\n")
     try:
         settings = Settings.from_env()
     except SettingsError as e:
@@ -284,7 +337,19 @@ def main(argv: list[str] | None = None) -> None:
         except RedisPasswordError as e:
             parser.exit(2, f"streamapp: {e}\n")
     if (
-        args.command in ("worker", "dashboard", "create-tables", "show", "query", "status", "check-redis", "complete")
+        args.command
+        in (
+            "worker",
+            "dashboard",
+            "create-tables",
+            "show",
+            "query",
+            "status",
+            "check-redis",
+            "complete",
+            "forget",
+            "retention",
+        )
         and not settings.warehouse_is_local
     ):
         from streamapp.lake.storage import StorageError, check_storage  # pyiceberg: only where used (RSS)
@@ -320,6 +385,10 @@ def _command(args: argparse.Namespace, settings: Settings) -> None:
         sys.exit(_maintain(settings, args.table, args.dry_run))
     elif args.command == "check-redis":
         sys.exit(_check_redis(settings))
+    elif args.command == "forget":
+        sys.exit(_forget(settings, args.user_id))
+    elif args.command == "retention":
+        sys.exit(_retention(settings, args.dry_run))
     elif args.command == "complete":
         try:
             end = _period_end(args.period)

@@ -60,6 +60,8 @@ SPLIT_PREFIX = "streamapp.split."
 # Iceberg table properties of an aggregate table, read by people and `python -m streamapp complete`.
 WATERMARK = "streamapp.watermark"  # ISO time: the watermark of the last commit
 COMPLETE_BEFORE = "streamapp.complete_before"  # ISO time: every window starting before it is final
+ERASURES_TABLE = "events.erasures"  # the audit of `python -m streamapp forget`
+ERASURES = "streamapp.erasures"  # JSON {user hash: erased at, epoch us}: what the sinks drop
 
 
 def position_property(stream_key: str, consumer: str) -> str:

@@ -119,6 +119,9 @@ class Settings:
     log_format: str = "auto"
     # Test-only fault injection: comma-separated crash points where the worker SIGKILLs itself.
     crash_at: tuple[str, ...] = ()
+    # Retention: (table name or fnmatch pattern, days to keep; None: forever), as given in
+    # STREAMAPP_RETENTION ("events.*=400d,events.rejected=30d"). Empty: every table kept forever.
+    retention: tuple[tuple[str, int | None], ...] = ()
 
     def __post_init__(self) -> None:
         warehouse = str(self.warehouse)
@@ -289,6 +292,8 @@ class Settings:
             kwargs["write_keys"] = _write_keys(raw_keys)
         if region := values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION"):  # the SDKs' order
             kwargs["aws_region"] = region
+        if raw_retention := values.get("STREAMAPP_RETENTION", "").strip():
+            kwargs["retention"] = parse_retention(raw_retention)
         kwargs["catalog_from_pyiceberg"] = not values.get("STREAMAPP_CATALOG_URI")
         cluster = values.get("STREAMAPP_REDIS_CLUSTER", "").strip().lower()
         if cluster not in ("", "0", "1", "true", "false", "yes", "no"):
@@ -310,3 +315,24 @@ def _write_keys(raw: str) -> dict[str, str]:
             raise SettingsError(f"STREAMAPP_WRITE_KEYS: item {i} repeats a key")
         found[key] = source
     return found
+
+
+def parse_retention(raw: str) -> tuple[tuple[str, int | None], ...]:
+    """Parse "events.*=400d,events.rejected=30d,events.erasures=forever": a table name or an
+    fnmatch pattern, then days (whole days: tables are partitioned by day) or "forever"."""
+    rules: dict[str, int | None] = {}
+    for i, item in enumerate(raw.split(","), start=1):
+        pattern, sep, value = (part.strip() for part in item.strip().partition("="))
+        if not sep or not pattern or not value:
+            raise SettingsError(f"STREAMAPP_RETENTION: item {i} ({item.strip()!r}) is not TABLE=DAYSd")
+        if pattern in rules:
+            raise SettingsError(f"STREAMAPP_RETENTION: item {i} repeats {pattern!r}")
+        if value == "forever":
+            rules[pattern] = None
+            continue
+        if not value.endswith("d") or not value[:-1].isdigit() or int(value[:-1]) < 1:
+            raise SettingsError(
+                f"STREAMAPP_RETENTION: item {i} ({item.strip()!r}): keep whole days, e.g. 30d (>= 1), or forever"
+            )
+        rules[pattern] = int(value[:-1])
+    return tuple(rules.items())

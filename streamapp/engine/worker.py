@@ -18,6 +18,7 @@ from streamapp.engine.recovery import keep_checked
 from streamapp.entries import Mark, entry_id
 from streamapp.lake.catalog import ensure_table, open_catalog
 from streamapp.lake.maintain import keep_clean
+from streamapp.lake.retention import keep_retention
 from streamapp.metrics import serve_metrics
 from streamapp.redis_client import FAILURES, Client, reader_client, text
 from streamapp.rejected import Rejected
@@ -116,6 +117,8 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
         agent.stream.bind(redis, agent.name, stopping, settings=settings, catalog=catalog)
         tasks.append(asyncio.create_task(agent.run(stopping), name=f"agent:{agent.name}"))
     tasks.append(asyncio.create_task(_trimmer(redis, stopping), name="trimmer"))
+    retention = keep_retention(catalog, settings.retention, settings.keep_snapshots, stopping)
+    tasks.append(asyncio.create_task(retention, name="retention"))
     tasks.append(asyncio.create_task(keep_checked(redis, catalog, stopping, settings.crash_at), name="redis-check"))
     tasks.append(asyncio.create_task(keep_clean(catalog, settings, stopping), name="storage-upkeep"))
     try:

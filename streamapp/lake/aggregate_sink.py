@@ -44,6 +44,7 @@ from pyiceberg.table import Table
 from streamapp import names
 from streamapp.entries import BEFORE_ALL, DeadEntry, entry_id
 from streamapp.faults import crashpoint
+from streamapp.lake import erased
 from streamapp.lake.catalog import TableSpec, ensure_table
 from streamapp.lake.commit import assert_snapshot_read, commit_with_retry, table_name
 from streamapp.lake.dead_letter import DeadLetters
@@ -227,7 +228,15 @@ class AggregateSink:
         def attempt(table: Table) -> int:
             committed = self._check(table, self.late_base)
             after = entry_id(committed) if committed else BEFORE_ALL
-            late = [e for e in flush.late if entry_id(e.stream_id) > after]
+            erasures = erased.parse(table.properties)  # events of users erased since they were received: dropped
+            late = [
+                e
+                for e in flush.late
+                if entry_id(e.stream_id) > after
+                and not erased.erased_before(
+                    erasures, getattr(e.event, "user_id", None), entry_id(e.stream_id)[0] * 1000
+                )
+            ]
             if not late:
                 return 0
             rows = pa.Table.from_pylist(

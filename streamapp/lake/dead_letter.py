@@ -11,6 +11,7 @@ the window's commit moves the consumer's position past it. Each is counted
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from pyiceberg.table import Table
 
 from streamapp import metrics, names
 from streamapp.entries import BEFORE_ALL, DeadEntry, entry_id
+from streamapp.lake import erased
 from streamapp.lake.catalog import TableSpec, ensure_table
 from streamapp.lake.commit import commit_with_retry
 from streamapp.lake.upkeep import SMALL_FILE_BYTES, Upkeep, expire_old_snapshots, snapshot_figure
@@ -66,7 +68,7 @@ class DeadLetters:
         def attempt(table: Table) -> int:
             committed = table.properties.get(key)
             after = entry_id(committed) if committed else BEFORE_ALL
-            new = [d for d in letters if entry_id(d.entry_id) > after]
+            new = _without_erased([d for d in letters if entry_id(d.entry_id) > after], erased.parse(table.properties))
             if not new:
                 return 0
             now = datetime.now(UTC)
@@ -97,7 +99,7 @@ class DeadLetters:
         written = commit_with_retry(self.table, attempt)
         if written:
             self.upkeep.after_write(self.table, snapshot_figure(self.table, "added-data-files"), began)
-        for d in letters[len(letters) - written :]:
+        for d in letters[max(0, len(letters) - written) :]:
             metrics.DEAD_LETTERS.labels(consumer).inc()
             log.error(
                 "%s: entry %s of %s cannot become rows (%s); kept in %s",
@@ -109,3 +111,21 @@ class DeadLetters:
                 extra={"agent": consumer, "stream": stream_key, "entry_id": d.entry_id},
             )
         return written
+
+
+def _without_erased(letters: list[DeadEntry], erasures: erased.Erasures) -> list[DeadEntry]:
+    """The letters without the events of users erased after they were received (see
+    `streamapp.lake.erased`); a letter left with no event is dropped."""
+    if not erasures:
+        return letters
+    kept = []
+    for d in letters:
+        received = d.received_us if d.received_us is not None else entry_id(d.entry_id)[0] * 1000
+
+        def matches(user: object, received: int = received) -> bool:
+            return erased.erased_before(erasures, user, received)
+
+        payload, gone = erased.scrub_ndjson(d.payload, matches)
+        if payload is not None:
+            kept.append(d if not gone else dataclasses.replace(d, payload=payload))
+    return kept

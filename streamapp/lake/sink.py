@@ -15,6 +15,7 @@ position: see `streamapp.lake.split`, and `streamapp.lake.files` for how the fil
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -25,7 +26,7 @@ from pyiceberg.table import Table
 from streamapp import metrics, names
 from streamapp.entries import BEFORE_ALL, Window, entry_id
 from streamapp.faults import crashpoint
-from streamapp.lake import files, split
+from streamapp.lake import erased, files, split
 from streamapp.lake.commit import assert_snapshot_read, commit_with_retry
 from streamapp.lake.dead_letter import DeadLetters
 from streamapp.lake.upkeep import Upkeep, expire_old_snapshots, snapshot_figure
@@ -93,6 +94,11 @@ class TableSink:
             if step is None:
                 log.info("window ..%s already in %s; skipped", window.last_id, self.name)
                 return None
+            if len(step.rows) and (erasures := erased.parse(table.properties)):
+                rows, values, dropped = erased.drop_rows(step.rows, step.values, erasures)
+                if dropped:  # events of erased users, received before their erasure
+                    log.info("dropped %d rows of erased users bound for %s", dropped, self.name)
+                    step = dataclasses.replace(step, rows=rows, values=values)
             committed = table.properties.get(key)
             after = entry_id(committed) if committed else BEFORE_ALL
             letters = [] if lettered else [d for d in window.dead + batch.refused if entry_id(d.entry_id) > after]

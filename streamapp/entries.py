@@ -260,14 +260,16 @@ class Window(Sequence[M], Generic[M]):
 
         return (pa.concat_tables(tables) if tables else self.model.to_arrow([], [])), dead
 
-    def decoded(self) -> tuple[list[tuple[str, M]], list[DeadEntry]]:
-        """(entry id, event) for each event, and the entries whose events cannot be decoded: all in
-        one go, or entry by entry when that fails, to find which."""
+    def decoded(self) -> tuple[list[str], list[M], list[DeadEntry]]:
+        """Each event's entry id and the event (two lists of one length: no tuple per event), and
+        the entries whose events cannot be decoded: all in one go, or entry by entry when that
+        fails, to find which."""
         try:
-            return list(zip(self.ids, self.events, strict=True)), []
+            return self.ids, self.events, []
         except REFUSED:
             pass
-        out: list[tuple[str, M]] = []
+        ids: list[str] = []
+        out: list[M] = []
         dead = []
         decode = _decoder(self.model)
         for entry, payload, received in self.entries():
@@ -278,8 +280,9 @@ class Window(Sequence[M], Generic[M]):
             except REFUSED as e:
                 dead.append(DeadEntry(entry, payload.decode(errors="replace"), f"{type(e).__name__}: {e}", received[0]))
                 continue
-            out += [(entry, event) for event in events]
-        return out, dead
+            ids += [entry] * len(events)
+            out += events
+        return ids, out, dead
 
     def __len__(self) -> int:
         return len(self.ids)

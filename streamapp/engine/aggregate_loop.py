@@ -82,8 +82,8 @@ async def _run(reader: StreamReader, sink: AggregateSink, agg: Aggregator[Any], 
             last = batch.last
             if last is not None:
                 await reader.report(last)
-        events, dead = batch.decoded()
-        for stream_id, event in events:
+        ids, events, dead = batch.decoded()
+        for stream_id, event in zip(ids, events, strict=True):
             try:  # stamped after its receipt: windowed at the receipt
                 agg.add(stream_id, event, event.timestamp.timestamp())
             except Exception as e:  # noqa: BLE001 - the key or an aggregation refused it (a user's function)

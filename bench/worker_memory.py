@@ -18,34 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from figures import SINGLE, RowCount
+from figures import RowCount, fill_streamapp
 from procs import free_port, vm_hwm_mb, wait_port
-
-
-async def fill(port: int, n: int) -> None:
-    import aiohttp
-
-    run = uuid.uuid4().hex[:8]
-    starts = iter(range(0, n, 100))
-
-    async def sender(session: aiohttp.ClientSession) -> None:
-        for start in starts:
-            body = "[" + ",".join(SINGLE.replace("ID", f"m-{run}-{i}") for i in range(start, min(n, start + 100))) + "]"
-            while True:  # 429/503: wait and resend (the ids dedupe)
-                async with session.post(
-                    f"http://127.0.0.1:{port}/api/events", data=body, headers={"Content-Type": "application/json"}
-                ) as resp:
-                    await resp.read()
-                    if resp.status == 202:
-                        break
-                await asyncio.sleep(0.5)
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(sender(session) for _ in range(16)))
 
 
 def drain(checkout: Path, n: int) -> tuple[float, float]:
@@ -80,7 +57,7 @@ def drain(checkout: Path, n: int) -> tuple[float, float]:
         run("check-redis")  # ingest answers 503 until Redis was checked against the tables
         start("web")
         wait_port(int(env["PORT"]))
-        asyncio.run(fill(int(env["PORT"]), n))
+        asyncio.run(fill_streamapp(int(env["PORT"]), n))
         rows = RowCount(tmp / "warehouse")
         started = time.monotonic()
         worker = start("worker")

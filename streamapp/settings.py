@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -306,33 +306,34 @@ class Settings:
 
 def _write_keys(raw: str) -> dict[str, str]:
     """Parse "key1:source1,key2:source2"; the message never echoes a key (they are secrets)."""
-    found: dict[str, str] = {}
+    return {key: source for _, key, source in _items(raw, "STREAMAPP_WRITE_KEYS", ":", "KEY:SOURCE", secret=True)}
+
+
+def _items(raw: str, variable: str, separator: str, form: str, *, secret: bool) -> Iterator[tuple[str, str, str]]:
+    """Each comma-separated LEFT<separator>RIGHT item of `raw`: (the item as messages name it,
+    left, right), refusing one that is not of that `form` or repeats a left side. `secret`: the
+    messages never echo an item."""
+    seen: set[str] = set()
     for i, item in enumerate(raw.split(","), start=1):
-        key, sep, source = (part.strip() for part in item.strip().partition(":"))
-        if not sep or not key or not source:
-            raise SettingsError(f"STREAMAPP_WRITE_KEYS: item {i} is not KEY:SOURCE")
-        if key in found:
-            raise SettingsError(f"STREAMAPP_WRITE_KEYS: item {i} repeats a key")
-        found[key] = source
-    return found
+        left, sep, right = (part.strip() for part in item.strip().partition(separator))
+        named = f"item {i}" if secret else f"item {i} ({item.strip()!r})"
+        if not sep or not left or not right:
+            raise SettingsError(f"{variable}: {named} is not {form}")
+        if left in seen:
+            raise SettingsError(f"{variable}: item {i} repeats {'a key' if secret else repr(left)}")
+        seen.add(left)
+        yield named, left, right
 
 
 def parse_retention(raw: str) -> tuple[tuple[str, int | None], ...]:
     """Parse "events.*=400d,events.rejected=30d,events.erasures=forever": a table name or an
     fnmatch pattern, then days (whole days: tables are partitioned by day) or "forever"."""
     rules: dict[str, int | None] = {}
-    for i, item in enumerate(raw.split(","), start=1):
-        pattern, sep, value = (part.strip() for part in item.strip().partition("="))
-        if not sep or not pattern or not value:
-            raise SettingsError(f"STREAMAPP_RETENTION: item {i} ({item.strip()!r}) is not TABLE=DAYSd")
-        if pattern in rules:
-            raise SettingsError(f"STREAMAPP_RETENTION: item {i} repeats {pattern!r}")
+    for named, pattern, value in _items(raw, "STREAMAPP_RETENTION", "=", "TABLE=DAYSd", secret=False):
         if value == "forever":
             rules[pattern] = None
             continue
         if not value.endswith("d") or not value[:-1].isdigit() or int(value[:-1]) < 1:
-            raise SettingsError(
-                f"STREAMAPP_RETENTION: item {i} ({item.strip()!r}): keep whole days, e.g. 30d (>= 1), or forever"
-            )
+            raise SettingsError(f"STREAMAPP_RETENTION: {named}: keep whole days, e.g. 30d (>= 1), or forever")
         rules[pattern] = int(value[:-1])
     return tuple(rules.items())

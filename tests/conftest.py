@@ -362,3 +362,16 @@ def s3_settings(settings: Settings, s3_server: S3Server, bucket: str, state_dir:
         aws_access_key_id="test",
         aws_secret_access_key="test",
     )
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed by scripts/install-chromium when missing."""
+    done = subprocess.run([ROOT / "scripts" / "install-chromium"], capture_output=True, text=True)
+    if done.returncode == 3:
+        pytest.skip(f"Chromium is missing and cannot be installed here: {done.stderr.strip()}")
+    assert done.returncode == 0, f"scripts/install-chromium failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return CHROMIUM

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections import Counter
 
+from streamapp import names
 from tests.conftest import table_rows, wait_until
 
 
@@ -42,3 +43,18 @@ def assert_exactly_once(rows: list[dict], expected_ids: set[str]) -> None:
     assert not doubled and not missing and not extra, (
         f"doubled={sorted(doubled)[:10]} missing={sorted(missing)[:10]} extra={sorted(extra)[:10]}"
     )
+
+
+async def wait_committed_to_end(catalog, redis_client, stream: str, consumer: str, table: str, timeout: float = 30):
+    """Wait until `table` holds `consumer`'s position at the newest entry of `stream` (read now
+    with the sync `redis_client`); returns that entry's id."""
+    [(last, _)] = redis_client.xrevrange(stream, count=1)
+    position = names.position_property(stream, consumer)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: catalog.load_table(table).properties.get(position) == last.decode(),
+        timeout,
+        0.2,
+        f"{consumer} committed past the last entry of {stream}",
+    )
+    return last.decode()

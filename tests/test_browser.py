@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -19,7 +18,6 @@ from playwright.async_api import async_playwright
 from tests.conftest import ROOT, running_web
 from tests.helpers import wait_rows
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -35,16 +33,6 @@ ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 # The first test's setup may install chromium with apt-get: more than the usual 180 s on a slow mirror.
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium, installed by scripts/install-chromium when missing."""
-    done = subprocess.run([ROOT / "scripts" / "install-chromium"], capture_output=True, text=True)
-    if done.returncode == 3:
-        pytest.skip(f"Chromium is missing and cannot be installed here: {done.stderr.strip()}")
-    assert done.returncode == 0, f"scripts/install-chromium failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return CHROMIUM
 
 
 @pytest.fixture

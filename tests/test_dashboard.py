@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -31,7 +30,6 @@ from tests.helpers import send, wait_rows
 
 SHOP, CART = "https://shop.example/", "https://shop.example/cart"
 STREAMS = [names.stream(t) for t in ("click", "keydown", "rejected")]
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 pytestmark = pytest.mark.timeout(600)  # the browser test's setup may install chromium with apt-get
@@ -197,16 +195,6 @@ async def test_an_empty_lake_and_a_stopped_redis_still_answer(http, fast, redis_
         await asyncio.sleep(2.1)  # past the cache
         d = await get(http, base + "/api/dashboard")
         assert d["redis_error"] is not None and d["events"]["totals"] == {}
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium, installed by scripts/install-chromium when missing."""
-    done = subprocess.run([ROOT / "scripts" / "install-chromium"], capture_output=True, text=True)
-    if done.returncode == 3:
-        pytest.skip(f"Chromium is missing and cannot be installed here: {done.stderr.strip()}")
-    assert done.returncode == 0, f"scripts/install-chromium failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return CHROMIUM
 
 
 async def test_the_page_draws_the_charts_in_chromium(web, http, fast, spawn, chromium):

@@ -12,7 +12,7 @@ from streamapp import names
 from streamapp.lake import erased
 from streamapp.lake.catalog import open_catalog
 from tests.conftest import table_rows, wait_until
-from tests.helpers import assert_exactly_once, wait_rows
+from tests.helpers import assert_exactly_once, wait_committed_to_end, wait_rows
 from tests.test_dead_letter import STREAM, add, click
 
 VICTIM = "victim"
@@ -105,14 +105,8 @@ async def test_erase_while_the_users_events_are_in_flight(web, http, settings, r
     spawn("worker", fast)
     expected = {f"o{i}" for i in range(5)} | {f"p{i}" for i in range(3)} | {"v2-0", "lo0", "c0", "q0"}
     await wait_rows(settings, "events.clicks", len(expected))
-    [(last, _)] = r.xrevrange(STREAM, count=1)
     catalog = open_catalog(settings)
-    aggregate = names.position_property(STREAM, "clicks_per_minute")
-    wait_until(
-        lambda: catalog.load_table("events.clicks_per_minute").properties.get(aggregate) == last.decode(),
-        20,
-        what="the aggregate past the in-flight entries",
-    )
+    await wait_committed_to_end(catalog, r, STREAM, "clicks_per_minute", "events.clicks_per_minute", timeout=20)
     await asyncio.sleep(0.5)
     rows = table_rows(settings, "events.clicks")
     assert_exactly_once(rows, expected)
@@ -160,15 +154,7 @@ async def test_erase_while_a_worker_appends_the_users_events(settings, redis_ser
     await asyncio.sleep(0.3)
     report = await asyncio.to_thread(forget, catalog, VICTIM, command="test", requested_by=None, keep_snapshots=10)
     await feeding
-    [(last, _)] = r.xrevrange(STREAM, count=1)
-    position = names.position_property(STREAM, "clicks")
-    await asyncio.to_thread(
-        wait_until,
-        lambda: catalog.load_table("events.clicks").properties.get(position) == last.decode(),
-        30,
-        0.2,
-        "the worker past the last entry",
-    )
+    await wait_committed_to_end(catalog, r, STREAM, "clicks", "events.clicks")
     erased_us = int(report.erased_at.timestamp() * 1e6)
     kept = {e for e, (user, at) in received.items() if user == "other" or at >= erased_us}
     assert any(user == VICTIM and at >= erased_us for user, at in received.values())  # some came after

@@ -8,16 +8,13 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from models.click import ClickEvent
-from streamapp.entries import Window
 from streamapp.lake.catalog import ensure_table, open_catalog
 from streamapp.lake.commit import committing
 from streamapp.lake.orphans import clean, location_key, referenced
@@ -25,22 +22,9 @@ from streamapp.lake.sink import TableSink
 from streamapp.lake.upkeep import compact
 from streamapp.settings import Settings
 from tests.conftest import ROOT, clean_env, wait_until
+from tests.test_maintenance import DAY1, _window
 
-DAY1 = datetime(2026, 11, 26, 12, tzinfo=UTC)
 HOUR = 3600
-
-
-def _window(n: int, size: int = 4) -> Window:
-    """Window n: `size` clicks on two days, stream ids n-0.. (positions grow with n)."""
-    events = [ClickEvent(x=n, y=j, event_id=f"w{n}-{j}", timestamp=DAY1 + timedelta(days=j % 2)) for j in range(size)]
-    return Window(
-        ClickEvent,
-        "stream",
-        "agent",
-        [f"{n + 1}-{j}" for j in range(size)],
-        [msgspec.json.encode(e) for e in events],
-        [int(DAY1.timestamp() * 1e6)] * size,
-    )
 
 
 @pytest.fixture

@@ -1,28 +1,73 @@
 """Every name streamapp gives the state it keeps, in one place: Redis keys, the Iceberg table
 properties it commits, and the tables it creates on its own (not declared by a model).
 
-Redis keys share the `{streamapp}` hash tag so that the ingest script, which touches several of
-them atomically, also runs on Redis Cluster (one slot, so one primary holds them all: sharded
-streams, which spread over the primaries, are `STREAMAPP_SHARDS`' business).
+Redis keys are per shard (`STREAMAPP_SHARDS`): each shard's keys share one hash tag, `{streamapp}`
+for shard 0 (the only one by default, and the keys of every release before shards) and
+`{streamapp-<i>}` for shard i, so the ingest script, which touches several of a shard's keys
+atomically, runs on Redis Cluster, and a cluster spreads the shards over its primaries. An event
+goes to one shard (`shard_of`), by its dedupe id, so that a retried event meets its dedupe set.
 
 The table properties are the durable half of exactly-once: each moves in the same Iceberg commit
-as the rows it describes (see `streamapp.lake.sink` and `streamapp.lake.aggregate_sink`).
+as the rows it describes (see `streamapp.lake.sink` and `streamapp.lake.aggregate_sink`). They are
+per stream key, hence per shard.
 """
 
+import re
+import zlib
+
+
+def prefix(shard: int = 0) -> str:
+    """The start of every Redis key of `shard`, with its hash tag."""
+    return "streamapp:{streamapp}" if shard == 0 else f"streamapp:{{streamapp-{shard}}}"
+
+
 # Redis
-PREFIX = "streamapp:{streamapp}"
-ACKS = f"{PREFIX}:acks"  # hash: "<stream key>|<consumer>" -> a hint of the last entry id committed downstream
+PREFIX = prefix(0)
 
 
-def stream(type_name: str) -> str:
-    """The Redis stream that holds events of one type (or "rejected")."""
-    return f"{PREFIX}:events:{type_name}"
+def acks(shard: int = 0) -> str:
+    """Hash: "<stream key>|<consumer>" -> a hint of the last entry id committed downstream, for
+    the streams of `shard`."""
+    return f"{prefix(shard)}:acks"
 
 
-def dedupe_bucket(start_ms: int) -> str:
-    """The set of event ids first written in the time span that starts at `start_ms` (server clock,
-    epoch milliseconds); see `streamapp.web.writer`."""
-    return f"{PREFIX}:dedupe:{start_ms}"
+ACKS = acks(0)
+
+
+def stream(type_name: str, shard: int = 0) -> str:
+    """The Redis stream that holds events of one type (or "rejected") routed to `shard`."""
+    return f"{prefix(shard)}:events:{type_name}"
+
+
+def streams(type_name: str, shards: int) -> list[str]:
+    """Every shard's stream of one type, shard 0 first."""
+    return [stream(type_name, shard) for shard in range(shards)]
+
+
+_SHARD = re.compile(r"^streamapp:\{streamapp(?:-(\d+))?\}:")
+
+
+def shard_of_key(key: str) -> int:
+    """The shard of one of streamapp's Redis keys (0 for a key of no shard)."""
+    m = _SHARD.match(key)
+    return int(m.group(1)) if m and m.group(1) else 0
+
+
+def type_of_stream(key: str) -> str:
+    """The event type (or "rejected") of a stream key of any shard."""
+    return key.rpartition(":events:")[2]
+
+
+def shard_of(dedupe_id: str, shards: int) -> int:
+    """The shard an event goes to: a stable hash of its dedupe id (source and event_id, see
+    `streamapp.web.writer.dedupe_ids`), the same in every process and every release."""
+    return 0 if shards == 1 else zlib.crc32(dedupe_id.encode()) % shards
+
+
+def dedupe_bucket(start_ms: int, shard: int = 0) -> str:
+    """The set of event ids first written to `shard` in the time span that starts at `start_ms`
+    (server clock, epoch milliseconds); see `streamapp.web.writer`."""
+    return f"{prefix(shard)}:dedupe:{start_ms}"
 
 
 def ack_field(stream_key: str, consumer: str) -> str:
@@ -36,15 +81,25 @@ def progress(stream_key: str) -> str:
     return f"{stream_key}:progress"
 
 
-# String: the run_id of the Redis server a worker last checked against the lake (see
-# `streamapp.engine.recovery`). The web writes only while it names the server it talks to, so a
-# Redis that restarted, maybe from older data, takes no event before it has been checked.
-CHECKED = f"{PREFIX}:checked"
+def checked(shard: int = 0) -> str:
+    """String: the run_id of the Redis server holding `shard` that a worker last checked against
+    the lake (see `streamapp.engine.recovery`). The web writes to a shard only while it names the
+    server it talks to, so a Redis that restarted, maybe from older data, takes no event before it
+    has been checked."""
+    return f"{prefix(shard)}:checked"
 
 
-# Integer: incremented right before each WAIT (`STREAMAPP_REDIS_WAIT_REPLICAS`), so that the WAIT
-# covers every write before it (see `streamapp.redis_client.write_and_wait`).
-REPLICATED = f"{PREFIX}:replicated"
+CHECKED = checked(0)
+
+
+def replicated(shard: int = 0) -> str:
+    """Integer: incremented right before each WAIT (`STREAMAPP_REDIS_WAIT_REPLICAS`) on the
+    server holding `shard`, so that the WAIT covers every write before it (see
+    `streamapp.redis_client.write_and_wait`)."""
+    return f"{prefix(shard)}:replicated"
+
+
+REPLICATED = replicated(0)
 
 
 # Iceberg table properties, per (stream, consumer): "<prefix><stream key>|<consumer>"

@@ -40,6 +40,12 @@ class Settings:
     # within redis_wait_ms; the worker commits only entries that many replicas have.
     redis_wait_replicas: int = 0
     redis_wait_ms: int = 1000
+    # Sub-streams per event type, each under its own hash tag (a cluster spreads them over its
+    # primaries) and each owned by one worker at a time (see `streamapp.names.stream`).
+    shards: int = 1
+    # How long a worker's lease on a shard lasts unrenewed: a dead worker's shards wait at most
+    # this long for a new owner.
+    lease_seconds: float = 10.0
     # Where the tables' files go: a local directory (resolved against the working directory; a
     # Path after __post_init__) or an S3 URI, s3://bucket/prefix (a str), reached with the AWS_*
     # settings below.
@@ -179,6 +185,10 @@ class Settings:
             raise SettingsError("STREAMAPP_REDIS_WAIT_REPLICAS must be >= 0")
         if not 1 <= self.redis_wait_ms <= 60_000:
             raise SettingsError("STREAMAPP_REDIS_WAIT_MS must be 1..60000")
+        if not 1 <= self.shards <= 1024:
+            raise SettingsError("STREAMAPP_SHARDS must be 1..1024")
+        if not 1 <= self.lease_seconds <= 3600:
+            raise SettingsError("STREAMAPP_LEASE_SECONDS must be 1..3600")
         if self.request_timeout_seconds <= 0:
             raise SettingsError("STREAMAPP_REQUEST_TIMEOUT_SECONDS must be > 0")
 
@@ -252,6 +262,8 @@ class Settings:
             ("STREAMAPP_REDIS_PORT", int, "redis_port"),
             ("STREAMAPP_REDIS_WAIT_REPLICAS", int, "redis_wait_replicas"),
             ("STREAMAPP_REDIS_WAIT_MS", int, "redis_wait_ms"),
+            ("STREAMAPP_SHARDS", int, "shards"),
+            ("STREAMAPP_LEASE_SECONDS", float, "lease_seconds"),
             ("STREAMAPP_WAREHOUSE", str, "warehouse"),
             ("STREAMAPP_STATE_DIR", str, "state_dir"),
             ("AWS_ENDPOINT_URL", str, "aws_endpoint_url"),

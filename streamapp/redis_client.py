@@ -5,9 +5,9 @@ first, created in) the state directory; a REDIS_URL is used as it is. Either way
 command line and no log line. Building a client reads that file: do it off the event loop.
 
 With `STREAMAPP_REDIS_CLUSTER=1` the clients are redis-py's `RedisCluster`, which finds the slots'
-primaries from the node REDIS_URL names and follows MOVED/ASK redirects and failovers. Every key
-streamapp keeps shares one hash tag (`names.PREFIX`), so each script and pipeline runs on the one
-primary serving that slot, and server state (run_id, memory) is read from that node too.
+primaries from the node REDIS_URL names and follows MOVED/ASK redirects and failovers. The keys of
+one shard share one hash tag (`names.prefix`), so each script runs on the one primary serving that
+shard's slot, and server state (run_id, memory) is read from that node too (`shard` arguments).
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def home(redis: Client) -> dict[str, Any]:
-    """Keyword arguments sending a command without keys (WAIT) to the node that serves
-    streamapp's keys: on a cluster, the primary of their slot; on one Redis, nothing to add."""
+async def home(redis: Client, shard: int = 0) -> dict[str, Any]:
+    """Keyword arguments sending a command without keys (WAIT) to the node that serves the keys of
+    `shard`: on a cluster, the primary of their slot; on one Redis, nothing to add."""
     if not isinstance(redis, RedisCluster):
         return {}
     await redis.initialize()  # a no-op once the client knows the slots
-    return {"target_nodes": redis.get_node_from_key(names.CHECKED)}
+    return {"target_nodes": redis.get_node_from_key(names.checked(shard))}
 
 
 async def _forget_slots(redis: Client, error: BaseException) -> None:
@@ -96,9 +96,9 @@ async def _forget_slots(redis: Client, error: BaseException) -> None:
 _INFO_LUA = "return redis.call('INFO', ARGV[1])"
 
 
-async def server_info(redis: Client, section: str) -> dict[str, Any]:
-    """INFO `section` of the server that holds streamapp's keys, numbers as int."""
-    raw = text(await redis.eval(_INFO_LUA, 1, names.CHECKED, section))  # type: ignore[misc,unused-ignore]
+async def server_info(redis: Client, section: str, shard: int = 0) -> dict[str, Any]:
+    """INFO `section` of the server that holds the keys of `shard`, numbers as int."""
+    raw = text(await redis.eval(_INFO_LUA, 1, names.checked(shard), section))  # type: ignore[misc,unused-ignore]
     info: dict[str, Any] = {}
     for line in raw.splitlines():
         key, sep, value = line.partition(":")
@@ -107,27 +107,28 @@ async def server_info(redis: Client, section: str) -> dict[str, Any]:
     return info
 
 
-# KEYS[1]: names.CHECKED (for the slot). The run_id of the server that runs it.
+# KEYS[1]: names.checked(shard) (for the slot). The run_id of the server that runs it.
 RUN_ID_LUA = "return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
 
 
-async def server_run_id(redis: Client) -> str:
-    """The run_id of the server that holds streamapp's keys: it changes with every start of the
+async def server_run_id(redis: Client, shard: int = 0) -> str:
+    """The run_id of the server that holds the keys of `shard`: it changes with every start of the
     server, and with a failover (the promoted replica is another process)."""
-    return text(await redis.eval(RUN_ID_LUA, 1, names.CHECKED))  # type: ignore[misc,unused-ignore]
+    return text(await redis.eval(RUN_ID_LUA, 1, names.checked(shard)))  # type: ignore[misc,unused-ignore]
 
 
-async def is_checked(redis: Client) -> bool:
-    """Has this server been checked against the lake since it started (`streamapp.engine.recovery`)?
-    The web takes events only then (the ingest script tests the same marker)."""
-    marker = await redis.get(names.CHECKED)
-    return marker is not None and text(marker) == await server_run_id(redis)
+async def is_checked(redis: Client, shard: int = 0) -> bool:
+    """Has the server holding `shard` been checked against the lake since it started
+    (`streamapp.engine.recovery`)? The web takes events only then (the ingest script tests the
+    same marker)."""
+    marker = await redis.get(names.checked(shard))
+    return marker is not None and text(marker) == await server_run_id(redis, shard)
 
 
 async def write_and_wait(
-    redis: Client, commands: list[tuple[Any, ...]], replicas: int, timeout_ms: int
+    redis: Client, commands: list[tuple[Any, ...]], replicas: int, timeout_ms: int, shard: int = 0
 ) -> tuple[list[Any], int]:
-    """Run `commands` (keyed in streamapp's slot), then WAIT for `replicas`, on one connection to
+    """Run `commands` (keyed in the slot of `shard`), then WAIT for `replicas`, on one connection to
     the node serving the slot (WAIT counts the replicas that have this connection's writes). An
     INCR of `names.REPLICATED` goes between them: WAIT then covers every write the server made
     before it, including those of other connections, even when `commands` wrote nothing (a flush
@@ -135,11 +136,11 @@ async def write_and_wait(
 
     Returns each command's result or exception, and how many replicas acknowledged (0 when the
     slot moved to another node meanwhile: the WAIT then says nothing about these writes)."""
-    target = await home(redis)
+    target = await home(redis, shard)
     async with redis.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command)
-        pipe.execute_command("INCR", names.REPLICATED)
+        pipe.execute_command("INCR", names.replicated(shard))
         pipe.execute_command("WAIT", replicas, timeout_ms, **target)
         try:
             results = await pipe.execute(raise_on_error=False)
@@ -153,7 +154,7 @@ async def write_and_wait(
     for failed in (marker, acked):
         if isinstance(failed, Exception):
             raise failed
-    if target and (await home(redis))["target_nodes"].name != target["target_nodes"].name:
+    if target and (await home(redis, shard))["target_nodes"].name != target["target_nodes"].name:
         return done, 0
     return done, int(acked)
 

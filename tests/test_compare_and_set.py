@@ -137,3 +137,38 @@ def test_aggregate_a_stale_late_commit_fails_and_events_late_keeps_the_newer_pos
     assert table.properties[position_property(STREAM, "agg")] == "5-0"
     assert sorted(r["event_id"] for r in table.scan().to_arrow().to_pylist()) == ["late3", "late5"]
     assert agg_table(settings).properties[position_property(STREAM, "agg")] == "5-0"
+
+
+def test_raw_sink_a_conflict_with_another_shard_commits_the_same_files_again(settings, monkeypatch):
+    """Two workers own two shards of one stream: their positions differ, so a conflict between
+    their commits leaves the retry the same rows, and it commits the files it wrote, encoding
+    nothing twice (no second set of Parquet files left behind for the orphan cleanup)."""
+    from pathlib import Path
+
+    from streamapp.lake import files
+
+    ensure_table(open_catalog(settings), ClickEvent)
+    other_shard = "streamapp:{streamapp-1}:events:click"
+    one = TableSink(open_catalog(settings), "events.clicks", keep_snapshots=5)
+    two = TableSink(open_catalog(settings), "events.clicks", keep_snapshots=5)
+    theirs = window(100, 102)
+    theirs.stream_key = other_shard
+    encoded: list[int] = []
+    real = files.data_files
+
+    def counting(*args, **kwargs):
+        made = real(*args, **kwargs)
+        encoded.append(len(made))
+        return made
+
+    monkeypatch.setattr(files, "data_files", counting)
+    after_next_refresh(monkeypatch, two.table, lambda: one.write(theirs))
+    assert two.write(window(1, 4)) == 4
+    assert encoded == [1, 1], "the other shard's window, then this one's once: its retry re-encoded it"
+    table = open_catalog(settings).load_table("events.clicks")
+    assert table.properties[position_property(STREAM, "clicks")] == "4-0"
+    assert table.properties[position_property(other_shard, "clicks")] == "102-0"
+    assert_exactly_once(table.scan().to_arrow().to_pylist(), {*(f"e{n}" for n in range(1, 5)), "e100", "e101", "e102"})
+    on_disk = {str(p) for p in Path(settings.warehouse).rglob("*.parquet")}
+    referenced = {t.file.file_path.removeprefix("file://") for t in table.scan().plan_files()}
+    assert on_disk == referenced, "a Parquet file written for nothing"

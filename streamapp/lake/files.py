@@ -334,12 +334,20 @@ class _DatasetWrite:
         )
 
 
-def append(tx: Transaction, io: FileIO, rows: pa.Table, values: pa.Array[Any] | None) -> None:
+def append(
+    tx: Transaction, io: FileIO, rows: pa.Table, values: pa.Array[Any] | None, written: list[DataFile] | None = None
+) -> list[DataFile] | None:
     """Stage `rows` in `tx` as `tx.append(rows)` does (a fast append of new data files), the files
-    written as above; `values`: their partition values, in sorted order (see `split.Batch`)."""
+    written as above; `values`: their partition values, in sorted order (see `split.Batch`).
+    Returns the data files, which a retry of the same rows after a conflict passes back as
+    `written` to commit them again instead of encoding the rows anew (None: pyiceberg's path
+    wrote them, it cannot take them back)."""
     if values is None or not rows.schema.equals(schema_to_pyarrow(tx.table_metadata.schema())):
         tx.append(rows)  # pyiceberg checks and projects a schema that is not the table's own
-        return
+        return None
     with tx.update_snapshot().fast_append() as add:
-        for data_file in data_files(tx.table_metadata, io, rows, values, add.commit_uuid, ordered=True):
+        if written is None:
+            written = data_files(tx.table_metadata, io, rows, values, add.commit_uuid, ordered=True)
+        for data_file in written:
             add.append_data_file(data_file)
+    return written

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from pyiceberg.catalog import Catalog
+from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
 from streamapp import metrics, names
@@ -85,9 +86,12 @@ class TableSink:
 
         batch = split.Batch(window)
         lettered = False  # the window's dead letters are in (they keep a position of their own)
+        # The files of the last attempt, by what they hold: a commit that conflicted with another
+        # writer's (another shard's worker) commits them again instead of encoding the rows anew.
+        encoded: tuple[tuple[Any, ...], list[DataFile]] | None = None
 
         def attempt(table: Table) -> split.Step | None:
-            nonlocal lettered
+            nonlocal lettered, encoded
             started = time.perf_counter()
             batch.load(table.metadata)
             step = split.next_step(table.properties, batch, moved, self.max_files)
@@ -113,7 +117,11 @@ class TableSink:
             crashpoint(self.crash_at, "before_commit")
             with table.transaction() as tx:
                 if len(step.rows):
-                    files.append(tx, table.io, step.rows, step.values)
+                    meta = table.metadata
+                    same = (meta.current_schema_id, meta.default_spec_id, step.start, len(step.rows), step.properties)
+                    again = encoded[1] if encoded is not None and encoded[0] == same else None
+                    made = files.append(tx, table.io, step.rows, step.values, again)
+                    encoded = (same, made) if made is not None else None
                 else:  # the claims cover the rest: this commit only moves the position
                     assert_snapshot_read(tx)
                 tx.set_properties(step.properties)

@@ -193,7 +193,7 @@ def _check_redis(settings: Settings) -> int:
     async def run() -> int:
         client = reader_client(settings)
         try:
-            repairs = await check(client, open_catalog(settings), force=True)
+            repairs = await check(client, open_catalog(settings), settings.shards, force=True)
         finally:
             await client.aclose()
         for r in repairs:

@@ -15,6 +15,7 @@ import pytest
 
 from streamapp import names
 from streamapp.engine.recovery import check
+from streamapp.engine.status import agents_per_stream, gather, render
 from streamapp.lake.catalog import open_catalog
 from streamapp.redis_client import reader_client
 from streamapp.web.writer import dedupe_ids, rejected_dedupe_id
@@ -145,3 +146,27 @@ async def test_one_shard_keeps_the_keys_of_every_release_before_shards(settings,
         "streamapp:{streamapp}:events:click",
         "streamapp:{streamapp}:events:rejected",
     }
+
+
+async def test_status_lists_every_shard_and_sums_them_per_stream(sharded, http, redis_server):
+    async with running_web(sharded) as base:
+        status, _ = await post(http, base, clicks("s", 100))
+        assert status == 202
+    r = redis_server.client()
+    click_streams = names.streams("click", SHARDS)
+    for key in click_streams:  # a consumer registered on every shard, nothing committed yet
+        r.hset(names.progress(key), "clicks", "0-1 0 0")
+    client = reader_client(sharded)
+    try:
+        found = await gather(open_catalog(sharded), client, [*click_streams, *names.streams("keydown", SHARDS)])
+    finally:
+        await client.aclose()
+    assert sorted((a.shard, a.stream) for a in found.agents) == [(s, "click") for s in range(SHARDS)]
+    assert sum(a.lag_events or 0 for a in found.agents) == 100
+    [(merged, shards)] = agents_per_stream(found.agents)
+    assert (merged.agent, merged.stream, shards, merged.lag_events) == ("clicks", "click", SHARDS, 100)
+    text = render(found)
+    line = next(row for row in text.splitlines() if row.startswith("clicks "))
+    assert [cell.strip() for cell in line.split("|")][1:5] == ["click", "4", "(none yet)", "100"], text
+    stream_line = next(row for row in text.split("Streams in Redis")[1].splitlines() if row.startswith("click "))
+    assert [cell.strip() for cell in stream_line.split("|")][1:4] == ["4", "4", "100"], text

@@ -170,3 +170,24 @@ async def test_status_lists_every_shard_and_sums_them_per_stream(sharded, http, 
     assert [cell.strip() for cell in line.split("|")][1:5] == ["click", "4", "(none yet)", "100"], text
     stream_line = next(row for row in text.split("Streams in Redis")[1].splitlines() if row.startswith("click "))
     assert [cell.strip() for cell in stream_line.split("|")][1:4] == ["4", "4", "100"], text
+
+
+async def test_the_backlog_limit_holds_per_shard_stream(sharded, http, redis_server):
+    small = dataclasses.replace(sharded, max_backlog=10)
+    r = redis_server.client()
+    late = {shard_of_event(e): e for e in clicks("late", 40)}
+    async with running_web(small) as base:
+        assert (await post(http, base, clicks("b", 100)))[0] == 202  # ~25 events per shard, none handled
+        status, body = await post(http, base, [late[1]])
+        assert status == 429 and "'click' stream (shard 1)" in body["error"], body
+        # shard 1's consumer handled everything: its events are taken, the other shards' still not
+        tail = r.xrevrange(names.stream("click", 1), count=1)[0][1]
+        r.hset(names.progress(names.stream("click", 1)), "clicks", f"0-1 {int(tail[b'c'])} {int(tail[b'b'])}")
+        assert (await post(http, base, [late[1]]))[0] == 202
+        status, body = await post(http, base, [late[2]])
+        assert status == 429 and "'click' stream (shard 2)" in body["error"], body
+
+
+def shard_of_event(event: dict) -> int:
+    [dedupe_id] = dedupe_ids([event["event_id"]], "website")
+    return names.shard_of(dedupe_id, SHARDS)

@@ -163,7 +163,7 @@ class IngestView:
             return error_response(
                 429,
                 f"{e.events} events ({e.bytes} bytes) wait to be written to Iceberg from the "
-                f"{_stream_name(e.stream, settings.shards)!r} stream (the limits are {limits.max_events} events and "
+                f"{_stream_name(e.stream, settings.shards)} (the limits are {limits.max_events} events and "
                 f"{limits.max_bytes} bytes); retry later",
                 {"Retry-After": str(self.backlog.retry_after(e.events))},
             )
@@ -217,8 +217,8 @@ class IngestView:
 
 def _stream_name(stream: str, shards: int) -> str:
     """A stream as a client reads it: its event type, and its shard when there are several."""
-    name = names.type_of_stream(stream)
-    return name if shards == 1 else f"{name}, shard {names.shard_of_key(stream)},"
+    name = f"{names.type_of_stream(stream)!r} stream"
+    return name if shards == 1 else f"{name} (shard {names.shard_of_key(stream)})"
 
 
 def _internal_error() -> web.Response:

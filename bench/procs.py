@@ -108,10 +108,13 @@ def vm_hwm_mb(pid: int) -> tuple[float, int]:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without streamapp's settings, but `STREAMAPP_SHARDS`: the one a run takes
+    from outside (`STREAMAPP_SHARDS=4 uv run python bench/run.py --only ingest`: 4 shards on one
+    valkey, checked and written by every streamapp process the run starts)."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT", "HOST", "VIRTUAL_ENV"))
+        if not k.startswith(("STREAMAPP_", "REDIS_URL", "PORT", "HOST", "VIRTUAL_ENV")) or k == "STREAMAPP_SHARDS"
     }
     env.update(extra)
     return env

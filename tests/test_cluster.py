@@ -21,7 +21,7 @@ import pytest
 from streamapp import names
 from streamapp.settings import Settings
 from tests.cluster import Cluster, Node
-from tests.conftest import free_port, running_web, table_rows, wait_until
+from tests.conftest import check_redis, free_port, running_web, table_rows, wait_until
 from tests.helpers import assert_exactly_once, clicks, send, wait_rows
 
 AUTO_FAILOVER_SECONDS = 8.0  # then the test forces it (CLUSTER FAILOVER TAKEOVER) and says so
@@ -89,6 +89,36 @@ async def test_events_reach_iceberg_exactly_once_through_the_cluster(make_settin
         await asyncio.sleep(1)  # a doubled window would land by now
         assert_exactly_once(table_rows(settings, "events.clicks"), {e["event_id"] for e in events})
         assert len(rows) == 300
+
+
+async def test_shards_spread_over_the_primaries_and_take_events(make_settings, cluster, http):
+    """`STREAMAPP_SHARDS=4`: each shard's keys share a hash tag, the tags' slots fall on every
+    primary, one script per shard runs on its node, and each event is in its shard's stream once."""
+    shards = 4
+    settings = dataclasses.replace(make_settings(), shards=shards)
+    owners = {shard: cluster.owner(names.stream("click", shard)) for shard in range(shards)}
+    assert len({node.port for node in owners.values()}) == 3  # every primary holds a shard
+    for shard, node in owners.items():  # a shard's keys are all on its node: one slot
+        slots = {
+            node.client().execute_command("CLUSTER", "KEYSLOT", k)
+            for k in (names.checked(shard), names.stream("click", shard), names.dedupe_bucket(0, shard))
+        }
+        assert len(slots) == 1
+    await asyncio.to_thread(check_redis, settings)
+    async with running_web(settings) as base:
+        await wait_ready(http, base)
+        events = clicks("s", 400)
+        await send(http, base, events)
+        await send(http, base, events[:100])  # retried: found in the shards' dedupe sets
+    stored: dict[int, list[str]] = {}
+    for shard, node in owners.items():
+        key = names.stream("click", shard)
+        stored[shard] = [
+            json.loads(line)["event_id"] for _, f in node.client().xrange(key) for line in f[b"e"].split(b"\n")
+        ]
+        assert all(names.shard_of(i, shards) == shard for i in stored[shard])
+    assert sorted(i for ids in stored.values() for i in ids) == sorted(e["event_id"] for e in events)
+    assert all(stored.values())
 
 
 @dataclasses.dataclass

@@ -129,7 +129,7 @@ def _status(settings: Settings, as_json: bool) -> int:
 
     app.configure(settings)
     models: list[TableModel] = [*app.discover_models().values(), Rejected]
-    streams = [names.stream(m.type_name()) for m in models]
+    streams = [stream for m in models for stream in names.streams(m.type_name(), settings.shards)]
 
     async def run() -> int:
         client = reader_client(settings)
@@ -155,7 +155,7 @@ def _dashboard(settings: Settings) -> None:
 
     app.configure(settings)
     models: list[TableModel] = [*app.discover_models().values(), Rejected]
-    streams = [names.stream(m.type_name()) for m in models]
+    streams = [stream for m in models for stream in names.streams(m.type_name(), settings.shards)]
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -193,7 +193,7 @@ def _check_redis(settings: Settings) -> int:
     async def run() -> int:
         client = reader_client(settings)
         try:
-            repairs = await check(client, open_catalog(settings), force=True)
+            repairs = await check(client, open_catalog(settings), settings.shards, force=True)
         finally:
             await client.aclose()
         for r in repairs:

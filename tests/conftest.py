@@ -134,7 +134,7 @@ def check_redis(settings: Settings) -> None:
     async def run() -> None:
         client = reader_client(settings)
         try:
-            await check(client, open_catalog(settings))
+            await check(client, open_catalog(settings), settings.shards)
         finally:
             await client.aclose()
 

@@ -26,8 +26,7 @@ from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, Reference
 from pyiceberg.expressions.literals import literal
 from pyiceberg.table import Table
 
-from streamapp import names
-from streamapp.engine.status import Status, gather
+from streamapp.engine.status import Status, agents_per_stream, gather, streams_per_type
 from streamapp.entries import entry_id
 from streamapp.lake.catalog import all_tables
 from streamapp.redis_client import Client
@@ -159,8 +158,7 @@ class Dashboard:
         status = await gather(self.catalog, self.redis, self.streams, now, tables=loaded)
         when = datetime.fromtimestamp(now, UTC)
         minutes = await asyncio.to_thread(per_minute, tables.get(PER_MINUTE_TABLE), when)
-        prefix = names.stream("")
-        totals = {s.stream.removeprefix(prefix): s.events for s in status.streams}
+        totals = {kind: s.events for kind, s, _ in streams_per_type(status.streams)}  # over the shards
         self._history.append((now, {k: v for k, v in totals.items() if v is not None}))
         return (
             {
@@ -182,13 +180,15 @@ def _age(iso: str | None, now: float) -> float | None:
 
 def _agents(status: Status, now: float) -> list[dict[str, Any]]:
     """Each agent's figures, and its freshness: how old the newest event its table committed is
-    (the committed position's entry id is when Redis received that event)."""
+    (the committed position's entry id is when Redis received that event; with shards, of its
+    least fresh shard)."""
     out = []
-    for a in status.agents:
+    for a, shards in agents_per_stream(status.agents):  # one row per agent and stream, over the shards
         newest = entry_id(a.position)[0] / 1000 if a.position else None
         out.append(
             {
                 **asdict(a),
+                "shards": shards,
                 "newest_committed": _iso(newest),
                 "freshness_seconds": None if newest is None else round(max(0.0, now - newest), 3),
             }

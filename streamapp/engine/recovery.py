@@ -12,8 +12,10 @@ then hold positions (stream entry ids) past what the stream still has, and two t
   event could get an id a sink takes as committed and skip. `XSETID` moves the stream's last id up
   to the highest committed position (a missing stream is created empty there).
 
-The web writes only while `names.CHECKED` holds the run_id of the server it talks to, and every
-start of Redis changes the run_id: so no event is taken between a restart and this check. The
+Per shard (`STREAMAPP_SHARDS`): the web writes to a shard only while its marker
+(`names.checked(shard)`) holds the run_id of the server holding the shard, and every start (or
+failover) of that server changes the run_id: so no event is taken for that shard between a restart
+and this check, which repairs that shard's streams (`names.shard_of_key`) and sets that marker. The
 check is idempotent and sets the marker last, so a worker killed at any step of it leaves the next
 check to do it again. Whatever Redis lost is counted from the totals each commit records with its
 position (`names.mark_property`): per consumer, the events that were gone before it committed them
@@ -133,18 +135,45 @@ async def _tail(redis: Client, stream: str) -> tuple[str | None, Mark | None]:
 
 
 async def check(
-    redis: Client, catalog: Catalog, *, force: bool = False, crash_at: tuple[str, ...] = ()
+    redis: Client, catalog: Catalog, shards: int, *, force: bool = False, crash_at: tuple[str, ...] = ()
 ) -> list[Repair]:
-    """Check the Redis behind `redis` against the tables of `catalog` unless it is checked already
-    (or `force`); returns the streams it repaired. Raises RedisError when Redis does not answer."""
-    server = await server_run_id(redis)
-    marker = await redis.get(names.CHECKED)
-    if not force and marker is not None and text(marker) == server:
+    """Check the server holding each of the `shards` against the tables of `catalog`, each shard
+    unless it is checked already (or `force`); returns the streams it repaired. Each shard is done
+    on its own: its server's run_id, its marker (`names.checked`), its streams only, then its
+    marker, so a shard whose server did not restart keeps taking events meanwhile. Raises
+    RedisError when Redis does not answer."""
+    servers = await asyncio.gather(*(server_run_id(redis, shard) for shard in range(shards)))
+    markers = await asyncio.gather(*(redis.get(names.checked(shard)) for shard in range(shards)))
+    todo = [
+        shard
+        for shard, (server, marker) in enumerate(zip(servers, markers, strict=True))
+        if force or marker is None or text(marker) != server
+    ]
+    if not todo:
         return []
     tables = await asyncio.to_thread(all_tables, catalog)
     positions = committed_positions(tables)
     marks = committed_marks(tables)
     crashpoint(crash_at, "check_after_reading_the_lake")
+    repairs = []
+    for shard in todo:
+        mine = {stream: p for stream, p in positions.items() if names.shard_of_key(stream) == shard}
+        repairs += await _check_shard(redis, mine, marks, crash_at)
+        await redis.set(names.checked(shard), servers[shard])
+        log.info(
+            "Redis (run %s) checked against the tables%s: %d streams, %d behind",
+            servers[shard][:12],
+            f" for shard {shard}" if shards > 1 else "",
+            len(mine),
+            sum(1 for r in repairs if names.shard_of_key(r.stream) == shard),
+        )
+    return repairs
+
+
+async def _check_shard(
+    redis: Client, positions: dict[str, str], marks: dict[str, dict[str, Mark]], crash_at: tuple[str, ...]
+) -> list[Repair]:
+    """Raise each of these streams (one shard's) that is behind its committed position."""
     repairs = []
     for stream, position in sorted(positions.items()):
         last = await _last_id(redis, stream)
@@ -158,10 +187,6 @@ async def check(
         _report(repair)
         await redis.eval(_RAISE_LUA, 1, stream, format_id(entry_id(position)))  # only raises, never lowers
         crashpoint(crash_at, "check_after_raising_a_stream")
-    await redis.set(names.CHECKED, server)
-    log.info(
-        "Redis (run %s) checked against the tables: %d streams, %d behind", server[:12], len(positions), len(repairs)
-    )
     return repairs
 
 
@@ -185,12 +210,13 @@ def _report(r: Repair) -> None:
 
 
 async def keep_checked(
-    redis: Client, catalog: Catalog, stopping: asyncio.Event, crash_at: tuple[str, ...] = ()
+    redis: Client, catalog: Catalog, shards: int, stopping: asyncio.Event, crash_at: tuple[str, ...] = ()
 ) -> None:
-    """The worker's task: check Redis now and whenever it has restarted since, until the worker stops."""
+    """The worker's task: check the server of each of the `shards` now and whenever it has
+    restarted (or failed over) since, until the worker stops."""
     while not stopping.is_set():
         try:
-            await check(redis, catalog, crash_at=crash_at)
+            await check(redis, catalog, shards, crash_at=crash_at)
         except FAILURES as e:
             log.debug("checking Redis failed (%s); again in %.0fs", e, CHECK_EVERY_SECONDS)
         except Exception as e:  # noqa: BLE001 - the catalog's (PostgreSQL restarting, a REST server down)

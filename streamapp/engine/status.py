@@ -37,6 +37,7 @@ class AgentStatus:
     lag_bytes: int | None
     lag_seconds: float | None  # age of the oldest entry it has not committed; 0 when none
     last_commit: str | None  # ISO time of its table's newest snapshot
+    shard: int = 0  # of `stream` (`STREAMAPP_SHARDS`)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,17 @@ async def gather(
     except (RedisError, OSError) as e:
         redis_error = f"{type(e).__name__}: {e}"
         agents = [
-            AgentStatus(consumer, stream, ".".join(t.name()), position, None, None, None, _snapshot_time(t))
+            AgentStatus(
+                consumer,
+                names.type_of_stream(stream),
+                ".".join(t.name()),
+                position,
+                None,
+                None,
+                None,
+                _snapshot_time(t),
+                names.shard_of_key(stream),
+            )
             for (stream, consumer), (t, position, _) in sorted(positions.items())
         ]
         stream_figures = []
@@ -199,18 +210,69 @@ async def _agent(
         lag_events, lag_bytes = 0, 0  # nothing after its position
     return AgentStatus(
         agent=consumer,
-        stream=stream.removeprefix(names.stream("")),
+        stream=names.type_of_stream(stream),
         table=".".join(table.name()) if table is not None else None,
         position=position,
         lag_events=lag_events,
         lag_bytes=lag_bytes,
         lag_seconds=round(lag_seconds, 3),
         last_commit=_snapshot_time(table) if table is not None else None,
+        shard=names.shard_of_key(stream),
     )
 
 
+def _total(values: list[Any]) -> Any:
+    return None if any(v is None for v in values) else sum(values)
+
+
+def agents_per_stream(agents: list[AgentStatus]) -> list[tuple[AgentStatus, int]]:
+    """Each agent's figures over the shards of its stream type, with how many shards: lag summed,
+    the oldest lag in seconds, the oldest position (the least fresh shard), the last commit."""
+    groups: dict[tuple[str, str], list[AgentStatus]] = {}
+    for a in agents:
+        groups.setdefault((a.agent, a.stream), []).append(a)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append((group[0], 1))
+            continue
+        positions = [a.position for a in group]
+        commits = [a.last_commit for a in group if a.last_commit]
+        merged = AgentStatus(
+            agent=group[0].agent,
+            stream=group[0].stream,
+            table=next((a.table for a in group if a.table), None),
+            position=None if None in positions else min(positions, key=lambda p: entry_id(p or "0-0")),
+            lag_events=_total([a.lag_events for a in group]),
+            lag_bytes=_total([a.lag_bytes for a in group]),
+            lag_seconds=None if any(a.lag_seconds is None for a in group) else max(a.lag_seconds or 0 for a in group),
+            last_commit=max(commits) if commits else None,
+        )
+        out.append((merged, len(group)))
+    return out
+
+
+def streams_per_type(streams: list[StreamStatus]) -> list[tuple[str, StreamStatus, int]]:
+    """(event type, its shards' figures summed, how many shards) per stream type."""
+    groups: dict[str, list[StreamStatus]] = {}
+    for st in streams:
+        groups.setdefault(names.type_of_stream(st.stream), []).append(st)
+    out = []
+    for kind, group in groups.items():
+        newest = [st.newest for st in group if st.newest]
+        merged = StreamStatus(
+            stream=group[0].stream if len(group) == 1 else kind,
+            entries=sum(st.entries for st in group),
+            events=_total([st.events for st in group]),
+            newest=max(newest, key=entry_id) if newest else None,
+        )
+        out.append((kind, merged, len(group)))
+    return out
+
+
 def render(status: Status) -> str:
-    """The three parts as text tables."""
+    """The three parts as text tables; with shards, each agent and stream summed over its stream
+    type's shards (`--json` has them one by one), with a column saying how many."""
 
     def known(value: Any, unit: str = "") -> str:
         return "?" if value is None else f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
@@ -218,20 +280,23 @@ def render(status: Status) -> str:
     parts = ["Agents (lag: what Redis holds past the position its table committed)"]
     if status.redis_error:
         parts.append(f"Redis unreachable ({status.redis_error}): lag unknown")
+    agents = agents_per_stream(status.agents)
+    shard_column = ["shards"] if any(n > 1 for _, n in agents) or any(a.shard for a in status.agents) else []
     parts.append(
         text_table(
-            ["agent", "stream", "table", "lag events", "lag bytes", "lag seconds", "last commit"],
+            ["agent", "stream", *shard_column, "table", "lag events", "lag bytes", "lag seconds", "last commit"],
             [
                 [
                     a.agent,
                     a.stream,
+                    *([str(n)] if shard_column else []),
                     a.table or "(none yet)",
                     known(a.lag_events),
                     known(a.lag_bytes),
                     "?" if a.lag_seconds is None else f"{a.lag_seconds:.1f}",
                     a.last_commit or "-",
                 ]
-                for a in status.agents
+                for a, n in agents
             ],
             count=False,
         )
@@ -256,13 +321,15 @@ def render(status: Status) -> str:
         )
     )
     if status.streams:
+        streams = streams_per_type(status.streams)
+        sharded = any(n > 1 for _, _, n in streams)
         parts.append("Streams in Redis")
         parts.append(
             text_table(
-                ["stream", "entries", "events ever", "newest entry"],
+                ["stream", *(["shards"] if sharded else []), "entries", "events ever", "newest entry"],
                 [
-                    [s.stream.removeprefix(names.stream("")), f"{s.entries:,}", known(s.events), s.newest or "-"]
-                    for s in status.streams
+                    [kind, *([str(n)] if sharded else []), f"{s.entries:,}", known(s.events), s.newest or "-"]
+                    for kind, s, n in streams
                 ],
                 count=False,
             )

@@ -134,7 +134,11 @@ async def run_worker(app: App, only: list[str] | None = None) -> None:
     tasks.append(asyncio.create_task(_trimmer(redis, settings.shards, stopping), name="trimmer"))
     retention = keep_retention(catalog, settings.retention, settings.keep_snapshots, stopping)
     tasks.append(asyncio.create_task(retention, name="retention"))
-    tasks.append(asyncio.create_task(keep_checked(redis, catalog, stopping, settings.crash_at), name="redis-check"))
+    tasks.append(
+        asyncio.create_task(
+            keep_checked(redis, catalog, settings.shards, stopping, settings.crash_at), name="redis-check"
+        )
+    )
     tasks.append(asyncio.create_task(keep_clean(catalog, settings, stopping), name="storage-upkeep"))
     try:
         await stopping.wait()

@@ -24,7 +24,7 @@ from typing import Any
 
 from streamapp import metrics, names
 from streamapp.entries import RUNNING_COUNT
-from streamapp.redis_client import FAILURES, Client, server_info
+from streamapp.redis_client import FAILURES, Client, home, server_info
 from streamapp.web.writer import BACKLOG_LUA_FUNCTIONS, Limits
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def retry_after(backlog: int, limit: int, drain_per_second: float) -> int:
 
 
 class Backlog:
-    """Samples the streams and Redis's memory every second in the web process."""
+    """Samples the streams (every shard's) and Redis's memory every second in the web process."""
 
     def __init__(self, redis: Client, streams: list[str], limits: Limits, *, bytes_from_maxmemory: bool) -> None:
         self.redis = redis
@@ -80,7 +80,10 @@ class Backlog:
         self.drain_per_second = 0.0
         self.used_memory = 0
         self.maxmemory = 0
-        self._evicted: int | None = None
+        self._evicted: dict[str, int] = {}  # per server (cluster node name; "" for one Redis)
+        self._by_shard: dict[int, list[str]] = {}
+        for stream in streams:
+            self._by_shard.setdefault(names.shard_of_key(stream), []).append(stream)
         self._policy_checked = False
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, added, backlog)
 
@@ -109,38 +112,60 @@ class Backlog:
             await asyncio.sleep(SAMPLE_SECONDS)
 
     async def sample(self) -> None:
-        keys = [*self.streams, *map(names.progress, self.streams)]
-        figures: list[int] = await self._script(keys=keys)
-        memory = await server_info(self.redis, "memory")
-        stats = await server_info(self.redis, "stats")
-        self._observe_memory(memory, int(stats.get("evicted_keys", 0)))
+        # One script per shard (its keys share a hash tag: one cluster node), all at once.
+        figures: list[list[int]] = await asyncio.gather(
+            *(self._script(keys=[*streams, *map(names.progress, streams)]) for streams in self._by_shard.values())
+        )
+        # The memory of each server holding a shard, once per server (one Redis: once).
+        servers: dict[str, int] = {}
+        for shard in self._by_shard:
+            target = await home(self.redis, shard)
+            servers.setdefault(target["target_nodes"].name if target else "", shard)
+        infos = await asyncio.gather(*(self._server(node, shard) for node, shard in servers.items()))
+        self._observe_memory(infos)
         # -1: a stream whose entries carry no totals yet (written before they did): not counted
-        backlog, backlog_bytes, added = (sum(max(0, v) for v in figures[i::3]) for i in range(3))
+        flat = [v for f in figures for v in f]
+        backlog, backlog_bytes, added = (sum(max(0, v) for v in flat[i::3]) for i in range(3))
         self._observe(time.monotonic(), added, backlog, backlog_bytes)
 
-    def _observe_memory(self, memory: dict[str, Any], evicted: int) -> None:
-        self.used_memory, self.maxmemory = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    async def _server(self, node: str, shard: int) -> tuple[str, dict[str, Any], int]:
+        memory = await server_info(self.redis, "memory", shard)
+        stats = await server_info(self.redis, "stats", shard)
+        return node, memory, int(stats.get("evicted_keys", 0))
+
+    def _observe_memory(self, servers: list[tuple[str, dict[str, Any], int]]) -> None:
+        """Memory figures of the fullest server: ingest is refused (429) as soon as any server is
+        nearly full, since the body is not read yet and its events could go to any shard."""
+
+        def fullness(memory: dict[str, Any]) -> tuple[float, int]:
+            used, cap = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+            return (used / cap if cap else 0.0), used
+
+        fullest = max((memory for _, memory, _ in servers), key=fullness)
+        self.used_memory, self.maxmemory = int(fullest.get("used_memory", 0)), int(fullest.get("maxmemory", 0))
         metrics.REDIS_MEMORY_BYTES.set(self.used_memory)
         if self._bytes_from_maxmemory:
-            self.limits.max_bytes = self.maxmemory // 2 if self.maxmemory else NO_MAXMEMORY_BACKLOG_BYTES
-        policy = memory.get("maxmemory_policy", "noeviction")
-        if not self._policy_checked:
-            self._policy_checked = True
-            if policy != "noeviction":
+            caps = [int(memory.get("maxmemory", 0)) for _, memory, _ in servers]
+            self.limits.max_bytes = min(c for c in caps if c) // 2 if any(caps) else NO_MAXMEMORY_BACKLOG_BYTES
+        for node, memory, evicted in servers:
+            policy = memory.get("maxmemory_policy", "noeviction")
+            if not self._policy_checked and policy != "noeviction":
                 log.warning(
                     "Redis's maxmemory-policy is %s: at maxmemory it may evict dedupe ids, and a retried "
                     "event would then be stored twice; use noeviction (ingest answers 429 before the cap)",
                     policy,
                 )
-        if self._evicted is not None and evicted > self._evicted:
-            metrics.REDIS_EVICTED_KEYS.inc(evicted - self._evicted)
-            log.error(
-                "Redis evicted %d keys at maxmemory (policy %s): dedupe ids may be gone, so an event "
-                "retried now may be stored twice",
-                evicted - self._evicted,
-                policy,
-            )
-        self._evicted = evicted
+            before = self._evicted.get(node)
+            if before is not None and evicted > before:
+                metrics.REDIS_EVICTED_KEYS.inc(evicted - before)
+                log.error(
+                    "Redis evicted %d keys at maxmemory (policy %s): dedupe ids may be gone, so an event "
+                    "retried now may be stored twice",
+                    evicted - before,
+                    policy,
+                )
+            self._evicted[node] = evicted
+        self._policy_checked = True
 
     def _observe(self, now: float, added: int, backlog: int, backlog_bytes: int) -> None:
         if self._samples and added < self._samples[-1][1]:

@@ -65,11 +65,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when Redis answers and a worker has checked it against the lake since it started: a
-    load balancer stops sending while events cannot be taken."""
-    retry = {"Retry-After": str(request.app[SETTINGS].retry_after_seconds)}
+    """Ready when Redis answers and a worker has checked it (every shard's server) against the lake
+    since it started: a load balancer stops sending while events cannot be taken."""
+    settings = request.app[SETTINGS]
+    retry = {"Retry-After": str(settings.retry_after_seconds)}
+    redis = request.app[REDIS]
     try:
-        checked = await asyncio.wait_for(is_checked(request.app[REDIS]), timeout=1.0)
+        checked = await asyncio.wait_for(
+            asyncio.gather(*(is_checked(redis, shard) for shard in range(settings.shards))), timeout=1.0
+        )
     except (TimeoutError, *UNAVAILABLE) as e:
         request.app[READINESS].failed(e)
         return json_response(
@@ -78,8 +82,13 @@ async def readyz(request: web.Request) -> web.Response:
             retry,
         )
     request.app[READINESS].answered()
-    if not checked:
+    unchecked = checked.count(False)
+    if unchecked:
+        # Not ready while any shard is unchecked: its events would get 503. A check takes a worker
+        # about a second after the restart (or failover) of the server holding the shard.
         error = "the event store restarted and is being checked against the tables (a worker does it)"
+        if settings.shards > 1:
+            error += f": {unchecked} of {settings.shards} shards"
         return json_response(503, {"status": "unavailable", "error": error}, retry)
     return json_response(200, {"status": "ready"})
 
@@ -135,7 +144,7 @@ def build(app: App, settings: Settings) -> web.Application:
         limits = Limits(settings.max_backlog, settings.max_backlog_bytes or NO_MAXMEMORY_BACKLOG_BYTES)
         backlog = Backlog(
             client,
-            [names.stream(t) for t in [*models, "rejected"]],
+            [stream for t in [*models, "rejected"] for stream in names.streams(t, settings.shards)],
             limits,
             bytes_from_maxmemory=not settings.max_backlog_bytes,
         )

@@ -35,7 +35,15 @@ from streamapp.web.wire import (
     json_response,
     read_body,
 )
-from streamapp.web.writer import BacklogFull, Entry, StreamWriter, Unchecked, dedupe_ids, rejected_dedupe_id
+from streamapp.web.writer import (
+    BacklogFull,
+    Entry,
+    StreamWriter,
+    Unchecked,
+    dedupe_ids,
+    rejected_dedupe_id,
+    shard_entries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +149,21 @@ class IngestView:
             return error_response(413, e.message)
         except InvalidBody as e:
             return error_response(400, e.message)
-        entries = _entries(batch, received_at)
+        shards = settings.shards
+        if shards == 1:
+            entries = _entries(batch, received_at)
+        else:
+            entries, positions = _sharded_entries(batch, received_at, shards)
         try:
             results = await self.writer.write(entries)
+            if shards != 1:
+                results = _regroup(results, positions)
         except BacklogFull as e:
             limits = self.backlog.limits
             return error_response(
                 429,
                 f"{e.events} events ({e.bytes} bytes) wait to be written to Iceberg from the "
-                f"{e.stream.rpartition(':')[2]!r} stream (the limits are {limits.max_events} events and "
+                f"{_stream_name(e.stream, settings.shards)!r} stream (the limits are {limits.max_events} events and "
                 f"{limits.max_bytes} bytes); retry later",
                 {"Retry-After": str(self.backlog.retry_after(e.events))},
             )
@@ -201,6 +215,12 @@ class IngestView:
         return accepted, duplicates
 
 
+def _stream_name(stream: str, shards: int) -> str:
+    """A stream as a client reads it: its event type, and its shard when there are several."""
+    name = names.type_of_stream(stream)
+    return name if shards == 1 else f"{name}, shard {names.shard_of_key(stream)},"
+
+
 def _internal_error() -> web.Response:
     """500 for what `_handle` raised: one ERROR line with the traceback and a request id, which the
     reply carries too, so that an operator finds the line a client reports."""
@@ -237,3 +257,37 @@ def _entries(batch: Batch, received_at: datetime) -> list[Entry]:
             )
         )
     return entries
+
+
+def _sharded_entries(
+    batch: Batch, received_at: datetime, shards: int
+) -> tuple[list[Entry], list[list[tuple[int, list[int]]]]]:
+    """`_entries` over the shards: each type's events split by the shard of their dedupe ids, the
+    accepted types' entries first, then the rejected events'. And per accepted type, its entries
+    (their indexes) with the positions of their events in the type's, for `_regroup`."""
+    received_us = int(received_at.timestamp() * 1_000_000)
+    source = batch.source
+    entries: list[Entry] = []
+    positions: list[list[tuple[int, list[int]]]] = []
+    for a in batch.accepted:
+        mine = []
+        for e, where in shard_entries(a.event_type, dedupe_ids(a.ids, source), a.payload, received_us, shards):
+            mine.append((len(entries), where))
+            entries.append(e)
+        positions.append(mine)
+    if batch.rejected:
+        ids = [rejected_dedupe_id(r.raw, source) for r in batch.rejected]
+        payload = _encode_lines(batch.rejected)[:-1]
+        entries += [e for e, _ in shard_entries("rejected", ids, payload, received_us, shards)]
+    return entries, positions
+
+
+def _regroup(results: list[tuple[int, ...]], positions: list[list[tuple[int, list[int]]]]) -> list[tuple[int, ...]]:
+    """Per accepted type, the positions of its duplicates, from its entries' (`_sharded_entries`)."""
+    out = []
+    for parts in positions:
+        if len(parts) == 1 and not results[parts[0][0]]:
+            out.append(results[parts[0][0]])
+        else:
+            out.append(tuple(sorted(where[d] for index, where in parts for d in results[index])))
+    return out

@@ -8,8 +8,14 @@ Each request adds one stream entry per event type it holds: `e` its events as ND
 `r` when it was received, `c` and `b` how many events and bytes the stream has had so far (the
 format is `streamapp.entries`). One entry per event cost Redis three times as much per event.
 
+Shards (`STREAMAPP_SHARDS`): an event goes to the shard of its dedupe id (`names.shard_of`), so a
+retried event meets its dedupe set; a request's events of one type are split into one entry per
+shard (`shard_entries`). A flush is one script call per shard it touches, at the same time, each
+with that shard's keys only (one hash tag: one cluster node). A request fails when any shard it
+wrote to failed; what it wrote to the others is found as duplicates when it is retried.
+
 Before it writes anything, the script checks that the server is the one a worker last checked
-against the lake (`names.CHECKED`; else `Unchecked`, 503) and that no stream of the flush is over
+against the lake (`names.checked(shard)`; else `Unchecked`, 503) and that no stream of the flush is over
 its backlog limits (`BacklogFull`, 429): the slowest consumer's progress against the stream's
 totals, so the limit is overshot by one flush at most.
 
@@ -276,6 +282,35 @@ class Entry:
     ids: list[str]  # one dedupe id per event: `dedupe_ids`, `rejected_dedupe_id`
     payload: bytes  # the events' JSON, separated by "\n"
     received_us: int
+    shard: int = 0  # `names.shard_of` its ids: `stream` is that shard's (see `shard_entries`)
+
+
+def shard_entries(
+    type_name: str, ids: list[str], payload: bytes, received_us: int, shards: int
+) -> list[tuple[Entry, list[int]]]:
+    """The entries of one request's events of one stream type (`ids` their dedupe ids, `payload`
+    their NDJSON lines in the same order) over `shards`: one per shard their ids go to
+    (`names.shard_of`), each with the positions in `ids` of its events, in order."""
+    by_shard: dict[int, list[int]] = {}
+    for i, dedupe_id in enumerate(ids):
+        by_shard.setdefault(names.shard_of(dedupe_id, shards), []).append(i)
+    if len(by_shard) == 1:
+        ((shard, positions),) = by_shard.items()
+        return [(Entry(names.stream(type_name, shard), ids, payload, received_us, shard), positions)]
+    lines = payload.split(b"\n")
+    return [
+        (
+            Entry(
+                names.stream(type_name, shard),
+                [ids[i] for i in positions],
+                b"\n".join([lines[i] for i in positions]),
+                received_us,
+                shard,
+            ),
+            positions,
+        )
+        for shard, positions in sorted(by_shard.items())
+    ]
 
 
 @dataclasses.dataclass
@@ -300,6 +335,35 @@ class BacklogFull(Exception):
 
 
 @dataclasses.dataclass(slots=True)
+class _Part:
+    """What one flush writes to one shard: the script's arguments, and whose entries they are."""
+
+    shard: int
+    stream_index: dict[str, int] = dataclasses.field(default_factory=dict)  # stream key -> 1-based index
+    ids: list[str] = dataclasses.field(default_factory=list)
+    groups: list[int | str] = dataclasses.field(default_factory=list)
+    payloads: list[bytes] = dataclasses.field(default_factory=list)
+    members: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (request, entry, events)
+
+
+def _assign(dups: list[int], members: list[tuple[int, int, int]], results: list[list[tuple[int, ...]]]) -> None:
+    """Hand each entry of a shard's part the positions (0-based, within the entry) of its
+    duplicates, from the script's 1-based positions in the part's ids."""
+    offset = d = 0
+    for p, i, n in members:
+        end = offset + n
+        mine = []
+        while d < len(dups) and dups[d] <= end:
+            mine.append(dups[d] - 1 - offset)
+            d += 1
+        if mine:
+            results[p][i] = tuple(mine)
+        if d == len(dups):
+            return
+        offset = end
+
+
+@dataclasses.dataclass(slots=True)
 class _Pending:
     entries: list[Entry]
     events: int
@@ -317,7 +381,10 @@ class StreamWriter:
         self._script = redis.register_script(_INGEST_LUA)
         self._wait_replicas, self._wait_ms = wait_replicas, wait_ms
         self._span_ms = max(1, math.ceil(dedupe_seconds * 1000 / DEDUPE_SPANS))
-        self._clock_offset_ms = 0  # the server's clock minus ours, learned from each reply
+        # Per shard, the server's clock minus ours, learned from each reply: on a cluster each
+        # shard's sets live on a node with its own clock, and one offset for all would flip
+        # between them (a retry each time two clocks are a span apart); a dict entry costs nothing.
+        self._clock_offset_ms: dict[int, int] = {}
         self._queue: list[_Pending] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -363,79 +430,96 @@ class StreamWriter:
                 flush.add_done_callback(self._in_flight.discard)
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        stream_index: dict[str, int] = {}
-        ids: list[str] = []
-        groups: list[int | str] = []
-        payloads: list[bytes] = []
-        for pending in batch:
-            for e in pending.entries:
-                idx = stream_index.setdefault(e.stream, len(stream_index) + 1)
-                ids += e.ids
+        parts: dict[int, _Part] = {}
+        for p, pending in enumerate(batch):
+            for i, e in enumerate(pending.entries):
+                part = parts.get(e.shard)
+                if part is None:
+                    part = parts[e.shard] = _Part(e.shard)
+                idx = part.stream_index.setdefault(e.stream, len(part.stream_index) + 1)
+                part.ids += e.ids
                 # str: the time as a Lua number would be written as 1.7e+15
-                groups += (idx, len(e.ids), str(e.received_us))
-                payloads.append(e.payload)
-        args = [_pack(ids), _pack(groups), *payloads]
-        streams = list(stream_index)
+                part.groups += (idx, len(e.ids), str(e.received_us))
+                part.payloads.append(e.payload)
+                part.members.append((p, i, len(e.ids)))
         started = time.perf_counter()
-        try:
-            reply = await self._call(streams, args)
-            if reply[1] == 0:  # our clock was off by more than a span: now we know the server's
-                reply = await self._call(streams, args)
-            if reply[1] == 0:  # a ResponseError: the client is answered 503, as for any failed write
-                raise ResponseError("the clock of Redis jumped by more than a dedupe span between two calls")
-            if reply[1] == 2:
-                raise Unchecked()
-            if reply[1] == 3:
-                raise BacklogFull(streams[reply[2] - 1], reply[3], reply[4])
+        outcomes: list[list[int] | BaseException]
+        if len(parts) == 1:  # one shard (always so with STREAMAPP_SHARDS=1): no task to gather
+            (part,) = parts.values()
+            try:
+                outcomes = [await self._write(part)]
+            except Exception as error:  # noqa: BLE001 - every waiter learns the write failed
+                outcomes = [error]
+        else:  # one script per shard, each on the node that serves it, at the same time
+            outcomes = await asyncio.gather(*map(self._write, parts.values()), return_exceptions=True)
+        results = [[_NONE] * len(pending.entries) for pending in batch]
+        failed: dict[int, BaseException] = {}  # request (index in batch) -> the error of a shard it wrote to
+        for part, outcome in zip(parts.values(), outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                # The requests that wrote to this shard fail; what they wrote to other shards is
+                # there, and their retry finds it as duplicates (same ids, same shards).
+                if not isinstance(outcome, (Unchecked, BacklogFull, NotReplicated)):  # answered as such
+                    log.warning(
+                        "writing %d events of %d requests to Redis (shard %d) failed: %s",
+                        len(part.ids),
+                        len({p for p, _, _ in part.members}),
+                        part.shard,
+                        outcome,
+                    )
+                for p, _, _ in part.members:
+                    failed.setdefault(p, outcome)
+            elif outcome:
+                _assign(outcome, part.members, results)
+        if not failed:
             metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
-        except Exception as error:  # noqa: BLE001 - every waiter learns the write failed; none is left hanging
-            if not isinstance(error, (Unchecked, BacklogFull, NotReplicated)):  # answered as such, not failures
-                log.warning("writing %d events of %d requests to Redis failed: %s", len(ids), len(batch), error)
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
-            return
-        dups = reply[2:]
-        offset = d = 0
-        for pending in batch:
-            out = [_NONE] * len(pending.entries)
-            if d < len(dups):
-                for i, e in enumerate(pending.entries):
-                    end = offset + len(e.ids)
-                    mine = []
-                    while d < len(dups) and dups[d] <= end:
-                        mine.append(dups[d] - 1 - offset)
-                        d += 1
-                    if mine:
-                        out[i] = tuple(mine)
-                    offset = end
+        for p, pending in enumerate(batch):
+            if pending.future.done():
+                continue
+            failure = failed.get(p)
+            if failure is not None:
+                pending.future.set_exception(failure)
             else:
-                offset += pending.events
-            if not pending.future.done():
-                pending.future.set_result(out)
+                pending.future.set_result(results[p])
 
-    async def _call(self, streams: list[str], args: list[bytes]) -> list[int]:
+    async def _write(self, part: _Part) -> list[int]:
+        """One shard's script call; the 1-based positions in `part.ids` of the duplicates."""
+        args = [_pack(part.ids), _pack(part.groups), *part.payloads]
+        streams = list(part.stream_index)
+        reply = await self._call(part.shard, streams, args)
+        if reply[1] == 0:  # our clock was off by more than a span: now we know the server's
+            reply = await self._call(part.shard, streams, args)
+        if reply[1] == 0:  # a ResponseError: the client is answered 503, as for any failed write
+            raise ResponseError("the clock of Redis jumped by more than a dedupe span between two calls")
+        if reply[1] == 2:
+            raise Unchecked()
+        if reply[1] == 3:
+            raise BacklogFull(streams[reply[2] - 1], reply[3], reply[4])
+        return reply[2:]
+
+    async def _call(self, shard: int, streams: list[str], args: list[bytes]) -> list[int]:
         span = self._span_ms
         check = DEDUPE_SPANS + 1
-        current = (time.time_ns() // 1_000_000 + self._clock_offset_ms) // span
+        current = (time.time_ns() // 1_000_000 + self._clock_offset_ms.get(shard, 0)) // span
         first = current - check
-        sets = [names.dedupe_bucket(b * span) for b in range(first, current + 2)]
-        keys = [*streams, *map(names.progress, streams), names.CHECKED, *sets]
+        sets = [names.dedupe_bucket(b * span, shard) for b in range(first, current + 2)]
+        keys = [*streams, *map(names.progress, streams), names.checked(shard), *sets]
         limits = [self.limits.max_events, self.limits.max_bytes]
         argv: list[int | bytes] = [span, check, first, *limits, *args]
         if self._wait_replicas:
-            reply = await self._call_and_wait(keys, argv)
+            reply = await self._call_and_wait(shard, keys, argv)
         else:
             reply = await self._script(keys=keys, args=argv)
-        self._clock_offset_ms = reply[0] - time.time_ns() // 1_000_000
+        self._clock_offset_ms[shard] = reply[0] - time.time_ns() // 1_000_000
         return reply
 
-    async def _call_and_wait(self, keys: list[str], argv: list[int | bytes]) -> list[int]:
+    async def _call_and_wait(self, shard: int, keys: list[str], argv: list[int | bytes]) -> list[int]:
         """The script, then WAIT for the replicas, on one connection; NotReplicated when fewer
         confirmed a flush that wrote (or found duplicates: their first copy must be there too)."""
         command = ("EVALSHA", self._script.sha, len(keys), *keys, *argv)
         for attempt in (1, 2):
-            (result,), acked = await write_and_wait(self._redis, [command], self._wait_replicas, self._wait_ms)
+            (result,), acked = await write_and_wait(
+                self._redis, [command], self._wait_replicas, self._wait_ms, shard=shard
+            )
             if isinstance(result, NoScriptError) and attempt == 1:
                 await self._redis.script_load(_INGEST_LUA)  # a new or restarted server: load it, then again
                 continue

@@ -14,7 +14,7 @@ from streamapp import names
 from streamapp.lake.catalog import open_catalog
 from streamapp.names import position_property
 from tests.conftest import table_rows
-from tests.helpers import assert_exactly_once, clicks, send, wait_rows
+from tests.helpers import assert_exactly_once, clicks, run_without_lease, send, wait_rows
 
 N = 300
 
@@ -78,26 +78,13 @@ async def test_two_runs_of_one_shard_racing_still_write_each_event_once(web, htt
     position and writes only what is not in the table yet."""
     from streamapp import app as default_app
     from streamapp.engine.worker import create_tables
-    from streamapp.lake.sink import TableSink
-    from streamapp.redis_client import reader_client
 
     racing = dataclasses.replace(settings, window_count=30, window_seconds=0.1)
-    catalog = open_catalog(racing)
-    default_app.configure(racing)
-    await asyncio.to_thread(create_tables, default_app, catalog)
+    await asyncio.to_thread(create_tables, default_app, open_catalog(racing))
     stopping = asyncio.Event()
-    clients = [reader_client(racing) for _ in range(2)]
-
-    async def run(client) -> None:
-        sink = TableSink(catalog, "events.clicks", keep_snapshots=racing.keep_snapshots)
-        stream = default_app.discover_agents()["clicks"].stream.fresh()
-        stream.bind(client, "clicks", stopping, settings=racing, catalog=catalog, shard=0)
-        await stream.register()
-        async for window in stream.take(racing.window_count, within=racing.window_seconds):
-            await sink.append(window)
 
     caplog.set_level("INFO", logger="streamapp")
-    runs = [asyncio.create_task(run(client)) for client in clients]
+    runs = [asyncio.create_task(run_without_lease(racing, "clicks", "events.clicks", stopping)) for _ in range(2)]
     sent = set()
     for batch in range(20):
         events = clicks(f"p{batch}-", 30)
@@ -110,8 +97,6 @@ async def test_two_runs_of_one_shard_racing_still_write_each_event_once(web, htt
     finally:
         stopping.set()
         await asyncio.gather(*runs)
-        for client in clients:
-            await client.aclose()
     assert_exactly_once(table_rows(settings, "events.clicks"), sent)
     # The race was real: a run lost a commit race or found its window already committed.
     assert "conflicted" in caplog.text or "already in events.clicks; skipped" in caplog.text

@@ -98,6 +98,11 @@ WINDOW_EVENTS = Histogram(
     ["agent"],
     buckets=(1, 10, 100, 1000, 10_000, 100_000),
 )
+UNITS_OWNED = Gauge(
+    "streamapp_units_owned",
+    "Work units (agent, shard) this worker holds the lease of (see streamapp.engine.leases)",
+    multiprocess_mode="mostrecent",
+)
 
 
 class Children:

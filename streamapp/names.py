@@ -70,6 +70,16 @@ def dedupe_bucket(start_ms: int, shard: int = 0) -> str:
     return f"{prefix(shard)}:dedupe:{start_ms}"
 
 
+# Leases (`streamapp.engine.leases`), all in shard 0's hash tag: one slot, so a script sees them all.
+WORKERS = f"{PREFIX}:workers"  # ZSET: live worker id -> expiry (server clock, epoch ms)
+WORKER_AGENTS = f"{PREFIX}:workers:agents"  # Hash: live worker id -> the agents it runs, comma-separated
+
+
+def lease(agent: str, shard: int) -> str:
+    """String: the id of the worker that runs `agent` on `shard`, with a PX expiry it renews."""
+    return f"{PREFIX}:lease:{agent}:{shard}"
+
+
 def ack_field(stream_key: str, consumer: str) -> str:
     return f"{stream_key}|{consumer}"
 

@@ -188,3 +188,10 @@ UNAVAILABLE = (
 
 # Whatever a call to Redis can fail with, for the worker's tasks that retry.
 FAILURES = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError, TimeoutError)
+
+
+def lease_client(settings: Settings) -> Client:
+    """For the leases (`streamapp.engine.leases`): short commands whose answer must come well
+    within a lease, so a Redis that hangs is noticed before the lease runs out."""
+    timeout = max(0.2, settings.lease_seconds / 3)
+    return _connect(settings, socket_connect_timeout=timeout, socket_timeout=timeout)

@@ -58,3 +58,24 @@ async def wait_committed_to_end(catalog, redis_client, stream: str, consumer: st
         f"{consumer} committed past the last entry of {stream}",
     )
     return last.decode()
+
+
+async def run_without_lease(settings, agent: str, table: str, stopping: asyncio.Event) -> None:
+    """Run raw sink `agent` on shard 0 in this process, with its own reader and sink and no lease,
+    until `stopping`: what a worker paused past its lease does next to the unit's new owner."""
+    from streamapp import app as default_app
+    from streamapp.lake.catalog import open_catalog
+    from streamapp.lake.sink import TableSink
+    from streamapp.redis_client import reader_client
+
+    catalog = open_catalog(settings)
+    sink = TableSink(catalog, table, keep_snapshots=settings.keep_snapshots)
+    client = reader_client(settings)
+    try:
+        stream = default_app.discover_agents()[agent].stream.fresh()
+        stream.bind(client, agent, stopping, settings=settings, catalog=catalog)
+        await stream.register()
+        async for window in stream.take(settings.window_count, within=settings.window_seconds):
+            await sink.append(window)
+    finally:
+        await client.aclose()

@@ -203,24 +203,38 @@ async def test_sigkill_between_the_late_commit_and_the_aggregate_commit(web, htt
     assert "Traceback" not in worker.output()
 
 
-async def test_two_workers_running_the_aggregate_write_each_window_once(web, http, fast, spawn):
-    """Both read the whole stream and race to commit the same windows: the commit is a
-    compare-and-set on the agent's position, so the loser starts over from what the winner wrote."""
+async def test_two_runs_of_the_aggregate_write_each_window_once(web, http, fast, spawn, caplog):
+    """A worker past its lease runs the aggregate next to the unit's new owner: both read the whole
+    stream and race to commit the same windows. The commit is a compare-and-set on the agent's
+    position, so the loser starts over from what the winner wrote."""
+    from streamapp import app as default_app
+    from streamapp.redis_client import reader_client
+
     racing = dataclasses.replace(fast, window_count=50)
-    a = spawn("worker", racing)
-    b = spawn("worker", racing)
-    for w in (a, b):  # both start from the same (empty) state, then race
-        await asyncio.to_thread(wait_until, lambda w=w: "clicks_per_minute: resuming" in w.output(), 20, 0.1, "start")
-    events = sorted(history("w", 400, minutes=5, seed=3), key=lambda e: e["timestamp"])
-    for i in range(0, 400, 50):
-        await send(http, web, events[i : i + 50])
-        await asyncio.sleep(0.2)
-    raw = await wait_rows(fast, "events.clicks", 400)
-    expected = recount(raw)
-    assert await wait_aggregated(fast, len(expected), timeout=60) == expected
-    await asyncio.sleep(2)
-    assert aggregated(fast) == expected
-    logs = a.output() + b.output()
+    a = spawn("worker", racing)  # holds every lease: the raw sink and one run of the aggregate
+    await asyncio.to_thread(wait_until, lambda: "clicks_per_minute: resuming" in a.output(), 20, 0.1, "start")
+    # the other run, on the same shard, in this process: no lease, as after a pause
+    caplog.set_level("INFO", logger="streamapp")
+    agent = default_app.discover_agents()["clicks_per_minute"]
+    stream, client, stopping = agent.stream.fresh(), reader_client(racing), asyncio.Event()
+    stream.bind(client, agent.name, stopping, settings=racing, catalog=open_catalog(racing))
+    run = asyncio.create_task(agent.run(stopping, stream))
+    try:
+        await asyncio.to_thread(wait_until, lambda: "clicks_per_minute: resuming" in caplog.text, 20, 0.1, "start")
+        events = sorted(history("w", 400, minutes=5, seed=3), key=lambda e: e["timestamp"])
+        for i in range(0, 400, 50):
+            await send(http, web, events[i : i + 50])
+            await asyncio.sleep(0.2)
+        raw = await wait_rows(fast, "events.clicks", 400)
+        expected = recount(raw)
+        assert await wait_aggregated(fast, len(expected), timeout=60) == expected
+        await asyncio.sleep(2)
+        assert aggregated(fast) == expected
+    finally:
+        stopping.set()
+        await run
+        await client.aclose()
+    logs = a.output() + caplog.text
     assert "Traceback" not in logs
     assert "another worker committed" in logs  # the race was real
 

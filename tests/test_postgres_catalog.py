@@ -18,8 +18,8 @@ from streamapp import names
 from streamapp.lake.catalog import open_catalog
 from streamapp.names import position_property
 from streamapp.settings import Settings
-from tests.conftest import ROOT, clean_env, free_port, table_rows
-from tests.helpers import assert_exactly_once, clicks, send, wait_rows
+from tests.conftest import ROOT, clean_env, free_port, table_rows, wait_until
+from tests.helpers import assert_exactly_once, clicks, run_without_lease, send, wait_rows
 
 
 @pytest.fixture
@@ -46,23 +46,31 @@ async def test_the_pipeline_end_to_end_on_postgresql(web, http, pg, spawn):
     assert {"events.clicks", "events.keydowns", "events.rejected"} <= catalog_tables(pg.catalog_uri)
 
 
-async def test_two_workers_racing_on_postgresql_write_each_event_once(web, http, pg, spawn, redis_server):
-    """Both run the same agent, read the whole stream and race to commit each window; PostgreSQL's
-    compare-and-set on the metadata location fails the loser, which refreshes, finds the position
-    moved and writes only what is not in the table yet."""
+async def test_two_runs_racing_on_postgresql_write_each_event_once(web, http, pg, spawn, redis_server, caplog):
+    """The worker and a run without the lease (a worker paused past it) run the same agent on the
+    same shard, read the whole stream and race to commit each window; PostgreSQL's compare-and-set
+    on the metadata location fails the loser, which refreshes, finds the position moved and writes
+    only what is not in the table yet."""
     racing = dataclasses.replace(pg, window_count=30, window_seconds=0.1)
     a = spawn("worker --agent clicks", racing)
-    b = spawn("worker --agent clicks", racing)
+    await asyncio.to_thread(wait_until, lambda: "leases: acquired clicks/0" in a.output(), 20, 0.1, "the lease")
+    caplog.set_level("INFO", logger="streamapp")
+    stopping = asyncio.Event()
+    other = asyncio.create_task(run_without_lease(racing, "clicks", "events.clicks", stopping))
     sent: set[str] = set()
-    for batch in range(20):
-        events = clicks(f"p{batch}-", 30)
-        await send(http, web, events)
-        sent.update(e["event_id"] for e in events)
-        await asyncio.sleep(0.05)
-    await wait_rows(pg, "events.clicks", len(sent), timeout=60)
-    await asyncio.sleep(1.5)
+    try:
+        for batch in range(20):
+            events = clicks(f"p{batch}-", 30)
+            await send(http, web, events)
+            sent.update(e["event_id"] for e in events)
+            await asyncio.sleep(0.05)
+        await wait_rows(pg, "events.clicks", len(sent), timeout=60)
+        await asyncio.sleep(1.5)
+    finally:
+        stopping.set()
+        await other
     assert_exactly_once(table_rows(pg, "events.clicks"), sent)
-    logs = a.output() + b.output()
+    logs = a.output() + caplog.text
     assert "Traceback" not in logs
     assert "conflicted" in logs or "already in events.clicks; skipped" in logs  # the race was real
     table = open_catalog(pg).load_table("events.clicks")

@@ -8,8 +8,9 @@
         async for window in stream.take(app.settings.window_count, within=app.settings.window_seconds):
             await app.table("events.clicks").append(window)
 
-The worker (`python -m streamapp worker`) imports every module in `agents/`, runs each agent in
-its own task and restarts one that raises, from its last committed position.
+The worker (`python -m streamapp worker`) imports every module in `agents/`, runs each agent (once
+per shard it owns, see `streamapp.engine.leases`) in its own task and restarts one that raises,
+from its last committed position.
 """
 
 from __future__ import annotations
@@ -51,25 +52,29 @@ class Agent:
     fn: AgentFn
     stream: Stream[Any]
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Run the agent until the worker stops, restarting it with backoff when it raises.
+    async def run(self, stopping: asyncio.Event, stream: Stream[Any] | None = None) -> None:
+        """Run the agent on `stream` (default: its own, bound to shard 0) until `stopping` is set,
+        restarting it with backoff when it raises.
 
         A raising agent has not acknowledged its window, so the restart receives it again: a
-        failing sink is retried, never skipped.
+        failing sink is retried, never skipped. An agent that returns has finished its job on this
+        shard (an aggregate reads every shard from its run on shard 0): it is not run again.
         """
+        stream = stream or self.stream
+        where = f"{self.name}" if stream.bound.shards == 1 else f"{self.name} (shard {stream.bound.shard})"
         delay = 1.0
         while not stopping.is_set():
             started = time.monotonic()
             try:
-                await self.stream.register()
-                await self.fn(self.stream)
-                if stopping.is_set():
-                    return
-                error: Exception | None = None
+                await stream.register()
+                await self.fn(stream)
+                if not stopping.is_set():
+                    log.info("agent %s returned: finished", where)
+                return
             except asyncio.CancelledError:
                 raise
             except StreamInterrupted as e:  # Redis went away: its return, not the agent, is awaited
-                log.warning("agent %s: %s; restarting in 1s from its last committed position", self.name, e)
+                log.warning("agent %s: %s; restarting in 1s from its last committed position", where, e)
                 await _wait(stopping, 1.0)
                 continue
             except Exception as e:  # noqa: BLE001 - whatever the agent raised, it restarts
@@ -77,9 +82,8 @@ class Agent:
             if time.monotonic() - started > 2 * MAX_RESTART_DELAY:
                 delay = 1.0  # a failure after a long healthy run starts the backoff over
             log.warning(
-                "agent %s %s; restarting in %.0fs from its last committed position",
-                self.name,
-                "failed" if error else "returned",
+                "agent %s failed; restarting in %.0fs from its last committed position",
+                where,
                 delay,
                 exc_info=error,
             )

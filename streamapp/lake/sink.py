@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any
 
@@ -59,6 +60,10 @@ class TableSink:
         self.max_files = max_files
         self.crash_at = crash_at
         self._table: Table | None = None
+        # The runs of one agent on several shards share this sink in a worker: their commits take
+        # turns, as one pyiceberg Table must not be committed through from two threads at once
+        # (and they would only conflict with each other).
+        self._lock = threading.Lock()
         self.upkeep = Upkeep(keep_snapshots, target_file_bytes)
         self.dead_letters = DeadLetters(catalog, keep_snapshots=keep_snapshots, target_file_bytes=target_file_bytes)
 
@@ -79,6 +84,10 @@ class TableSink:
     def write(self, window: Window[Any]) -> int:
         """`append`, blocking: commit the rows of `window` after the table's position for its
         stream and consumer, with the position it ends at; returns how many rows were written."""
+        with self._lock:
+            return self._write(window)
+
+    def _write(self, window: Window[Any]) -> int:
         key = names.position_property(window.stream_key, window.consumer)
         moved = {key: window.last_id}
         if window.last is not None:  # what a Redis that comes back with older data lost is counted from it

@@ -3,9 +3,10 @@
 Positions, not consumer groups: each agent reads the whole stream in entry-id order from the last
 position it committed, so a sink can make a window idempotent by comparing entry ids with the
 position stored in the Iceberg table (see `streamapp.lake.sink`). Redis keeps only a hint of that
-position (`names.ACKS`), written after the commit; it decides where reading resumes and how far the
-stream may be trimmed, never what is written. (An aggregate agent acks its replay cursor instead,
-the oldest entry its open windows still need, and resumes from the cursor its table records.)
+position (`names.acks` of the stream's shard), written after the commit; it decides where reading
+resumes and how far the stream may be trimmed, never what is written. (An aggregate agent acks its
+replay cursor instead, the oldest entry its open windows still need, and resumes from the cursor its
+table records.)
 
 When reading fails the agent starts over from its last committed position (`StreamInterrupted`):
 the Redis that answers next may hold older data (see `streamapp.engine.recovery`), and a window
@@ -49,8 +50,7 @@ class StreamInterrupted(RuntimeError):
 class StreamReader:
     """The stream of `model` as agent `consumer` reads it, through `redis` (a client whose XREAD
     replies are left as hiredis parsed them, see `streamapp.redis_client.reader_client`), until
-    `stopping` is set. `committed`: the highest position any Iceberg table holds for this stream
-    (None: none does)."""
+    `stopping` is set. `shard`: which of the model's sub-streams (`names.stream`) it reads."""
 
     def __init__(
         self,
@@ -62,10 +62,13 @@ class StreamReader:
         window_bytes: int,
         wait_replicas: int = 0,
         wait_ms: int = 1000,
+        shard: int = 0,
     ) -> None:
         self.redis = redis
         self.model = model
-        self.key = names.stream(model.type_name())
+        self.shard = shard
+        self.key = names.stream(model.type_name(), shard)
+        self.acks = names.acks(shard)  # the hints of this shard's streams, in its slot
         self.consumer = consumer
         self.stopping = stopping
         self.window_bytes = window_bytes  # a window closes once its payloads hold this many bytes
@@ -81,12 +84,12 @@ class StreamReader:
         field = names.ack_field(self.key, self.consumer)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hsetnx(names.ACKS, field, "0-0")
+                pipe.hsetnx(self.acks, field, "0-0")
                 pipe.hsetnx(names.progress(self.key), self.consumer, str(Mark("0-0", 0, 0)))
-                pipe.hget(names.ACKS, field)
+                pipe.hget(self.acks, field)
                 *_, hint = await pipe.execute()
             if self.wait_replicas:
-                self.server = await server_run_id(self.redis)
+                self.server = await server_run_id(self.redis, self.shard)
         except FAILURES as e:
             raise StreamInterrupted(f"registering {self.consumer} on {self.key} failed: {e}") from e
         if hint and entry_id(text(hint)) > entry_id(self.acked):
@@ -190,7 +193,11 @@ class StreamReader:
         over since, and the promoted one's replicas say nothing about them: read again too."""
         try:
             (server,), acked = await write_and_wait(
-                self.redis, [("EVAL", RUN_ID_LUA, 1, names.CHECKED)], self.wait_replicas, self.wait_ms
+                self.redis,
+                [("EVAL", RUN_ID_LUA, 1, names.checked(self.shard))],
+                self.wait_replicas,
+                self.wait_ms,
+                shard=self.shard,
             )
             if isinstance(server, Exception):
                 raise server
@@ -233,7 +240,7 @@ class StreamReader:
         self.acked = last_id
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(names.ACKS, names.ack_field(self.key, self.consumer), last_id)
+                pipe.hset(self.acks, names.ack_field(self.key, self.consumer), last_id)
                 if progress is not None:
                     pipe.hset(names.progress(self.key), self.consumer, str(progress))
                 await pipe.execute()

@@ -11,7 +11,9 @@
         await stream.group_by(lambda e: e.page_url, column="page_url").tumbling(60).aggregate(
             "events.clicks_per_minute", clicks=count(), unique_users=distinct(lambda e: e.user_id))
 
-The worker binds each agent's stream to Redis (`bind`) before it runs the agent; reading itself is
+The worker binds each agent's stream to Redis and one shard (`bind`) before it runs the agent: with
+`STREAMAPP_SHARDS` > 1 the agent function runs once per shard it owns (`streamapp.engine.leases`),
+each run with its own stream; reading itself is
 `streamapp.engine.reader`'s job.
 """
 
@@ -46,6 +48,16 @@ class Bound:
     settings: Settings
     catalog: Catalog | None  # for an aggregate's sink
 
+    @property
+    def shard(self) -> int:
+        """The shard this run of the agent reads (0 to `shards` - 1)."""
+        return self.reader.shard
+
+    @property
+    def shards(self) -> int:
+        """How many shards each event type has (`STREAMAPP_SHARDS`)."""
+        return self.settings.shards
+
 
 class Stream(Generic[M]):
     """The events of one model (an `Event` subclass, or `Rejected`) for one agent."""
@@ -63,9 +75,13 @@ class Stream(Generic[M]):
         *,
         settings: Settings,
         catalog: Catalog | None = None,
+        shard: int = 0,
     ) -> None:
-        """Called by the worker before the agent runs: where to read, who reads (the agent's name),
-        when to stop, and what an aggregate's sink needs (settings, catalog)."""
+        """Called by the worker before the agent runs: where to read (`shard`), who reads (the
+        agent's name), when to stop, and what an aggregate's sink needs (settings, catalog)."""
+        if not 0 <= shard < settings.shards:
+            raise ValueError(f"shard {shard} is not one of the {settings.shards} shards (STREAMAPP_SHARDS)")
+        self.key = names.stream(self.model.type_name(), shard)
         reader = StreamReader(
             redis,
             self.model,
@@ -74,8 +90,13 @@ class Stream(Generic[M]):
             window_bytes=settings.window_bytes,
             wait_replicas=settings.redis_wait_replicas,
             wait_ms=settings.redis_wait_ms,
+            shard=shard,
         )
         self._bound = Bound(reader, settings, catalog)
+
+    def fresh(self) -> Stream[M]:
+        """A new, unbound stream of the same model: the worker gives each shard's run its own."""
+        return Stream(self.model)
 
     @property
     def bound(self) -> Bound:

@@ -179,6 +179,10 @@ class Aggregator(Generic[M]):
                 accs = [a.new() for a in self.aggs]
                 slot = self.slots[(w.start, key)] = Slot(w, key, accs, pos, stream=stream, after=self._opened_at())
                 slot.emitted = replaying and w.end <= self.closed
+            elif replaying and not slot.emitted and w.end <= self.closed:
+                # a window kept after its close, opened again by a shard's new entry before another
+                # shard's replay reached it: that replayed entry says its row is in the table
+                slot.emitted = True
             slot.accs = [a.add(acc, event) for a, acc in zip(self.aggs, slot.accs, strict=True)]
             if w.end <= self.closed and not replaying:
                 slot.dirty = True

@@ -7,11 +7,17 @@ of a commit; then the merged reader against a real valkey."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.util
+import random
+import re
+import signal
 import tempfile
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,6 +35,7 @@ from streamapp.lake.catalog import open_catalog
 from streamapp.names import LATE_TABLE, position_property, replay_property
 from streamapp.redis_client import reader_client
 from streamapp.settings import Settings
+from tests.conftest import table_rows
 from tests.test_compare_and_set import after_next_refresh
 
 LATENESS = 10.0
@@ -304,3 +311,85 @@ async def test_the_merged_reader_reads_every_shard_in_receipt_order_and_wakes_on
     stopping.set()
     await batches.aclose()
     await client.aclose()
+
+
+def write_sharded(client, events: list[ClickEvent], shards: int, chunk: int = 20) -> None:
+    """Write clicks as the web does with `shards` shards: each request of `chunk` events split by
+    shard (by its dedupe id, here the event_id: no write keys), one entry per shard touched, all
+    with the request's receipt time (an explicit id: one ms per request), running totals kept."""
+    totals = [[0, 0] for _ in range(shards)]
+    ms = int(time.time() * 1000) - 60_000
+    for k in range(0, len(events), chunk):
+        ms += 5
+        parts: dict[int, list[bytes]] = defaultdict(list)
+        for e in events[k : k + chunk]:
+            parts[names.shard_of(e.event_id, shards)].append(msgspec.json.encode(e))
+        for shard, lines in sorted(parts.items()):
+            payload = b"\n".join(lines)
+            totals[shard][0] += len(lines)
+            totals[shard][1] += len(payload)
+            fields = {"e": payload, "n": len(lines), "r": ms * 1000, "c": totals[shard][0], "b": totals[shard][1]}
+            client.xadd(names.stream("click", shard), fields, id=f"{ms}-0")
+
+
+async def test_four_shards_sigkill_and_restart_equal_a_recount(settings, spawn):
+    """STREAMAPP_SHARDS=4: clicks spread over the 4 shard streams; the aggregate worker is killed
+    (SIGKILL) right after a commit that left windows open, before its Redis acks moved; restarted
+    (2 workers when workers share the shards, else 1), the clicks per minute and unique users per
+    page equal a recount of the events written, exactly, and every shard's position and ack is kept."""
+    from tests.test_aggregate_agent import AGG, PAGES, START, aggregated, wait_aggregated
+
+    rng = random.Random(4)
+    events = sorted(
+        (
+            ClickEvent(
+                x=1,
+                y=1,
+                event_id=f"s{i}",
+                page_url=rng.choice(PAGES),
+                user_id=f"u{rng.randrange(7)}",
+                timestamp=START + timedelta(seconds=rng.uniform(0, 240)),
+            )
+            for i in range(300)
+        ),
+        key=lambda e: e.timestamp,
+    )
+    write_sharded(redis_sync(settings), events, 4)
+    sharded = dataclasses.replace(settings, window_count=8, grace_seconds=1.0)  # several commits, windows open
+    only = "worker --agent clicks_per_minute"
+    doomed = spawn(only, sharded, STREAMAPP_SHARDS="4", STREAMAPP_CRASH_AT="aggregate_after_commit:2")
+    assert await asyncio.to_thread(doomed.wait, 60) == -signal.SIGKILL, doomed.output()
+    shared = importlib.util.find_spec("streamapp.engine.leases") is not None  # workers share (agent, shard) units
+    # the killed worker's leases (if any) run out in 2 s
+    workers = [
+        spawn(only, sharded, STREAMAPP_SHARDS="4", STREAMAPP_LEASE_SECONDS="2") for _ in range(2 if shared else 1)
+    ]
+    expected: dict[tuple, tuple[int, int]] = {}
+    users: dict[tuple, set] = defaultdict(set)
+    for e in events:
+        key = (e.timestamp.replace(second=0, microsecond=0), e.page_url)
+        expected[key] = (expected.get(key, (0, 0))[0] + 1, 0)
+        users[key].add(e.user_id)
+    expected = {k: (c, len(users[k])) for k, (c, _) in expected.items()}
+    assert await wait_aggregated(sharded, len(expected)) == expected
+    resumed = "".join(w.output() for w in workers)
+    [(positions, afters)] = re.findall(r"position (\[.*?\]), watermark .*re-reading after (\[.*?\])", resumed)
+    assert "None" not in positions and afters != positions  # every shard was read; open windows replayed
+    await asyncio.sleep(2)  # a double write would land now
+    assert aggregated(sharded) == expected
+    assert table_rows(sharded, "events.late") == []
+    props = open_catalog(sharded).load_table(AGG).properties
+    client = redis_sync(settings)
+    for shard in range(4):
+        key = names.stream("click", shard)
+        [(last, _)] = client.xrevrange(key, count=1)
+        assert props[position_property(key, "clicks_per_minute")] == last.decode()
+        ack = client.hget(names.acks(shard), names.ack_field(key, "clicks_per_minute"))
+        assert ack is not None and entry_id(ack.decode()) <= entry_id(last.decode())
+    assert all("Traceback" not in w.output() for w in workers)
+
+
+def redis_sync(settings):
+    import redis
+
+    return redis.Redis.from_url(settings.redis_url)

@@ -372,7 +372,7 @@ class AggregateSink:
             rows.num_rows,
             len(flush.rewrite),
             self.spec.table,
-            flush.position,
+            flush.position if len(self.stream_keys) == 1 else [part.position for part in flush.streams()],
             iso(flush.watermark),
         )
 

@@ -29,7 +29,7 @@ from streamapp.engine.aggregator import restore
 from streamapp.engine.reader import StreamReader
 from streamapp.engine.shards import ShardReaders
 from streamapp.engine.windows import Hopping, Sessions, Tumbling
-from streamapp.entries import entry_id
+from streamapp.entries import DeadEntry, entry_id
 from streamapp.lake.aggregate_sink import AggregateSink, StaleState, aggregate_spec
 from streamapp.lake.catalog import open_catalog
 from streamapp.names import LATE_TABLE, position_property, replay_property
@@ -393,3 +393,26 @@ def redis_sync(settings):
     import redis
 
     return redis.Redis.from_url(settings.redis_url)
+
+
+def test_a_dead_entry_of_one_shard_goes_to_dead_letters_under_that_shard(tmp_path):
+    """An entry refused on shard 2 is kept once, named by shard 2's stream, and moves only shard
+    2's position (its id, "5-0", also exists on shard 0, where it is a different entry)."""
+    catalog = open_catalog(Settings(warehouse=tmp_path))
+    spec = aggregate_spec("events.agg", "page_url", {n: (a.column_type, a.nullable) for n, a in AGGS().items()})
+    sink, r = AggregateSink.open(catalog, spec, KEYS, "c", keep_snapshots=5)
+    agg = restore(r, key=lambda e: e.page_url, column="page_url", windows=Tumbling(60), aggs=AGGS(), grace=5)
+    agg.add("5-0", ClickEvent(x=0, y=0, page_url="a"), 0.005, 0)
+    agg.refuse(DeadEntry("5-0", "{not json", "unreadable entry"), 2)
+    flush = agg.flush()
+    assert [p.position for p in flush.streams()] == ["5-0", None, "5-0"] and [p.dead for p in flush.streams()][:2] == [
+        [],
+        [],
+    ]
+    for _ in range(2):  # a replay commits it again: kept once
+        sink.commit(flush)
+        sink, _ = AggregateSink.open(catalog, spec, KEYS, "c", keep_snapshots=5)
+    letters = catalog.load_table(names.DEAD_LETTER_TABLE)
+    assert [(d["stream"], d["entry_id"]) for d in letters.scan().to_arrow().to_pylist()] == [(KEYS[2], "5-0")]
+    assert letters.properties[position_property(KEYS[2], "c")] == "5-0"
+    assert position_property(KEYS[0], "c") not in letters.properties

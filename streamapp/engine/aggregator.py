@@ -46,6 +46,9 @@ commit instead, referenced from the commit's properties, and reading resumes aft
 event is late when its own session would already be closed (`t + gap` at or behind the watermark)
 or when it falls within `gap` of a session already written; sessions have no `keep`. Sessions use
 the same `windowed_time`, so no session in a snapshot reaches past the newest receipt plus `gap`.
+With shards the snapshot stays one and reading resumes after each shard's `P`: whether an event is
+late depends only on the committed watermark and the sessions already written, which change only
+at a flush, so the shards' interleaving between two flushes changes no decision.
 """
 
 from __future__ import annotations
@@ -269,7 +272,8 @@ class Aggregator(Generic[M]):
             for i, c in enumerate(s.after):
                 if i == s.stream:
                     c = entry_id(id_before(s.first_id))
-                if cursors[i] is None or c < cursors[i]:  # type: ignore[operator]
+                lowest = cursors[i]
+                if lowest is None or c < lowest:
                     cursors[i] = c
         return [self._at(positions, i) if c is None else format_id(c) for i, c in enumerate(cursors)]
 

@@ -1,6 +1,6 @@
 """Windowed-aggregation throughput vs the raw sink's drain, one consumer each, same backlog.
 
-    uv run python bench/aggregate.py [--events 200000] [--pages 50] [--users 5000]
+    uv run python bench/aggregate.py [--events 200000] [--pages 50] [--users 5000] [--shards 1]
 
 A valkey-server is pre-filled with clicks whose event times cover an hour (in stream order, with
 a few seconds of disorder), spread over `--pages` pages and `--users` users. Then, in this
@@ -9,6 +9,8 @@ process, one agent at a time drains the whole backlog from a cold start: the raw
 distinct users -> an aggregate table, a commit per batch that closes windows). Each figure is
 events/s from the agent's start to the commit of the stream's last entry. A third figure is the
 aggregator's pure per-event cost (no Redis, no Iceberg), the ceiling of the aggregate path.
+With `--shards N` the clicks are spread over N shard streams (by event_id) and the aggregate reads
+them all (`streamapp.engine.shards`); the raw sink, one run per shard, is not measured then.
 """
 
 from __future__ import annotations
@@ -62,21 +64,24 @@ def make_events(n: int, pages: int, users: int) -> list[ClickEvent]:
     ]
 
 
-def prefill(port: int, events: list[ClickEvent]) -> str:
+def prefill(port: int, events: list[ClickEvent], shards: int = 1) -> list[str]:
+    """The events into their shards' streams; the last entry id of each stream."""
     r = redis.Redis(port=port)
     pipe = r.pipeline(transaction=False)
     received = str(int(time.time() * 1_000_000))
     for i, e in enumerate(events):
-        pipe.xadd(names.stream("click"), {"e": msgspec.json.encode(e), "r": received})
+        pipe.xadd(
+            names.stream("click", names.shard_of(e.event_id, shards)), {"e": msgspec.json.encode(e), "r": received}
+        )
         if i % 5000 == 4999:
             pipe.execute()
     pipe.execute()
-    [(last, _)] = r.xrevrange(names.stream("click"), count=1)
-    return last.decode()
+    return [r.xrevrange(key, count=1)[0][0].decode() for key in names.streams("click", shards)]
 
 
-async def drain(settings: Settings, name: str, agent_fn, table: str, last_id: str) -> float:
-    """Run one agent from a cold start until `table` holds its position at `last_id`; seconds."""
+async def drain(settings: Settings, name: str, agent_fn, table: str, last_ids: list[str]) -> float:
+    """Run one agent from a cold start until `table` holds its position at `last_ids` (one per
+    shard); seconds."""
     app = App()
     app.configure(settings)
     app.catalog = open_catalog(settings)
@@ -87,14 +92,14 @@ async def drain(settings: Settings, name: str, agent_fn, table: str, last_id: st
     stream.bind(client, name, stopping, settings=settings, catalog=app.catalog)
     started = time.perf_counter()
     task = asyncio.create_task(app.agents[name].run(stopping))
-    prop = position_property(names.stream("click"), name)
+    props = [position_property(key, name) for key in names.streams("click", len(last_ids))]
     while True:
         await asyncio.sleep(0.2)
         try:
             t = await asyncio.to_thread(app.catalog.load_table, table)
         except Exception:  # noqa: BLE001 - not created yet
             continue
-        if t.properties.get(prop) == last_id:
+        if [t.properties.get(prop) for prop in props] == last_ids:
             break
     elapsed = time.perf_counter() - started
     stopping.set()
@@ -145,6 +150,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--pages", type=int, default=50)
     parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--shards", type=int, default=1)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="streamapp-bench-agg-"))
     port = free_port()
@@ -152,15 +158,23 @@ def main() -> None:
     try:
         time.sleep(0.5)
         events = make_events(args.events, args.pages, args.users)
-        last_id = prefill(port, events)
+        last_ids = prefill(port, events, args.shards)
         # This valkey is started without a password: a REDIS_URL, used as it is.
         settings = Settings(
-            redis_port=port, redis_url=f"redis://127.0.0.1:{port}/0", warehouse=work / "wh", log_level="WARNING"
+            redis_port=port,
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            warehouse=work / "wh",
+            log_level="WARNING",
+            shards=args.shards,
         )
         catalog = open_catalog(settings)
         ensure_table(catalog, ClickEvent)
-        raw_s = asyncio.run(drain(settings, "bench_raw", raw_agent, ClickEvent.table, last_id))
-        agg_s = asyncio.run(drain(settings, "bench_agg", aggregate_agent, "bench.clicks_per_minute", last_id))
+        raw_s = (
+            None
+            if args.shards > 1
+            else asyncio.run(drain(settings, "bench_raw", raw_agent, ClickEvent.table, last_ids))
+        )
+        agg_s = asyncio.run(drain(settings, "bench_agg", aggregate_agent, "bench.clicks_per_minute", last_ids))
         rows = catalog.load_table("bench.clicks_per_minute").scan().to_arrow().num_rows
         pure_rate = pure(events)
     finally:
@@ -169,8 +183,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     n = args.events
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"backlog: {n} clicks over 1 h of event time, {args.pages} pages, {args.users} users")
-    print(f"{'raw sink drain -> events.clicks (events/s)':<58} {n / raw_s:10.0f}  {raw_s:.1f}s")
+    print(f"backlog: {n} clicks over 1 h of event time, {args.pages} pages, {args.users} users, {args.shards} shards")
+    if raw_s is not None:
+        print(f"{'raw sink drain -> events.clicks (events/s)':<58} {n / raw_s:10.0f}  {raw_s:.1f}s")
     print(f"{'aggregate drain -> clicks_per_minute (events/s)':<58} {n / agg_s:10.0f}  {agg_s:.1f}s, {rows} rows")
     print(f"{'aggregator alone, no Redis/Iceberg (events/s)':<58} {pure_rate:10.0f}")
 

@@ -170,7 +170,9 @@ class Windowed(Generic[M]):
         `window_start`, `window_end`, the key column and one column per aggregation, partitioned
         by day(window_start)), written when the watermark passes the window's end, exactly once.
         Late events update their window for `keep` seconds after it closed, then go to
-        `events.late` (see `streamapp.engine.aggregator`); session windows take no `keep`."""
+        `events.late` (see `streamapp.engine.aggregator`); session windows take no `keep`.
+        With shards, the agent's run on shard 0 reads every shard (`streamapp.engine.shards`);
+        its runs on the others return at once."""
         if not aggs:
             raise ValueError("aggregate() needs at least one column, e.g. clicks=count()")
         if keep < 0:
@@ -178,6 +180,8 @@ class Windowed(Generic[M]):
         if keep and isinstance(self.windows, Sessions):
             raise ValueError("session windows are never rewritten: late events go to events.late (keep=0)")
         bound = self.group.stream.bound
+        if bound.shard != 0:
+            return  # the events of a key are on every shard: the run on shard 0 reads them all
         if bound.catalog is None:
             raise RuntimeError("an aggregate needs the Iceberg catalog: run agents with `python -m streamapp worker`")
         # pyiceberg: loaded by the worker that runs this, never by the web process (86 MB of RSS)
@@ -195,4 +199,5 @@ class Windowed(Generic[M]):
             table=table,
             keep=keep,
             aggs=aggs,
+            shards=bound.shards,
         )

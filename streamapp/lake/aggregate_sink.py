@@ -30,6 +30,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -68,6 +69,19 @@ class LateEvent:
     window_start: float
     window_end: float
     key: str | None
+    stream: int = 0  # which of the aggregate's streams (shards) holds it: 0 the first
+
+
+@dataclass
+class ShardFlush:
+    """Where one more stream (shard 1, 2, ...) of a sharded aggregate stands at a flush: as
+    `Flush.position`, `replay_after`, `mark` and `dead` are for the first. `position` is None while
+    nothing of it was ever read (its properties are then not written)."""
+
+    position: str | None
+    replay_after: str
+    mark: str | None = None
+    dead: list[DeadEntry] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -79,7 +93,7 @@ class Flush:
     rows: list[dict[str, Any]]  # column -> value; window_start and window_end in epoch seconds
     rewrite: list[tuple[float, str | None]]  # (window_start, key) whose old row is deleted
     late: list[LateEvent]
-    position: str
+    position: str | None  # None only in a sharded aggregate whose first stream was never read
     replay_after: str
     watermark: float
     complete_before: float  # every window starting before this (an hour boundary) is final
@@ -88,6 +102,11 @@ class Flush:
     state: dict[str, Any] | None = None  # session windows: the snapshot to restore from
     mark: str | None = None  # the stream's totals at `position` (`entries.Mark`), when known
     dead: list[DeadEntry] = dataclasses.field(default_factory=list)  # for events.dead_letter
+    shards: list[ShardFlush] = dataclasses.field(default_factory=list)  # the streams after the first
+
+    def streams(self) -> list[ShardFlush]:
+        """Every stream's part, the first one's included."""
+        return [ShardFlush(self.position, self.replay_after, self.mark, self.dead), *self.shards]
 
 
 LATE_SPEC = TableSpec(
@@ -131,6 +150,16 @@ def iso(t: float) -> str:
 
 
 @dataclass(frozen=True)
+class ShardRestored:
+    """What the last commit recorded for one more stream (shard 1, 2, ...) of a sharded aggregate,
+    as `Restored.position`, `replay_after` and `late_position` are for the first."""
+
+    position: str | None
+    replay_after: str = "0-0"
+    late_position: str | None = None
+
+
+@dataclass(frozen=True)
 class Restored:
     position: str | None  # P of the last commit; None: never committed
     replay_after: str
@@ -139,19 +168,25 @@ class Restored:
     max_event: float
     max_seen_at: float
     state: dict[str, Any] | None  # session windows: the snapshot the last commit referenced
+    shards: tuple[ShardRestored, ...] = ()  # a sharded aggregate's streams after the first
 
 
 class AggregateSink:
     """Commits of one aggregate agent (blocking: call from a thread), made by `open`, which takes
     what it needs: the catalog, the table's spec, the stream and consumer whose position it keeps,
-    the snapshots to keep (STREAMAPP_KEEP_SNAPSHOTS) and the test crash points (STREAMAPP_CRASH_AT)."""
+    the snapshots to keep (STREAMAPP_KEEP_SNAPSHOTS) and the test crash points (STREAMAPP_CRASH_AT).
+
+    A sharded aggregate reads several streams (`stream_key` a list, shard 0 first): it keeps a
+    position, replay cursor and mark per stream, all moved by the same commit, which is valid only
+    while every one of its positions in the table is the one this agent last saw; the watermark
+    (and a session snapshot) is one, kept under the first stream's name, as with one shard."""
 
     def __init__(
         self,
         table: Table,
         late: Table,
         spec: TableSpec,
-        stream_key: str,
+        stream_key: str | Sequence[str],
         consumer: str,
         keep_snapshots: int,
         crash_at: tuple[str, ...],
@@ -164,29 +199,32 @@ class AggregateSink:
             Upkeep(keep_snapshots, target_file_bytes),
             Upkeep(keep_snapshots, target_file_bytes),
         )
-        self.stream_key, self.dead_letters = stream_key, dead_letters
+        self.stream_keys = [stream_key] if isinstance(stream_key, str) else list(stream_key)
+        self.stream_key, self.dead_letters = self.stream_keys[0], dead_letters
         self.keep_snapshots, self.crash_at = keep_snapshots, crash_at
-        self.pos_key = names.position_property(stream_key, consumer)
-        self.replay_key = names.replay_property(stream_key, consumer)
-        self.state_key = names.state_property(stream_key, consumer)
-        self.snapshot_key = names.snapshot_property(stream_key, consumer)
-        self.mark_key = names.mark_property(stream_key, consumer)
-        self.base = table.properties.get(self.pos_key)  # our position in the aggregate table, as last seen there
-        self.late_base = late.properties.get(self.pos_key)  # and in the late table
+        self.pos_keys = [names.position_property(k, consumer) for k in self.stream_keys]
+        self.replay_keys = [names.replay_property(k, consumer) for k in self.stream_keys]
+        self.mark_keys = [names.mark_property(k, consumer) for k in self.stream_keys]
+        self.state_key = names.state_property(self.stream_key, consumer)
+        self.snapshot_key = names.snapshot_property(self.stream_key, consumer)
+        # our positions in the aggregate table, as last seen there, and in the late table
+        self.bases = [table.properties.get(k) for k in self.pos_keys]
+        self.late_bases = [late.properties.get(k) for k in self.pos_keys]
 
     @classmethod
     def open(
         cls,
         catalog: Catalog,
         spec: TableSpec,
-        stream_key: str,
+        stream_key: str | Sequence[str],
         consumer: str,
         *,
         keep_snapshots: int,
         crash_at: tuple[str, ...] = (),
         target_file_bytes: int = SMALL_FILE_BYTES,
     ) -> tuple[AggregateSink, Restored]:
-        """Create the tables if missing; the sink, and what its last commit recorded."""
+        """Create the tables if missing; the sink, and what its last commit recorded (a stream of
+        a sharded aggregate with nothing recorded yet starts at its beginning)."""
         sink = cls(
             ensure_table(catalog, spec),
             ensure_table(catalog, LATE_SPEC),
@@ -205,19 +243,24 @@ class AggregateSink:
             with sink.table.io.new_input(path).open() as f:
                 snapshot = json.loads(f.read())
         return sink, Restored(
-            position=sink.base,
-            replay_after=props.get(sink.replay_key, "0-0"),
-            late_position=sink.late_base,
+            position=sink.bases[0],
+            replay_after=props.get(sink.replay_keys[0], "0-0"),
+            late_position=sink.late_bases[0],
             watermark=state.get("watermark", -math.inf),
             max_event=state.get("max_event", -math.inf),
             max_seen_at=state.get("max_seen_at", -math.inf),
             state=snapshot,
+            shards=tuple(
+                ShardRestored(base, props.get(replay, "0-0"), late)
+                for base, replay, late in zip(sink.bases[1:], sink.replay_keys[1:], sink.late_bases[1:], strict=True)
+            ),
         )
 
     def commit(self, flush: Flush) -> None:
         """The commits of a flush, in order: its dead letters, its late events, then its rows."""
-        if flush.dead:
-            self.dead_letters.write(flush.dead, self.stream_key, self.consumer, flush.position)
+        for stream_key, part in zip(self.stream_keys, flush.streams(), strict=True):
+            if part.dead and part.position is not None:  # an entry refused moved its position
+                self.dead_letters.write(part.dead, stream_key, self.consumer, part.position)
         if flush.late:
             self.commit_late(flush)
         self.commit_rows(flush)
@@ -225,14 +268,16 @@ class AggregateSink:
     def commit_late(self, flush: Flush) -> None:
         """Commit 1: the flush's late events not yet in `events.late`, with its position."""
 
+        positions = self._positions(flush)
+
         def attempt(table: Table) -> int:
-            committed = self._check(table, self.late_base)
-            after = entry_id(committed) if committed else BEFORE_ALL
+            committed = self._check(table, self.late_bases)
+            after = [entry_id(c) if c else BEFORE_ALL for c in committed]
             erasures = erased.parse(table.properties)  # events of users erased since they were received: dropped
             late = [
                 e
                 for e in flush.late
-                if entry_id(e.stream_id) > after
+                if entry_id(e.stream_id) > after[e.stream]
                 and not erased.erased_before(
                     erasures, getattr(e.event, "user_id", None), entry_id(e.stream_id)[0] * 1000
                 )
@@ -257,7 +302,7 @@ class AggregateSink:
             )
             with table.transaction() as tx:
                 tx.append(rows)
-                tx.set_properties({self.pos_key: flush.position})
+                tx.set_properties(positions)
                 expire_old_snapshots(tx, self.keep_snapshots)
             return len(late)
 
@@ -265,7 +310,9 @@ class AggregateSink:
         written = commit_with_retry(self.late, attempt)
         if written:
             self.late_upkeep.after_write(self.late, snapshot_figure(self.late, "added-data-files"), began)
-            self.late_base = flush.position
+            self.late_bases = [
+                p if p is not None else b for p, b in zip(self._ids(flush), self.late_bases, strict=True)
+            ]
             log.info("routed %d late events to %s up to %s", written, names.LATE_TABLE, flush.position)
             crashpoint(self.crash_at, "after_late_commit")
 
@@ -281,23 +328,24 @@ class AggregateSink:
             schema=self.spec.schema.as_arrow(),
         )
         props = {
-            self.pos_key: flush.position,
-            self.replay_key: flush.replay_after,
+            **self._positions(flush),
+            **{
+                k: part.replay_after for k, part in zip(self.replay_keys, flush.streams(), strict=True) if part.position
+            },
+            **{k: part.mark for k, part in zip(self.mark_keys, flush.streams(), strict=True) if part.mark is not None},
             self.state_key: json.dumps(
                 {"watermark": flush.watermark, "max_event": flush.max_event, "max_seen_at": flush.max_seen_at}
             ),
             names.WATERMARK: iso(flush.watermark),
             names.COMPLETE_BEFORE: iso(flush.complete_before),
         }
-        if flush.mark is not None:
-            props[self.mark_key] = flush.mark
         if flush.state is not None:
             props[self.snapshot_key] = path = f"{table.location()}/streamapp-state/{uuid.uuid4().hex}.json"
             with table.io.new_output(path).create() as f:
                 f.write(json.dumps(flush.state).encode())
 
         def attempt(table: Table) -> str | None:
-            self._check(table, self.base)
+            self._check(table, self.bases)
             previous = table.properties.get(self.snapshot_key)  # ours: the position is
             crashpoint(self.crash_at, "aggregate_before_commit")
             with table.transaction() as tx:
@@ -314,7 +362,7 @@ class AggregateSink:
 
         began = time.monotonic()
         previous = commit_with_retry(table, attempt)
-        self.base = flush.position
+        self.bases = [p if p is not None else b for p, b in zip(self._ids(flush), self.bases, strict=True)]
         if previous and flush.state is not None:
             table.io.delete(previous)  # no longer referenced; a kill before this leaves an orphan
         crashpoint(self.crash_at, "aggregate_after_commit")
@@ -324,17 +372,31 @@ class AggregateSink:
             rows.num_rows,
             len(flush.rewrite),
             self.spec.table,
-            flush.position,
+            flush.position if len(self.stream_keys) == 1 else [part.position for part in flush.streams()],
             iso(flush.watermark),
         )
 
-    def _check(self, table: Table, expected: str | None) -> str | None:
-        found = table.properties.get(self.pos_key)
-        if found != expected:
-            raise StaleState(
-                f"{table_name(table)}: {self.consumer} expected its position at {expected}, "
-                f"found {found}: another worker committed"
-            )
+    def _ids(self, flush: Flush) -> list[str | None]:
+        """The flush's position in each stream (None: not read yet), shard 0 first."""
+        ids = [part.position for part in flush.streams()]
+        if len(ids) != len(self.stream_keys):
+            raise ValueError(f"a flush over {len(ids)} streams, but {self.consumer} reads {len(self.stream_keys)}")
+        return ids
+
+    def _positions(self, flush: Flush) -> dict[str, str]:
+        """The position properties a flush moves: one per stream read so far."""
+        return {k: p for k, p in zip(self.pos_keys, self._ids(flush), strict=True) if p is not None}
+
+    def _check(self, table: Table, expected: list[str | None]) -> list[str | None]:
+        """Compare-and-set on every stream's position: each must be where this agent last saw it."""
+        found = [table.properties.get(k) for k in self.pos_keys]
+        for key, e, f in zip(self.stream_keys, expected, found, strict=True):
+            if f != e:
+                shard = "" if len(self.stream_keys) == 1 else f" in {key}"
+                raise StaleState(
+                    f"{table_name(table)}: {self.consumer} expected its position{shard} at {e}, "
+                    f"found {f}: another worker committed"
+                )
         return found
 
     def _rows_of(self, windows: list[tuple[float, str | None]]) -> BooleanExpression:
